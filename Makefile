@@ -1,0 +1,30 @@
+# Each target sets up .venv by itself (editable install of this project), then runs.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.gfgp-installed
+PYTEST := $(PY) -m pytest
+
+.PHONY: demo test test-zoo test-slow test-all clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	./scripts/demo.sh $(VENV)
+
+test: $(STAMP)
+	$(PYTEST) -q -m "not zoo and not slow and not gpu"
+
+test-zoo: $(STAMP)
+	$(PYTEST) -q -m zoo -s
+
+test-slow: $(STAMP)
+	$(PYTEST) -q -m "slow and not gpu"
+
+test-all: $(STAMP)
+	$(PYTEST) -q -m "not gpu"
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .hypothesis

@@ -1,0 +1,89 @@
+"""The `gfgp` command line: a click group whose commands are thin wrappers over the library.
+
+Each command lives in ``gfgp_cli/commands/<name>.py`` and imports torch only when it runs, so
+``gfgp --help`` stays fast. Errors are mapped here, once: bad input (``ValueError``,
+``OSError``) exits 2 with a one-line message, failed work (``WorkFailedError``) exits 1;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .errors import WorkFailedError
+
+__all__ = ["cli", "main"]
+
+
+class BadInput(click.ClickException):
+    exit_code = 2
+
+
+class _GFGPGroup(click.Group):
+    """A group that turns library exceptions into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except WorkFailedError as e:
+            if ctx.meta.get("gfgp.debug"):
+                raise
+            raise click.ClickException(_one_line(e)) from e
+        except (ValueError, OSError, EOFError) as e:
+            if ctx.meta.get("gfgp.debug"):
+                raise
+            raise BadInput(_one_line(e)) from e
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        text = f"{e.strerror}: {e.filename}"
+    return " ".join(text.split())
+
+
+@click.group(cls=_GFGPGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="gfgp")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Global Feature Guided Local Pooling (Kobayashi, ICCV 2019) for any torchvision CNN.
+
+    \b
+    Examples:
+      gfgp convert resnet50 --out m.pt
+      gfgp train m.pt --data digits --out run/
+      gfgp export run/best.pt --onnx m.onnx
+    """
+    ctx.meta["gfgp.debug"] = debug
+
+
+def _register() -> None:
+    """Attach every command module's commands (each module exports ``COMMANDS``)."""
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        for command in getattr(module, "COMMANDS", ()):
+            cli.add_command(command)
+
+
+_register()
+
+
+def main(argv=None) -> None:
+    cli.main(args=argv, prog_name="gfgp")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

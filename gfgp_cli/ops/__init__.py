@@ -1,0 +1,5 @@
+"""The max-entropy pooling op (PAPER.md section 1)."""
+
+from .maxent_pool import check_pool_geometry, maxent_pool2d, pool_output_size
+
+__all__ = ["maxent_pool2d", "pool_output_size", "check_pool_geometry"]
