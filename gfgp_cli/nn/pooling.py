@@ -39,7 +39,7 @@ class _MaxEntPoolBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.num_features:
+        if not isinstance(x, torch.fx.Proxy) and (x.dim() != 4 or x.shape[1] != self.num_features):
             raise ValueError(
                 f"{type(self).__name__} expects input [N, {self.num_features}, H, W], got {tuple(x.shape)}"
             )
@@ -105,7 +105,8 @@ class GFGPPool2d(_MaxEntPoolBase):
 
     def lam(self, x: Tensor) -> Tensor:
         """Tensor[N, C, 1, 1]: the inverse temperature estimated from x's global features."""
-        if self.training and x.shape[0] == 1 and not isinstance(self.bn1, nn.SyncBatchNorm):
+        if (self.training and not isinstance(x, torch.fx.Proxy) and x.shape[0] == 1
+                and not isinstance(self.bn1, nn.SyncBatchNorm)):
             raise ValueError(
                 "GFGPPool2d got a batch of one sample in training mode: the BatchNorm of its lam "
                 "estimator works on 1x1 maps and needs at least 2 samples per device; use a batch "

@@ -1,0 +1,94 @@
+"""Which kernels run ``gfgp::maxent_pool2d`` and its backward: the dispatch of the op.
+
+Implementations (each a module with ``forward(x, lam, kernel, stride, padding, ceil_mode)`` and
+``backward(grad, x, lam, out, kernel, stride, padding, ceil_mode)``):
+
+- ``reference``: :mod:`gfgp_cli.ops.reference`, plain PyTorch on any device; defines the semantics.
+- ``cpu``: :mod:`gfgp_cli.ops.cpu`, the fast path for CPU tensors (no compile step).
+- ``triton``: :mod:`gfgp_cli.ops.triton`, fused kernels for CUDA tensors (Triton, imported lazily).
+
+``auto`` (the default) picks ``cpu`` for CPU tensors, ``triton`` for CUDA tensors and
+``reference`` elsewhere. A fast path that cannot be loaded or built warns once, in one line, and
+the op falls back to ``reference``. :func:`use_implementation` forces one implementation inside
+a ``with`` block (tests and benchmarks); the choice made at forward time also runs the backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import warnings
+from types import ModuleType
+from typing import Dict, Iterator
+
+from torch import Tensor
+
+__all__ = ["IMPLEMENTATIONS", "use_implementation", "current_implementation", "select", "mark_broken"]
+
+# Mapping from implementation name to the module that holds its kernels (imported on first use).
+IMPLEMENTATIONS: Dict[str, str] = {
+    "reference": "gfgp_cli.ops.reference",
+    "cpu": "gfgp_cli.ops.cpu",
+    "triton": "gfgp_cli.ops.triton",
+}
+# Mapping from device type to the implementation ``auto`` picks for it.
+_AUTO: Dict[str, str] = {}
+
+_forced: contextvars.ContextVar[str] = contextvars.ContextVar("gfgp_maxent_implementation", default="auto")
+# Mapping from implementation name to the one-line reason it cannot run here (set once).
+_broken: Dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def use_implementation(name: str) -> Iterator[None]:
+    """Run ``maxent_pool2d`` (forward and backward) with one implementation inside the block.
+
+    ``name`` is ``"auto"`` or one of :data:`IMPLEMENTATIONS`. A forced implementation that does
+    not support the tensors it meets raises instead of falling back.
+    """
+    if name != "auto" and name not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be 'auto' or one of {sorted(IMPLEMENTATIONS)}, got {name!r}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def current_implementation() -> str:
+    """The name set by the innermost :func:`use_implementation` (``"auto"`` outside any)."""
+    return _forced.get()
+
+
+def mark_broken(name: str, reason: str) -> None:
+    """Record that ``name`` cannot run in this process; warn once, in one line."""
+    if name not in _broken:
+        _broken[name] = reason
+        warnings.warn(f"gfgp: maxent_pool2d {name} path unavailable ({reason}); using the reference path",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(IMPLEMENTATIONS[name])
+
+
+def select(x: Tensor) -> ModuleType:
+    """The kernel module that runs the op for input ``x`` under the current setting."""
+    forced = _forced.get()
+    if forced != "auto":
+        module = _load(forced)
+        reason = module.unsupported(x) if hasattr(module, "unsupported") else None
+        if reason:
+            raise ValueError(f"maxent_pool2d implementation {forced!r} cannot run here: {reason}")
+        return module
+    name = _AUTO.get(x.device.type, "reference")
+    if name != "reference" and name not in _broken:
+        try:
+            module = _load(name)
+        except ImportError as e:  # e.g. Triton missing from this install
+            mark_broken(name, f"{type(e).__name__}: {e}")
+        else:
+            if not module.unsupported(x):
+                return module
+    return _load("reference")
