@@ -1,0 +1,184 @@
+"""The ONNX form of max-entropy pooling: one ``gfgp::MaxEntPool2d`` node and its function body.
+
+An exported model holds every max-entropy pool as ONE node of the custom domain ``gfgp``::
+
+    Y = gfgp::MaxEntPool2d<kernel_shape, strides, pads, ceil_mode>(X, LAM)
+
+``X`` is Tensor[N, C, H, W]; ``LAM`` is any of the op's lam shapes written 4-D (Tensor[1, 1, 1, 1],
+[1, C, 1, 1], [N, C, 1, 1], [N, 1, 1, 1] or [N, C, out_h, out_w]); ``pads`` is ONNX's
+``[top, left, bottom, right]``. The node's meaning ships inside the model as a model-local
+FunctionProto made only of standard ONNX ops at the model's opset, so a stock onnxruntime runs it
+with no plugin. The body is generic in the attributes and in the input size (it reads them at run
+time through attribute references and ``Shape``), so one function serves every pool of a model.
+
+The body is the op's definition (PAPER.md section 1), computed the way the reference kernel in
+``gfgp_cli/ops/maxent_pool.py`` computes it:
+
+1. output size by PyTorch's rule (``pool_output_size``; ceil mode drops a last window that would
+   start in the end padding);
+2. the windows are gathered explicitly ("unfold" as one ``Gather`` of flat indices into the
+   zero-padded map): Xw is Tensor[N, C, kh*kw, out_h, out_w], exact (a copy, no arithmetic);
+3. a validity mask from the same index arithmetic marks padded positions, which get
+   ``lam * x = -inf`` and so weight exactly 0;
+4. ``m`` = the window's true maximum of ``lam * x`` over valid positions (each window has at least
+   one), ``e = exp(lam x - m)`` (never overflows, and the window sum is >= 1: no 0/0), and
+   ``y = sum(e x) / sum(e)``.
+
+Because lam multiplies the gathered windows, every lam shape, including one lam per output
+window, gets its own per-window shift.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import onnx
+from onnx import AttributeProto, FunctionProto, TensorProto, helper
+
+__all__ = ["DOMAIN", "OP_TYPE", "DOMAIN_VERSION", "MIN_OPSET", "maxent_pool2d_function", "make_maxent_node"]
+
+DOMAIN = "gfgp"
+OP_TYPE = "MaxEntPool2d"
+# version of the gfgp domain: 1 = the op as described above.
+DOMAIN_VERSION = 1
+# ReduceMax takes its axes as an input from opset 18; the dynamo exporter starts at 18 too.
+MIN_OPSET = 18
+
+_DOC = (
+    "Max-entropy pooling (Kobayashi, ICCV 2019): y = sum_i x_i exp(lam x_i) / sum_j exp(lam x_j) over the "
+    "valid (non-padded) positions of each window, shifted by the window maximum of lam*x. "
+    "Inputs X[N,C,H,W], LAM broadcastable to [N,C,out_h,out_w] (4-D). Output size as PyTorch's avg_pool2d."
+)
+
+
+class _Body:
+    """Collects the nodes of a function body and hands out fresh value names."""
+
+    def __init__(self) -> None:
+        self.nodes: List[onnx.NodeProto] = []
+        self._count = 0
+
+    def __call__(self, op_type: str, *inputs: str, **attrs) -> str:
+        self._count += 1
+        out = f"{op_type.lower()}_{self._count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def ints(self, *values: int) -> str:
+        return self("Constant", value_ints=list(values))
+
+    def int_scalar(self, value: int) -> str:
+        return self("Constant", value_int=value)
+
+    def ref(self, name: str, ref_name: str, attr_type: int) -> str:
+        """A Constant whose value is the function attribute ``ref_name``."""
+        self._count += 1
+        out = f"{name}_{self._count}"
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(helper.make_attribute_ref(name, attr_type, ref_attr_name=ref_name))
+        self.nodes.append(node)
+        return out
+
+
+def maxent_pool2d_function(opset: int) -> FunctionProto:
+    """The model-local FunctionProto ``gfgp::MaxEntPool2d`` built from standard ops at ``opset``."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"the MaxEntPool2d function needs opset >= {MIN_OPSET}, got {opset}")
+    b = _Body()
+    i64 = TensorProto.INT64
+    # --- attributes as int64 tensors
+    k = b.ref("value_ints", "kernel_shape", AttributeProto.INTS)  # [kh, kw]
+    s = b.ref("value_ints", "strides", AttributeProto.INTS)  # [sh, sw]
+    pads = b.ref("value_ints", "pads", AttributeProto.INTS)  # [pt, pl, pb, pr]
+    ceil = b.ref("value_int", "ceil_mode", AttributeProto.INT)  # 0 or 1
+    zero1, one1, two1, four1 = b.ints(0), b.ints(1), b.ints(2), b.ints(4)
+    zero, one = b.int_scalar(0), b.int_scalar(1)
+    p_begin = b("Slice", pads, zero1, two1)
+    p_end = b("Slice", pads, two1, four1)
+    hw = b("Shape", "X", start=2)  # [H, W]
+
+    # --- 1. output size, PyTorch's rule (gfgp_cli.ops.pool_output_size)
+    s_minus_1 = b("Sub", s, one)
+    span = b("Sub", b("Add", b("Add", hw, p_begin), p_end), k)
+    out = b("Add", b("Div", b("Add", span, b("Mul", s_minus_1, ceil)), s), one)
+    last_start = b("Mul", b("Sub", out, one), s)
+    starts_in_end_pad = b("Cast", b("GreaterOrEqual", last_start, b("Add", hw, p_begin)), to=i64)
+    out = b("Sub", out, b("Mul", starts_in_end_pad, ceil))  # [out_h, out_w]
+
+    # --- 2. zero-pad so that every window lies inside, then gather the windows by flat index
+    reach = b("Add", b("Mul", b("Sub", out, one), s), k)  # padded extent the windows read
+    end_pad = b("Max", b("Sub", b("Sub", reach, hw), p_begin), zero1)
+    x_pads = b("Concat", zero1, zero1, p_begin, zero1, zero1, end_pad, axis=0)
+    xp = b("Pad", "X", x_pads)
+    padded_w = b("Gather", b("Add", b("Add", hw, p_begin), end_pad), one)  # scalar Wp
+
+    def scalar(vec: str, i: str) -> str:
+        return b("Gather", vec, i)
+
+    kh, kw, sh, sw = scalar(k, zero), scalar(k, one), scalar(s, zero), scalar(s, one)
+    out_h, out_w = scalar(out, zero), scalar(out, one)
+    # padded row of (tap i, output row o) = i + o * sh: Tensor[kh, out_h]; columns alike.
+    rows = b("Add", b("Unsqueeze", b("Range", zero, kh, one), one1),
+             b("Unsqueeze", b("Mul", b("Range", zero, out_h, one), sh), zero1))
+    cols = b("Add", b("Unsqueeze", b("Range", zero, kw, one), one1),
+             b("Unsqueeze", b("Mul", b("Range", zero, out_w, one), sw), zero1))
+    rows4 = b("Unsqueeze", rows, b.ints(1, 3))  # [kh, 1, out_h, 1]
+    cols4 = b("Unsqueeze", cols, b.ints(0, 2))  # [1, kw, 1, out_w]
+    window_shape = b("Concat", b.ints(-1), out, axis=0)  # [kh*kw, out_h, out_w]
+    flat = b("Reshape", b("Add", b("Mul", rows4, padded_w), cols4), window_shape)
+    xw = b("Gather", b("Reshape", xp, b.ints(0, 0, -1)), flat, axis=2)  # [N, C, K, out_h, out_w]
+
+    # --- 3. valid (non-padded) taps, from the same index arithmetic
+    def inside(idx: str, begin: str, size: str) -> str:
+        return b("And", b("GreaterOrEqual", idx, begin), b("Less", idx, b("Add", begin, size)))
+
+    row_ok = inside(rows4, scalar(p_begin, zero), scalar(hw, zero))
+    col_ok = inside(cols4, scalar(p_begin, one), scalar(hw, one))
+    valid = b("Reshape", b("And", row_ok, col_ok), window_shape)  # [K, out_h, out_w] bool
+
+    # --- 4. softmax(lam x) weighted mean, shifted by the window max over valid taps
+    axis2 = b.ints(2)
+    z = b("Mul", xw, b("Unsqueeze", "LAM", axis2))
+    neg_inf = b("CastLike", b("Constant", value=helper.make_tensor("neg_inf", TensorProto.FLOAT, [], [float("-inf")])), "X")
+    z = b("Where", valid, z, neg_inf)
+    m = b("ReduceMax", z, axis2, keepdims=1)
+    e = b("Exp", b("Sub", z, m))  # padded taps: exp(-inf) = 0
+    num = b("ReduceSum", b("Mul", e, xw), axis2, keepdims=0)
+    den = b("ReduceSum", e, axis2, keepdims=0)  # >= 1
+    b.nodes.append(helper.make_node("Div", [num, den], ["Y"]))
+
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        inputs=["X", "LAM"],
+        outputs=["Y"],
+        nodes=b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["kernel_shape", "strides"],
+        attribute_protos=[helper.make_attribute("pads", [0, 0, 0, 0]), helper.make_attribute("ceil_mode", 0)],
+        doc_string=_DOC,
+    )
+
+
+def make_maxent_node(
+    x: str, lam: str, y: str, kernel: List[int], stride: List[int], padding: List[int], ceil_mode: bool, name: str = ""
+) -> onnx.NodeProto:
+    """The ``gfgp::MaxEntPool2d`` node for PyTorch geometry (symmetric ``padding`` [ph, pw])."""
+    return helper.make_node(
+        OP_TYPE,
+        [x, lam],
+        [y],
+        name=name or None,
+        domain=DOMAIN,
+        **onnx_attributes(kernel, stride, padding, ceil_mode),
+    )
+
+
+def onnx_attributes(kernel, stride, padding, ceil_mode) -> dict:
+    """PyTorch pooling geometry as the node's ONNX attributes."""
+    return {
+        "kernel_shape": [int(v) for v in kernel],
+        "strides": [int(v) for v in stride],
+        "pads": [int(padding[0]), int(padding[1]), int(padding[0]), int(padding[1])],
+        "ceil_mode": int(bool(ceil_mode)),
+    }

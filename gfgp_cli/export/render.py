@@ -1,0 +1,52 @@
+"""Terminal output of ``gfgp export`` and ``gfgp bench export`` (rich tables or ``--json``)."""
+
+from __future__ import annotations
+
+from ..console import print_json, print_table
+from .bench import BenchExportResult
+from .onnx_export import ExportReport
+
+__all__ = ["render_export", "render_bench_export"]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def render_export(report: ExportReport, as_json: bool = False) -> None:
+    if as_json:
+        print_json(report.to_dict())
+        return
+    shape = "x".join(str(d) for d in report.input_shape)
+    rows = [
+        ("file", report.path),
+        ("input", shape),
+        ("opset / IR", f"{report.opset} / {report.ir_version}"),
+        ("gfgp::MaxEntPool2d nodes", f"{report.custom_nodes}" + (" (inlined)" if report.inline else "")),
+        ("max-entropy pools in the model", str(report.maxent_layers)),
+        ("file size", _mb(report.file_bytes)),
+        ("parameter bytes", f"{_mb(report.param_bytes)} (file / params = {report.size_ratio:.3f})"),
+    ]
+    if report.passed is None:
+        rows.append(("verification", "skipped (--no-verify)"))
+    else:
+        for batch, diff in report.max_abs_diffs.items():
+            rows.append((f"max abs diff, batch {batch}", f"{diff:.3g}"))
+        rows.append(("tolerance", f"{report.tolerance:.3g}"))
+        rows.append(("verdict", f"{'PASS' if report.passed else 'FAIL'} ({report.provider})"))
+    print_table("ONNX export", ["", "value"], rows)
+
+
+def render_bench_export(result: BenchExportResult, as_json: bool = False) -> None:
+    if as_json:
+        print_json(result.to_dict())
+        return
+    title = (
+        f"{result.model}: batch {result.batch} at {result.image_size}x{result.image_size}, CPU, "
+        f"{result.threads} threads, median of {result.repeats}"
+    )
+    rows = [
+        ("PyTorch eager", f"{result.torch_ms:.1f}", "1.00"),
+        ("onnxruntime (CPU)", f"{result.ort_ms:.1f}", f"{result.ratio:.2f}"),
+    ]
+    print_table(title, ["runtime", "median ms", "vs eager"], rows, justify_right=["median ms", "vs eager"])

@@ -1,0 +1,73 @@
+"""onnxruntime helpers: what the installed runtime loads, which providers to use, running a model."""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["ort_limits", "verification_providers", "make_session", "run_session"]
+
+
+def _loads(opset: int, ir_version: int) -> bool:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime raises its own exception types for an unsupported opset/IR
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def ort_limits() -> Tuple[int, int]:
+    """(newest default-domain opset, newest IR version) the installed onnxruntime loads.
+
+    onnxruntime has no API for these, so they are probed with a one-node model, newest first,
+    starting from what the installed onnx package knows.
+    """
+    import onnx
+
+    max_opset = next((o for o in range(onnx.defs.onnx_opset_version(), 0, -1) if _loads(o, 8)), 0)
+    max_ir = next((v for v in range(onnx.IR_VERSION, 2, -1) if _loads(min(max_opset, 18), v)), 0)
+    return max_opset, max_ir
+
+
+def verification_providers() -> List:
+    """CUDA (then CPU for what CUDA lacks) when torch sees a GPU, else CPU only.
+
+    Chosen explicitly: onnxruntime-gpu lists TensorRT and CUDA as available even where their
+    libraries are missing. TF32 is switched off so that CUDA convolutions stay float32.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(model_or_path, providers: Optional[Sequence] = None, threads: Optional[int] = None):
+    """An onnxruntime InferenceSession from a path or serialised bytes (all graph optimisations on)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    source = model_or_path if isinstance(model_or_path, (bytes, str)) else str(model_or_path)
+    return ort.InferenceSession(source, options, providers=list(providers or verification_providers()))
+
+
+def run_session(session, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """Run a session on positional inputs; returns every output."""
+    feeds: Dict[str, np.ndarray] = {arg.name: value for arg, value in zip(session.get_inputs(), inputs)}
+    return session.run(None, feeds)
