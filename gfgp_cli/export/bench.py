@@ -44,7 +44,7 @@ class BenchExportResult:
         return self.ort_ms / self.torch_ms
 
     def to_dict(self) -> Dict[str, Any]:
-        return {**dataclasses.asdict(self), "ratio": round(self.ratio, 4)}
+        return {**dataclasses.asdict(self), "ratio": self.ratio}
 
 
 def bench_export(

@@ -63,6 +63,9 @@ def make_session(model_or_path, providers: Optional[Sequence] = None, threads: O
     options.log_severity_level = 3  # errors only
     if threads:
         options.intra_op_num_threads = int(threads)
+    # Idle worker threads sleep instead of spinning, so they do not steal the CPU from PyTorch
+    # when the two run alternately in one process (benchmarks, verification).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model_or_path if isinstance(model_or_path, (bytes, str)) else str(model_or_path)
     return ort.InferenceSession(source, options, providers=list(providers or verification_providers()))
 
