@@ -1,0 +1,367 @@
+"""Convert a model to GFGP pooling: resolve the model, run the graph passes, record a spec.
+
+``convert`` reads top to bottom as the pipeline of DESIGN.md::
+
+    model  = build the torchvision model (or deep-copy the user's module), load --weights
+    gm     = graph_passes.trace(model)
+    sites  = graph_passes.find_sites(gm, example)                 # strided convs, max/avg pools
+    gm     = graph_passes.decompose(gm, sites)                   # conv(stride s) -> conv(1); skip(s)
+    gm     = graph_passes.move_pools(gm, placement)              # local | exact | paper
+    gm     = graph_passes.replace_pools(gm, POOLS[pool](...))    # skip/max/avg pools -> GFGP
+
+The spec recorded on the result (``gm.meta["gfgp_spec"]``) holds only primitives, so a
+checkpoint can rebuild the model by replaying this function (:func:`build_from_spec`).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+import graph_passes
+
+from .errors import BadInputError
+from .nn import GFGPPool2d, MaxEntPool2d
+
+__all__ = ["convert", "convert_with_report", "build_from_spec", "register_pool", "POOLS", "ConversionReport",
+           "list_model_names", "default_image_size"]
+
+PoolFactory = Callable[[graph_passes.Site], Optional[nn.Module]]
+
+# The pooling layers stay one node when a converted model is traced again (re-conversion, export).
+for _layer in (GFGPPool2d, MaxEntPool2d):
+    graph_passes.register_leaf_module(_layer)
+
+# Mapping from pool name to a function (activation) -> factory(site) -> module or None (keep).
+POOLS: Dict[str, Callable[..., PoolFactory]] = {}
+
+# Input sizes of torchvision models that do not take 224 x 224.
+_IMAGE_SIZE = {"inception_v3": 299}
+
+
+def register_pool(name: str):
+    """Register a pool kind for ``convert(pool=name)``; refuses duplicates."""
+
+    def deco(fn):
+        if name in POOLS:
+            raise ValueError(f"pool {name!r} is already registered")
+        POOLS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_pool("gfgp")
+def _gfgp(activation: str = "sigmoid") -> PoolFactory:
+    return lambda site: GFGPPool2d(site.channels, site.kernel, site.stride, site.padding, site.ceil_mode, activation)
+
+
+@register_pool("maxent")
+def _maxent(activation: str = "sigmoid") -> PoolFactory:
+    return lambda site: MaxEntPool2d(site.channels, site.kernel, site.stride, site.padding, site.ceil_mode, activation)
+
+
+@register_pool("max")
+def _max(activation: str = "sigmoid") -> PoolFactory:
+    return lambda site: nn.MaxPool2d(site.kernel, site.stride, site.padding, ceil_mode=site.ceil_mode)
+
+
+@register_pool("avg")
+def _avg(activation: str = "sigmoid") -> PoolFactory:
+    # Padded positions are excluded, as in max-entropy pooling (lam = 0 is this pool).
+    return lambda site: nn.AvgPool2d(site.kernel, site.stride, site.padding, site.ceil_mode, count_include_pad=False)
+
+
+@register_pool("skip")
+def _skip(activation: str = "sigmoid") -> PoolFactory:
+    return lambda site: None  # keep skip pools and the model's own max/avg pools: the decomposition only
+
+
+PLACEMENTS = ("paper", "exact", "local")
+
+
+def list_model_names() -> List[str]:
+    """torchvision's classification models (no second list: torchvision's own registry)."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def default_image_size(name: Optional[str]) -> int:
+    return _IMAGE_SIZE.get(name or "", 224)
+
+
+def _unknown(kind: str, name: str, choices: List[str]) -> BadInputError:
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; choose one of: {', '.join(choices[:12])}{' ...' if len(choices) > 12 else ''}"
+    return BadInputError(f"unknown {kind} {name!r}{hint}")
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, for tables and ``--json``."""
+
+    model: str
+    pool: str
+    placement: str
+    image_size: int
+    sites: List[Dict[str, Any]]
+    placed: List[Dict[str, Any]]
+    params_before: int
+    params_after: int
+    seconds: float
+    weights: Optional[str] = None
+    reused_tensors: int = 0
+    new_tensors: List[str] = field(default_factory=list)
+    macs_before: Optional[int] = None
+    macs_after: Optional[int] = None
+    exact_max_abs_diff: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _build_torchvision(name: str, kwargs: Dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    names = list_model_names()
+    if name not in names:
+        raise _unknown("model", name, names)
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise BadInputError(f"cannot build {name} with {kwargs}: {' '.join(str(e).split())}") from e
+
+
+def _load_weights(model: nn.Module, name: Optional[str], weights: str) -> None:
+    """Load torchvision weights (a name such as DEFAULT or IMAGENET1K_V2) or a local state_dict file."""
+    path = Path(weights)
+    if path.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
+            raise BadInputError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise BadInputError(f"weights file {path} does not hold a state_dict")
+        # Strip the wrappers' prefixes only (DDP, torch.compile), as timm's clean_state_dict does.
+        state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    else:
+        if name is None:
+            raise BadInputError(f"weights {weights!r} is not a file; for your own module pass a local state_dict file")
+        import torchvision
+
+        enum = torchvision.models.get_model_weights(name)
+        members = [m.name for m in enum] + ["DEFAULT"]
+        key = weights.split(".")[-1]
+        if key not in members:
+            raise _unknown(f"weights for {name}", key, members)
+        state = enum[key].get_state_dict(progress=True)  # downloads when the user has internet
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BadInputError(f"weights {weights!r} do not fit {name or type(model).__name__}: {' '.join(str(e).split())[:200]}") from e
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _macs(model: nn.Module, example: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    return counter.get_total_flops() // 2
+
+
+def _resolve(model: Union[str, nn.Module], model_kwargs: Dict[str, Any]):
+    if isinstance(model, str):
+        return _build_torchvision(model, model_kwargs), model, {"kind": "torchvision", "name": model, "kwargs": model_kwargs}
+    if isinstance(model, nn.Module):
+        if model_kwargs:
+            raise BadInputError(f"constructor arguments {sorted(model_kwargs)} only apply to torchvision model names")
+        cls = type(model)
+        return copy.deepcopy(model), None, {"kind": "module", "class": f"{cls.__module__}.{cls.__qualname__}"}
+    raise BadInputError(f"model must be a torchvision model name or an nn.Module, got {type(model).__name__}")
+
+
+def convert_with_report(
+    model: Union[str, nn.Module],
+    pool: Union[str, PoolFactory] = "gfgp",
+    placement: str = "paper",
+    *,
+    weights: Optional[str] = None,
+    activation: str = "sigmoid",
+    include_patch_embed: bool = False,
+    image_size: Optional[int] = None,
+    measure: bool = False,
+    **model_kwargs: Any,
+) -> tuple:
+    """:func:`convert`, also returning a :class:`ConversionReport`.
+
+    ``measure=True`` adds MACs before/after (torch.utils.flop_counter) and the exactness check:
+    the same decomposition and placement with plain skip pools is compared with the original
+    model in eval mode (``exact_max_abs_diff``; 0 up to float rounding for ``exact``/``local``).
+    """
+    if placement not in PLACEMENTS:
+        raise _unknown("placement", placement, list(PLACEMENTS))
+    if isinstance(pool, str):
+        if pool not in POOLS:
+            raise _unknown("pool", pool, sorted(POOLS))
+        factory, pool_name = POOLS[pool](activation), pool
+    elif callable(pool):
+        factory, pool_name = pool, getattr(pool, "__name__", "custom")
+    else:
+        raise BadInputError(f"pool must be one of {sorted(POOLS)} or a callable, got {pool!r}")
+
+    original, name, source = _resolve(model, dict(model_kwargs))
+    if weights is not None:
+        _load_weights(original, name, weights)
+    original.eval()
+    size = image_size or default_image_size(name)
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    start = time.perf_counter()
+    gm, record = graph_passes.pipeline(
+        original, example, placement=placement, factory=factory, include_patch_embed=include_patch_embed
+    )
+    seconds = time.perf_counter() - start
+
+    before = dict(original.state_dict())
+    after = gm.state_dict()
+    spec = {
+        "source": source,
+        "torchvision_version": _torchvision_version(),
+        "pool": pool_name,
+        "placement": placement,
+        "activation": activation,
+        "include_patch_embed": include_patch_embed,
+        "image_size": size,
+        "sites": [asdict(s) for s in record.sites],
+    }
+    if isinstance(pool, str):
+        gm.meta["gfgp_spec"] = spec
+    report = ConversionReport(
+        model=name or source["class"],
+        pool=pool_name,
+        placement=placement,
+        image_size=size,
+        sites=[asdict(s) for s in record.sites],
+        placed=[asdict(p) for p in record.placed],
+        params_before=_count_params(original),
+        params_after=_count_params(gm),
+        seconds=seconds,
+        weights=weights,
+        reused_tensors=sum(1 for k in after if k in before),
+        new_tensors=[k for k in after if k not in before],
+    )
+    if measure:
+        gm.eval()
+        report.macs_before = _macs(original, example[:1])
+        report.macs_after = _macs(gm, example[:1])
+        skip_gm, _ = graph_passes.pipeline(
+            original, example, placement=placement, factory=POOLS["skip"](), include_patch_embed=include_patch_embed
+        )
+        with torch.no_grad():
+            ref = original(example)
+            report.exact_max_abs_diff = float((skip_gm.eval()(example) - ref).abs().max())
+    gm.train()
+    return gm, report
+
+
+def convert(model: Union[str, nn.Module], pool: Union[str, PoolFactory] = "gfgp", placement: str = "paper", **options: Any) -> nn.Module:
+    """Convert ``model`` so that its downsampling is done by ``pool`` pooling.
+
+    Args:
+        model: a torchvision classification model name (constructor kwargs such as
+            ``num_classes`` go in ``options``) or any traceable ``nn.Module`` (never modified).
+        pool: ``"gfgp"`` (default), ``"maxent"`` (learned per-channel lam), ``"max"``,
+            ``"avg"``, ``"skip"`` (decomposition only), or a callable ``site -> nn.Module | None``.
+        placement: ``"paper"`` (default; the official layouts of PAPER.md section 3),
+            ``"exact"`` (pools move only where the output is unchanged) or ``"local"``.
+        options: ``weights`` (torchvision weights name or state_dict file), ``activation``
+            (``"sigmoid"`` or ``"softplus"``), ``include_patch_embed``, ``image_size`` (of the
+            example used for shapes), and torchvision constructor kwargs.
+
+    Returns:
+        torch.fx.GraphModule in training mode whose unchanged layers keep their qualified names
+        (the original state_dict loads into it); ``meta["gfgp_spec"]`` records the conversion.
+
+    Examples::
+
+        >>> m = convert("resnet50")
+        >>> sum(isinstance(x, GFGPPool2d) for x in m.modules())
+        5
+    """
+    return convert_with_report(model, pool, placement, **options)[0]
+
+
+def _torchvision_version() -> str:
+    import torchvision
+
+    return torchvision.__version__
+
+
+def build_from_spec(spec: Dict[str, Any], module: Optional[nn.Module] = None) -> nn.Module:
+    """Rebuild a converted model from its spec (weights are loaded by the caller)."""
+    try:
+        source = spec["source"]
+        options = dict(
+            pool=spec["pool"], placement=spec["placement"], activation=spec.get("activation", "sigmoid"),
+            include_patch_embed=spec.get("include_patch_embed", False), image_size=spec.get("image_size"),
+        )
+        kind = source["kind"]
+    except (KeyError, TypeError) as e:
+        raise BadInputError(f"the checkpoint's conversion spec is incomplete (missing {e}); re-convert the model") from e
+    if kind == "torchvision":
+        if module is not None:
+            raise BadInputError("this checkpoint names a torchvision model; do not pass a module")
+        gm, _ = convert_with_report(source["name"], **options, **source.get("kwargs", {}))
+    elif kind == "module":
+        if module is None:
+            raise BadInputError(
+                f"this checkpoint was converted from your own module {source['class']}; "
+                "pass an instance of it: gfgp_cli.load(path, module=MyModel())"
+            )
+        gm, _ = convert_with_report(module, **options)
+    else:
+        raise BadInputError(f"the checkpoint's spec has an unknown source kind {kind!r}")
+    if gm.meta["gfgp_spec"]["sites"] != spec.get("sites"):
+        raise BadInputError(
+            "replaying the conversion gave different pooling sites than the checkpoint records "
+            f"(checkpoint made with torchvision {spec.get('torchvision_version')}, this is {_torchvision_version()}); "
+            "re-convert the model with this version"
+        )
+    return gm
+
+
+def convert_to_file(model: str, out: Optional[Union[str, Path]], *, force: bool = False, dry_run: bool = False,
+                    **options: Any) -> ConversionReport:
+    """``gfgp convert``: convert a torchvision model, measure it, and write its checkpoint.
+
+    The output path is checked before any work (an existing file needs ``force``; its folder is
+    created if missing). ``dry_run`` converts and reports without writing.
+    """
+    from .checkpoint import save
+
+    if not dry_run:
+        if out is None:
+            raise BadInputError("give the checkpoint path with --out PATH (or use --dry-run)")
+        out = Path(out)
+        if out.is_dir():
+            raise BadInputError(f"--out {out} is a folder; give a file path such as {out / 'model.pt'}")
+        if out.exists() and not force:
+            raise BadInputError(f"{out} already exists; pass --force to overwrite it")
+    gm, report = convert_with_report(model, measure=True, **options)
+    if not dry_run:
+        save(gm, out)
+    return report
