@@ -1,0 +1,45 @@
+"""Generic torch.fx passes that move a CNN's downsampling into replaceable pooling layers.
+
+GraphModule in, GraphModule out; read top to bottom::
+
+    gm = trace(model)                           # qualnames preserved, eval-mode control flow
+    sites = find_sites(gm, example_input)       # strided convs and max/avg pools (Site)
+    gm = decompose(gm, sites)                   # conv(stride=s) -> conv(stride=1); SkipPool2d(s)
+    gm = move_pools(gm, placement="exact")      # pools past BN/activations/1x1 convs/joins
+    gm = replace_pools(gm, factory, find_sites(gm, example_input))  # pool -> factory(site)
+
+or ``gm, report = pipeline(model, example_input, "paper", factory)``. The package knows nothing
+of any particular pooling layer: callers pass a factory and register their layer types as trace
+leaves with :func:`register_leaf_module`.
+"""
+
+from .decompose import decompose, stride1_conv
+from .move import PLACED_POOLS, PLACEMENTS, PlacedPool, move_pools
+from .pipeline import Report, pipeline
+from .replace import REPLACED_SITES, PoolFactory, replace_pools
+from .sites import Site, find_sites, is_strided_conv, pool_kind
+from .skip_pool import SkipPool2d
+from .trace import LeafTracer, TraceError, register_leaf_module, trace
+
+__all__ = [
+    "trace",
+    "TraceError",
+    "LeafTracer",
+    "register_leaf_module",
+    "Site",
+    "find_sites",
+    "is_strided_conv",
+    "pool_kind",
+    "SkipPool2d",
+    "decompose",
+    "stride1_conv",
+    "move_pools",
+    "PlacedPool",
+    "PLACEMENTS",
+    "PLACED_POOLS",
+    "replace_pools",
+    "PoolFactory",
+    "REPLACED_SITES",
+    "pipeline",
+    "Report",
+]

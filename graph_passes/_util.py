@@ -1,0 +1,152 @@
+"""Helpers shared by the passes: clean-up, naming of new modules, shape propagation."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__: list[str] = []  # private module
+
+
+def finish(gm: GraphModule) -> GraphModule:
+    """The clean-up every pass ends with, so a broken graph fails in the pass that broke it."""
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def parent_path(qualname: str) -> str:
+    """``"layer2.0.conv1"`` -> ``"layer2.0"``; a top-level name -> ``""`` (the root)."""
+    return qualname.rpartition(".")[0]
+
+
+def owner_of(node: Node) -> str:
+    """Qualified name of the innermost module whose ``forward`` produced ``node``.
+
+    A ``call_module`` node belongs to the parent of the module it calls (``layer2.0.relu`` ->
+    ``layer2.0``); other nodes take the innermost entry of the tracer's standard
+    ``nn_module_stack`` metadata; nodes without it (inputs, nodes built by hand) belong to the
+    root (``""``).
+    """
+    if node.op == "call_module":
+        return parent_path(str(node.target))
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return str(list(stack.values())[-1][0])
+    return ""
+
+
+def node_label(node: Node) -> str:
+    """A readable name for a node: the module it calls (``layer2.0.relu``), or for a function or
+    method call the owner and the function (``Conv2d_1a_3x3.relu``), else the node's name."""
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_function":
+        return _join(owner_of(node), getattr(node.target, "__name__", node.name))
+    if node.op == "call_method":
+        return _join(owner_of(node), str(node.target))
+    return node.name
+
+
+def _join(owner: str, name: str) -> str:
+    return f"{owner}.{name}" if owner else name
+
+
+def free_name(gm: GraphModule, owner: str, base: str, taken: set[str] = frozenset()) -> str:
+    """First of ``owner.base``, ``owner.base1``, ``owner.base2``, ... that names nothing yet.
+
+    ``owner`` falls back to its parent (and finally to the root) while it is a module that a
+    ``call_module`` node calls: new modules go into containers, never inside a leaf layer whose
+    ``state_dict`` they would change. A base that is not purely alphabetic (``max_pool2d``)
+    gets ``_1``, ``_2``, ... instead.
+    """
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    while owner and (owner in called or not isinstance(_get(gm, owner), (nn.Module, type(None)))):
+        owner = parent_path(owner)
+    container = _get(gm, owner)
+    sep = "" if base.isalpha() else "_"
+    for i in range(10_000):
+        name = base if i == 0 else f"{base}{sep}{i}"
+        qualname = _join(owner, name)
+        if qualname in taken:
+            continue
+        if container is None or not hasattr(container, name):
+            return qualname
+    raise RuntimeError(f"no free module name {base!r} under {owner!r}")  # pragma: no cover
+
+
+def _get(gm: nn.Module, qualname: str) -> object:
+    """The attribute at ``qualname`` (``gm`` itself for ``""``), or None when it does not exist."""
+    obj: object = gm
+    for item in qualname.split(".") if qualname else ():
+        obj = getattr(obj, item, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def set_submodule(gm: GraphModule, qualname: str, module: nn.Module) -> None:
+    """Install ``module`` at ``qualname``, creating empty containers on the way.
+
+    Only containers of ``gm`` are modified, never the module previously at ``qualname``, so the
+    model ``gm`` was traced from (which shares its leaf modules with ``gm``) is left alone.
+    """
+    if not gm.add_submodule(qualname, module):
+        raise ValueError(f"cannot install a module at {qualname!r}: a non-module attribute is in the way")
+
+
+class _ShapePropRunner(nn.Module):
+    """Lets ``torch.func.functional_call`` swap ``gm``'s tensors for the duration of a ShapeProp."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, x: torch.Tensor) -> object:
+        return ShapeProp(self.gm).propagate(x)
+
+
+def propagate_shapes(gm: GraphModule, example_input: torch.Tensor) -> None:
+    """Fill ``node.meta['tensor_meta']`` for every node with torch.fx ShapeProp.
+
+    ShapeProp runs first on the ``meta`` device: the input and every parameter and buffer are
+    replaced by data-less meta tensors through ``torch.func.functional_call`` (shapes only, no
+    arithmetic, no copies: ~0.03 s for ResNet-50 whatever the input size; fake tensors take ten
+    times longer). Graphs with ops the meta device cannot run (data-dependent shapes) fall back
+    to a real run under ``torch.no_grad``. Both run in eval mode and restore every module's
+    training flag, so BN running statistics are never updated and ``gm`` is left as it was.
+    """
+    flags = {m: m.training for m in gm.modules()}
+    gm.eval()
+    runner = _ShapePropRunner(gm)
+    try:
+        try:
+            tensors = itertools.chain(
+                runner.named_parameters(remove_duplicate=False), runner.named_buffers(remove_duplicate=False)
+            )
+            meta_state = {name: torch.empty_like(t, device="meta") for name, t in tensors}
+            # ShapeProp prints a traceback before re-raising; this attempt is allowed to fail.
+            with contextlib.redirect_stderr(io.StringIO()):
+                torch.func.functional_call(
+                    runner, meta_state, (example_input.to("meta"),), tie_weights=False, strict=False
+                )
+            return
+        except Exception:  # noqa: BLE001 - any op without a meta kernel: fall back to a real run
+            pass
+        with torch.no_grad():
+            try:
+                runner(example_input)
+            except Exception as e:
+                raise ValueError(
+                    f"shape propagation failed for an input of shape {tuple(example_input.shape)}: {e}"
+                ) from e
+    finally:
+        for m, flag in flags.items():
+            m.training = flag

@@ -1,0 +1,91 @@
+"""Decompose strided convolutions into a stride-1 convolution followed by a skip pool."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from ._util import finish, free_name, owner_of, set_submodule
+from .sites import Site
+from .skip_pool import SkipPool2d
+
+__all__ = ["decompose", "stride1_conv"]
+
+
+def stride1_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """A new module equal to ``conv`` except ``stride=(1, 1)``, sharing its Parameters.
+
+    ``conv`` itself is not modified (a traced GraphModule shares its leaves with the model it was
+    traced from). Weights, bias, padding, padding_mode, dilation, groups, hooks and any extra
+    attributes of a subclass carry over; the new module's ``state_dict`` has the same keys.
+    """
+    new = copy.copy(conv)
+    # copy.copy shares the instance's dicts; give the new module its own (same Parameter objects).
+    for key, value in vars(conv).items():
+        if isinstance(value, dict):  # _parameters, _buffers, _modules, hook tables
+            new.__dict__[key] = copy.copy(value)
+    new.stride = (1, 1)
+    return new
+
+
+def decompose(gm: GraphModule, sites: Iterable[Site]) -> GraphModule:
+    """Replace every converting strided-conv site by the conv at stride 1 and a skip pool.
+
+    Invariant: the output is unchanged for every input size. A conv with stride ``s``, kernel
+    ``k``, dilation ``d`` and padding ``p`` gives ``floor((H + 2p - d(k-1) - 1) / s) + 1`` rows;
+    at stride 1 it gives ``H' = H + 2p - d(k-1)`` rows, of which ``SkipPool2d(s)`` keeps rows
+    ``0, s, 2s, ...``, i.e. ``ceil(H' / s) = floor((H' - 1) / s) + 1`` of them: the same rows with
+    the same values. Padding (any ``padding_mode``) is applied to the input before the
+    convolution in both cases, so it does not interact with the stride.
+
+    Graph before / after (``layer2.0.conv2`` is a 3x3 stride-2 conv)::
+
+        conv2 = layer2.0.conv2(relu)             conv2 = layer2.0.conv2(relu)   # stride (1, 1)
+        bn2 = layer2.0.bn2(conv2)         ->     layer2_0_pool = layer2.0.pool(conv2)  # SkipPool2d(2)
+                                                 bn2 = layer2.0.bn2(layer2_0_pool)
+
+    The conv keeps its qualname and Parameters (a new module sharing them is installed: the
+    original module is not modified). The skip pool is named ``<owner>.pool`` (``pool1``,
+    ``pool2``, ... when taken), ``<owner>`` being the module that contains the conv. Sites with
+    ``kind != "conv"`` or ``convert=False`` are ignored.
+
+    Raises:
+        ValueError: a site does not match the graph, or a conv module is called from several
+            places and only some of them are listed.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    # Mapping from conv module qualname to the call sites to decompose.
+    calls: dict[str, list[Node]] = {}
+    for site in sites:
+        if site.kind != "conv" or not site.convert:
+            continue
+        node = nodes.get(site.node)
+        if node is None or node.op != "call_module" or node.target != site.qualname:
+            raise ValueError(f"site {site.qualname!r} (node {site.node!r}) is not a call of that module in this graph")
+        conv = gm.get_submodule(site.qualname)
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"site {site.qualname!r} is a {type(conv).__name__}, not an nn.Conv2d")
+        calls.setdefault(site.qualname, [])
+        if node not in calls[site.qualname]:
+            calls[site.qualname].append(node)
+
+    for qualname, call_nodes in calls.items():
+        every_call = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == qualname]
+        if len(every_call) != len(call_nodes):
+            raise ValueError(
+                f"{qualname!r} is called {len(every_call)} times but {len(call_nodes)} of its calls are sites; "
+                "decompose needs all of them (the stride belongs to the shared module)"
+            )
+        conv = gm.get_submodule(qualname)
+        stride = tuple(conv.stride)
+        set_submodule(gm, qualname, stride1_conv(conv))
+        for node in call_nodes:
+            pool_name = free_name(gm, owner_of(node), "pool")
+            set_submodule(gm, pool_name, SkipPool2d(stride))
+            with gm.graph.inserting_after(node):
+                pool = gm.graph.call_module(pool_name, (node,))
+            node.replace_all_uses_with(pool, delete_user_cb=lambda user: user is not pool)
+    return finish(gm)

@@ -1,0 +1,256 @@
+"""Find the downsampling sites of a traced model: strided convs and strided max/avg pools."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.nn.modules.utils import _pair
+
+from ._util import free_name, owner_of, propagate_shapes
+from .skip_pool import SkipPool2d
+
+__all__ = ["Site", "find_sites", "is_strided_conv", "pool_kind", "PATCH_EMBED_MIN_STRIDE"]
+
+#: A conv with kernel == stride and stride >= this in both dims is a patch embedding (ViT,
+#: Swin, ConvNeXt stems): it tiles the image instead of filtering it, so it is not decomposed.
+PATCH_EMBED_MIN_STRIDE = 4
+
+
+@dataclass(frozen=True)
+class Site:
+    """One downsampling operation of a graph.
+
+    Attributes:
+        node: name of the fx node (stable across the passes, which never rename nodes).
+        qualname: module qualified name; for a functional call, the name ``replace_pools``
+            gives the module that replaces it (``<owner>.max_pool2d``, see ``find_sites``).
+        kind: ``"conv"`` (strided ``nn.Conv2d``), ``"max_pool"``, ``"avg_pool"`` or ``"skip"``
+            (a :class:`SkipPool2d`).
+        channels: channels of the downsampled output, from ShapeProp (``Tensor[N, C, H, W]``).
+        kernel, stride, padding, dilation: pairs ``(h, w)``. For ``"skip"`` the site describes
+            the equivalent pool: kernel = stride = s, padding 0, ceil_mode True (``ceil(H / s)``
+            outputs, exactly what the skip pool keeps, for every H).
+        ceil_mode: output-size rounding of the pool (False for convs).
+        count_include_pad: ``nn.AvgPool2d``'s flag (True elsewhere).
+        convert: whether the passes convert this site.
+        reason: why not, when ``convert`` is False.
+        in_shape, out_shape: shapes seen by ShapeProp for the example input.
+    """
+
+    node: str
+    qualname: str
+    kind: str
+    channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    ceil_mode: bool = False
+    convert: bool = True
+    reason: str = ""
+    dilation: tuple[int, int] = (1, 1)
+    count_include_pad: bool = True
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values only (for JSON and checkpoints)."""
+        return dataclasses.asdict(self)
+
+
+# Mapping from a functional pool to (site kind, its parameter names in call order).
+_MAX_POOL_PARAMS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_POOL_PARAMS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_FUNCTIONAL_POOLS: dict[Callable[..., Any], tuple[str, tuple[str, ...]]] = {
+    F.max_pool2d: ("max_pool", _MAX_POOL_PARAMS),
+    F.max_pool2d_with_indices: ("max_pool", _MAX_POOL_PARAMS),
+    torch.max_pool2d: ("max_pool", _MAX_POOL_PARAMS[:-1]),
+    F.avg_pool2d: ("avg_pool", _AVG_POOL_PARAMS),
+}
+if hasattr(F, "_max_pool2d"):  # the return_indices=False half of F.max_pool2d's boolean dispatch
+    _FUNCTIONAL_POOLS[F._max_pool2d] = ("max_pool", _MAX_POOL_PARAMS)
+
+
+def _has_plain_conv_forward(conv: nn.Conv2d) -> bool:
+    """False for Conv2d subclasses that compute something else (e.g. input-dependent padding)."""
+    cls = type(conv)
+    return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+
+
+def is_strided_conv(node: Node, modules: dict[str, nn.Module]) -> bool:
+    """A ``call_module`` of an ``nn.Conv2d`` (any groups) with stride > 1 in some dim."""
+    if node.op != "call_module":
+        return False
+    m = modules.get(str(node.target))
+    return isinstance(m, nn.Conv2d) and max(m.stride) > 1
+
+
+def pool_kind(node: Node, modules: dict[str, nn.Module]) -> str | None:
+    """``"max_pool"``, ``"avg_pool"`` or ``"skip"`` for a 2-D pooling node (any stride), else None.
+
+    Adaptive and global pools are not pools here: they have no fixed geometry to convert.
+    """
+    if node.op == "call_module":
+        m = modules.get(str(node.target))
+        if isinstance(m, nn.MaxPool2d):
+            return "max_pool"
+        if isinstance(m, nn.AvgPool2d):
+            return "avg_pool"
+        if isinstance(m, SkipPool2d):
+            return "skip"
+    elif node.op == "call_function" and node.target in _FUNCTIONAL_POOLS:
+        return _FUNCTIONAL_POOLS[node.target][0]
+    return None
+
+
+def _shape(node: Any) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta") if isinstance(node, Node) else None
+    if meta is None or not hasattr(meta, "shape"):
+        raise ValueError(f"no tensor shape recorded for node={node.format_node() if isinstance(node, Node) else node}")
+    return tuple(meta.shape)
+
+
+def find_sites(
+    gm: GraphModule, example_input: torch.Tensor | None, include_patch_embed: bool = False
+) -> list[Site]:
+    """Every downsampling site of ``gm``, in graph order; the graph is not modified.
+
+    Sites: ``nn.Conv2d`` with stride > 1 (grouped and depthwise included); ``nn.MaxPool2d``,
+    ``nn.AvgPool2d`` and ``F.max_pool2d`` / ``F.avg_pool2d`` / ``torch.max_pool2d`` calls with
+    stride > 1; every :class:`SkipPool2d`. Stride-1 and adaptive/global pools are not sites.
+
+    Reported but not converted (``convert=False`` and a ``reason``): patch embeddings
+    (kernel == stride >= 4) unless ``include_patch_embed``; pools with dilation > 1,
+    ``return_indices`` or ``divisor_override``; convs whose input is not 4-D or whose class
+    overrides ``Conv2d``'s forward; functional calls with non-constant geometry; strided
+    ``F.conv2d`` calls (no module to decompose).
+
+    Channels and shapes come from ``torch.fx`` ShapeProp run once on ``example_input``
+    (``node.meta['tensor_meta']``); with ``example_input=None`` the metadata already on the
+    graph is used.
+
+    A functional pool's qualname is the module name ``replace_pools`` will give it:
+    ``<owner>.max_pool2d`` / ``<owner>.avg_pool2d`` (``_1``, ``_2``, ... when taken), where
+    ``<owner>`` is the module whose forward makes the call (``Mixed_6a.max_pool2d``).
+    """
+    if example_input is not None:
+        propagate_shapes(gm, example_input)
+    modules = dict(gm.named_modules())
+    taken: set[str] = set()
+    sites: list[Site] = []
+    for node in gm.graph.nodes:
+        site = None
+        if node.op == "call_module":
+            site = _module_site(node, modules[str(node.target)], include_patch_embed)
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_POOLS:
+            site = _functional_pool_site(node, gm, taken)
+        elif node.op == "call_function" and node.target is F.conv2d:
+            site = _functional_conv_site(node)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def _module_site(node: Node, m: nn.Module, include_patch_embed: bool) -> Site | None:
+    name, qualname = node.name, str(node.target)
+    if isinstance(m, nn.Conv2d):
+        if max(m.stride) == 1:
+            return None
+        stride, kernel, dilation = _pair(m.stride), _pair(m.kernel_size), _pair(m.dilation)
+        padding = (0, 0) if m.padding == "valid" else _pair(m.padding)
+        reason = ""
+        if kernel == stride and min(stride) >= PATCH_EMBED_MIN_STRIDE and not include_patch_embed:
+            reason = f"patch embedding (kernel == stride == {kernel}); pass include_patch_embed to convert"
+        elif not _has_plain_conv_forward(m):
+            reason = f"{type(m).__name__} overrides Conv2d.forward"
+        elif len(_shape(node.args[0])) != 4:
+            reason = "input is not 4-D (N, C, H, W)"
+        out = _shape(node)
+        return Site(name, qualname, "conv", out[1], kernel, stride, padding, False, not reason, reason,
+                    dilation, True, _shape(node.args[0]), out)
+    if isinstance(m, SkipPool2d):
+        out = _shape(node)
+        return Site(name, qualname, "skip", out[1], m.stride, m.stride, (0, 0), True,
+                    in_shape=_shape(node.args[0]), out_shape=out)
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        kernel = _pair(m.kernel_size)
+        stride = _pair(m.stride) if m.stride is not None else kernel
+        if max(stride) == 1:
+            return None
+        if isinstance(m, nn.MaxPool2d):
+            geometry = dict(dilation=_pair(m.dilation), return_indices=m.return_indices)
+        else:
+            geometry = dict(count_include_pad=m.count_include_pad, divisor_override=m.divisor_override)
+        return _pool_site(node, qualname, "max_pool" if isinstance(m, nn.MaxPool2d) else "avg_pool",
+                          kernel, stride, _pair(m.padding), bool(m.ceil_mode), **geometry)
+    return None
+
+
+def _pool_site(
+    node: Node, qualname: str, kind: str, kernel: tuple[int, int], stride: tuple[int, int],
+    padding: tuple[int, int], ceil_mode: bool, dilation: tuple[int, int] = (1, 1),
+    return_indices: bool = False, count_include_pad: bool = True, divisor_override: int | None = None,
+) -> Site:
+    reason = ""
+    if max(dilation) > 1:
+        reason = f"dilation {dilation} > 1"
+    elif return_indices:
+        reason = "return_indices=True (the indices have no pooled equivalent)"
+    elif divisor_override is not None:
+        reason = f"divisor_override={divisor_override}"
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and not hasattr(meta, "shape"):  # return_indices: the value is (output, indices)
+        out = tuple(meta[0].shape)
+    else:
+        out = _shape(node)
+    return Site(node.name, qualname, kind, out[1], kernel, stride, padding, ceil_mode, not reason, reason,
+                dilation, count_include_pad, _shape(node.args[0]), out)
+
+
+def _functional_pool_site(node: Node, gm: GraphModule, taken: set[str]) -> Site | None:
+    kind, params = _FUNCTIONAL_POOLS[node.target]
+    bound = dict(zip(params, node.args))
+    bound.update(node.kwargs)
+    if node.target is F.max_pool2d_with_indices:
+        bound["return_indices"] = True
+    constant = all(not isinstance(v, Node) for k, v in bound.items() if k != "input")
+    kernel = _pair(bound["kernel_size"]) if constant else (0, 0)
+    stride_arg = bound.get("stride")
+    stride = kernel if stride_arg is None or stride_arg == [] or not constant else _pair(stride_arg)
+    if constant and max(stride) == 1:
+        return None
+    qualname = free_name(gm, owner_of(node), "max_pool2d" if kind == "max_pool" else "avg_pool2d", taken)
+    taken.add(qualname)
+    if not constant:
+        out = _shape(node)
+        return Site(node.name, qualname, kind, out[1], kernel, stride, (0, 0), False, False,
+                    "non-constant geometry arguments", in_shape=_shape(node.args[0]), out_shape=out)
+    extra: dict[str, Any] = {}
+    if kind == "max_pool":
+        extra = dict(dilation=_pair(bound.get("dilation", 1)), return_indices=bool(bound.get("return_indices", False)))
+    else:
+        extra = dict(count_include_pad=bool(bound.get("count_include_pad", True)),
+                     divisor_override=bound.get("divisor_override"))
+    return _pool_site(node, qualname, kind, kernel, stride, _pair(bound.get("padding", 0)),
+                      bool(bound.get("ceil_mode", False)), **extra)
+
+
+def _functional_conv_site(node: Node) -> Site | None:
+    params = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(params, node.args))
+    bound.update(node.kwargs)
+    stride = bound.get("stride", 1)
+    if isinstance(stride, Node) or max(_pair(stride)) == 1:
+        return None
+    out = _shape(node)
+    weight = _shape(bound["weight"]) if isinstance(bound.get("weight"), Node) else (0, 0, 0, 0)
+    padding = bound.get("padding", 0)
+    padding = (0, 0) if padding == "valid" or isinstance(padding, Node) else _pair(padding)
+    return Site(node.name, node.name, "conv", out[1], (weight[-2], weight[-1]), _pair(stride), padding,
+                convert=False, reason="functional conv2d: no module to decompose",
+                in_shape=_shape(node.args[0]), out_shape=out)
