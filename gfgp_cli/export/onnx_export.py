@@ -314,6 +314,7 @@ def _finish(proto, inline: bool):
     from .runtime import ort_limits
 
     opset = _default_opset(proto)
+    _strip_debug_metadata(proto)
     if any(n.domain == DOMAIN for n in _all_nodes(proto)):
         proto.functions.append(maxent_pool2d_function(opset))
         if not any(o.domain == DOMAIN for o in proto.opset_import):
@@ -333,6 +334,19 @@ def _finish(proto, inline: bool):
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise WorkFailedError(f"the exported model fails onnx.checker: {_first_line(e)}") from e
     return proto
+
+
+# Node metadata the exporter writes for debugging only: source paths of this machine and FX reprs.
+# (The module names and class hierarchy that make the graph readable are kept.)
+_DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+
+
+def _strip_debug_metadata(proto) -> None:
+    for node in _all_nodes(proto):
+        kept = [p for p in node.metadata_props if p.key not in _DEBUG_METADATA]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
 
 
 def _all_nodes(proto) -> Iterator:

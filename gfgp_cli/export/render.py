@@ -17,7 +17,7 @@ def render_export(report: ExportReport, as_json: bool = False) -> None:
     if as_json:
         print_json(report.to_dict())
         return
-    shape = "x".join(str(d) for d in report.input_shape)
+    shape = "(" + ", ".join(str(d) for d in report.input_shape) + ")"
     rows = [
         ("file", report.path),
         ("input", shape),
