@@ -1,0 +1,90 @@
+"""`gfgp train` and `gfgp eval`: train or fine-tune a converted checkpoint; measure one."""
+
+from __future__ import annotations
+
+import click
+
+__all__ = ["COMMANDS", "train", "eval_"]
+
+_RECIPES = ["paper-vgg", "paper-resnet", "finetune"]
+
+
+@click.command("train")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="ImageFolder DIR (train/ and val/), cifar10:DIR, cifar100:DIR, digits or fake[:N].")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics, config.json).")
+@click.option("--recipe", type=click.Choice(_RECIPES), default=None,
+              help="PAPER.md section 5 recipe [default: paper-vgg for VGG models, else paper-resnet].")
+@click.option("--epochs", type=int, default=None, help="Epochs [default: the recipe's].")
+@click.option("--batch-size", type=int, default=None,
+              help="Global batch per optimizer step, over all processes and accumulation steps [default: the recipe's]; "
+                   "the learning rate scales linearly with it unless --lr is given.")
+@click.option("--lr", type=float, default=None, help="Initial learning rate [default: the recipe's, scaled to the batch size].")
+@click.option("--wd", "weight_decay", type=float, default=None, help="Weight decay [default: the recipe's].")
+@click.option("--accum-steps", type=int, default=None, help="Micro-batches accumulated per optimizer step [default: 1].")
+@click.option("--image-size", type=int, default=None, help="Input height = width [default: the checkpoint's, else 224].")
+@click.option("--amp/--no-amp", default=None, help="Autocast: bf16 (or fp16 with a grad scaler) on CUDA; bf16 on CPU [default: off].")
+@click.option("--amp-dtype", type=click.Choice(["bf16", "fp16"]), default=None, help="Autocast dtype [default: bf16].")
+@click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format [default: off].")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model [default: off].")
+@click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm across processes (CUDA, under torchrun) [default: off].")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: auto].")
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes [default: 0].")
+@click.option("--seed", type=int, default=None, help="Seed of initial randomness and data order [default: 0].")
+@click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels only (exactly repeatable runs) [default: off].")
+@click.option("--save-every-steps", type=int, default=None, help="Also write last.pt every N optimizer steps inside an epoch [default: 0, epoch ends only].")
+@click.option("--download/--no-download", default=None, help="Download cifar10/cifar100 if missing [default: off].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where last.pt left it.")
+@click.option("--force", is_flag=True, help="Start over in an --out that already holds a run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def train(checkpoint, data, out, recipe, resume, force, as_json, compile_, **flags):
+    """Train or fine-tune the converted model in CHECKPOINT on --data.
+
+    Writes RUN_DIR/last.pt (every epoch, and every --save-every-steps), best.pt (best val top-1),
+    metrics.csv, metrics.jsonl and config.json. Ctrl-C saves last.pt and exits (code 130);
+    --resume continues exactly. A NaN/Inf loss stops the run (exit 1) keeping the last good
+    checkpoint. For several processes or GPUs launch through torchrun.
+
+    \b
+    Examples:
+      gfgp train m.pt --data digits --out runs/digits --epochs 5 --batch-size 64
+      gfgp train m.pt --data ~/imagenet --out runs/r50 --recipe paper-resnet --amp
+      gfgp train m.pt --data cifar10:data --download --out runs/c10 --recipe paper-vgg
+      gfgp train m.pt --data digits --out runs/digits --resume
+      torchrun --nproc-per-node 4 -m gfgp_cli train m.pt --data ~/imagenet --out runs/r50 --sync-bn
+    """
+    from ..train import train as run
+    from ..train.render import render_train_result
+
+    result = run(checkpoint, data, out, recipe=recipe, resume=resume, force=force, compile=compile_, **flags)
+    render_train_result(result, as_json)
+    if result.interrupted:
+        click.get_current_context().exit(130)  # the shell's code for a run stopped by Ctrl-C
+
+
+@click.command("eval")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="ImageFolder DIR, cifar10:DIR, cifar100:DIR, digits or fake[:N] (its validation set).")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Images per forward pass.")
+@click.option("--image-size", type=int, default=None, help="Input height = width [default: the checkpoint's, else 224].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--amp", is_flag=True, help="Autocast (bf16).")
+@click.option("--download", is_flag=True, help="Download cifar10/cifar100 if missing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_(checkpoint, data, batch_size, image_size, device, workers, amp, download, as_json):
+    """Loss, top-1 and top-5 accuracy of CHECKPOINT on the validation set of --data.
+
+    \b
+    Examples:
+      gfgp eval runs/digits/best.pt --data digits
+      gfgp eval runs/r50/best.pt --data ~/imagenet --batch-size 128 --json
+    """
+    from ..train import evaluate_checkpoint
+    from ..train.render import render_eval
+
+    render_eval(evaluate_checkpoint(checkpoint, data, batch_size=batch_size, image_size=image_size, device=device,
+                                    workers=workers, amp=amp, download=download), as_json)
+
+
+COMMANDS = [train, eval_]

@@ -1,0 +1,185 @@
+"""Training configuration: the paper's recipes (PAPER.md section 5), overrides and LR schedules.
+
+A run is described by one frozen :class:`TrainConfig`. :func:`resolve_config` starts from a recipe
+in :data:`RECIPES`, applies the flags the user gave explicitly (``None`` means "not given"), scales
+the learning rate linearly when the batch size differs from the recipe's (Goyal et al. 2017) and
+returns the notes that say so; the run directory records the result as ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import BadInputError
+
+__all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "resolve_config", "lr_factor", "config_from_dict"]
+
+# Mapping from recipe name to its hyper-parameters. `batch_size` is the global batch per optimizer
+# step (all devices and accumulation steps together), as in the paper.
+RECIPES: Dict[str, Dict[str, Any]] = {
+    # PAPER.md section 5, VGG family: SGD, batch 64, momentum 0.9, wd 5e-4,
+    # lr 0.1 -> 1e-4 linearly in log scale over 20 epochs.
+    "paper-vgg": dict(epochs=20, batch_size=64, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                      schedule="loglinear", final_lr_ratio=1e-3, step_size=0, gamma=1.0, backbone_lr_scale=1.0),
+    # PAPER.md section 5, ResNet family: SGD, batch 256, momentum 0.9, wd 1e-4,
+    # lr 0.1 divided by 10 every 30 epochs, 100 epochs.
+    "paper-resnet": dict(epochs=100, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                         schedule="step", final_lr_ratio=1.0, step_size=30, gamma=0.1, backbone_lr_scale=1.0),
+    # Fine-tuning a model converted with pretrained weights: the reused layers learn 10x slower
+    # than the new pooling layers, cosine decay to zero over a few epochs.
+    "finetune": dict(epochs=10, batch_size=64, lr=0.01, momentum=0.9, weight_decay=1e-4,
+                     schedule="cosine", final_lr_ratio=0.0, step_size=0, gamma=1.0, backbone_lr_scale=0.1),
+}
+
+SCHEDULES = ("loglinear", "step", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (written to RUN_DIR/config.json).
+
+    ``batch_size`` is the global batch per optimizer step: each of ``world_size`` processes runs
+    ``accum_steps`` micro-batches of ``batch_size // (world_size * accum_steps)`` images.
+    """
+
+    # what to train, on what, where
+    checkpoint: str
+    data: str
+    out: str
+    recipe: str = "paper-resnet"
+    # optimisation (from the recipe unless given)
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"
+    final_lr_ratio: float = 1.0  # loglinear: last epoch's lr / first; cosine: floor / first
+    step_size: int = 30  # step: epochs between decays
+    gamma: float = 0.1  # step: decay factor
+    backbone_lr_scale: float = 1.0  # lr of reused layers / lr of new pooling layers
+    accum_steps: int = 1
+    # data
+    image_size: Optional[int] = None  # None: from the model's spec, else 224
+    workers: int = 0
+    download: bool = False
+    # execution
+    device: str = "auto"
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    save_every_steps: int = 0  # also checkpoint every N optimizer steps inside an epoch (0: epoch ends only)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields a resumed run may change without breaking exactness (where and how fast it runs).
+RESUME_MUTABLE = ("checkpoint", "epochs", "workers", "device", "download", "compile")
+
+_AMP_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
+
+
+def config_from_dict(data: Dict[str, Any]) -> TrainConfig:
+    """Rebuild a config saved by :meth:`TrainConfig.to_dict` (unknown keys are an error)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise BadInputError(f"saved training configuration has unknown entries {unknown}; it was written by another gfgp version")
+    return TrainConfig(**data)
+
+
+def resolve_config(checkpoint: str, data: str, out: str, recipe: str = "paper-resnet",
+                   **flags: Any) -> Tuple[TrainConfig, List[str]]:
+    """The recipe, overridden by every flag that is not ``None``; returns ``(config, notes)``.
+
+    When the batch size differs from the recipe's and ``lr`` was not given, the learning rate is
+    scaled linearly (lr * batch / recipe batch) and a note says so.
+    """
+    if recipe not in RECIPES:
+        raise BadInputError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(flags) - names)
+    if unknown:
+        raise TypeError(f"resolve_config() got unknown options {unknown}")
+    given = {k: v for k, v in flags.items() if v is not None}
+    if "amp_dtype" in given:
+        if given["amp_dtype"] not in _AMP_DTYPES:
+            raise BadInputError(f"--amp-dtype must be bf16 or fp16, got {given['amp_dtype']!r}")
+        given["amp_dtype"] = _AMP_DTYPES[given["amp_dtype"]]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults.pop("recipe")
+    values = {**defaults, **RECIPES[recipe], **given}
+    notes: List[str] = []
+    base = RECIPES[recipe]
+    _check(values)
+    if "lr" not in given and values["batch_size"] != base["batch_size"]:
+        values["lr"] = base["lr"] * values["batch_size"] / base["batch_size"]
+        notes.append(
+            f"batch size {values['batch_size']} differs from the {recipe} recipe's {base['batch_size']}: "
+            f"learning rate scaled linearly {base['lr']:g} -> {values['lr']:g}"
+        )
+    return TrainConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), recipe=recipe, **values), notes
+
+
+def _check(v: Dict[str, Any]) -> None:
+    """One-line errors (exit 2) for values no run can use."""
+    def positive_int(name: str, flag: str) -> None:
+        if not isinstance(v[name], int) or isinstance(v[name], bool) or v[name] < 1:
+            raise BadInputError(f"{flag} must be a positive integer, got {v[name]!r}")
+
+    positive_int("epochs", "--epochs")
+    positive_int("batch_size", "--batch-size")
+    positive_int("accum_steps", "--accum-steps")
+    if not (isinstance(v["lr"], (int, float)) and math.isfinite(v["lr"]) and v["lr"] > 0):
+        raise BadInputError(f"--lr must be a positive number, got {v['lr']!r}")
+    if not (math.isfinite(v["weight_decay"]) and v["weight_decay"] >= 0):
+        raise BadInputError(f"--wd must be >= 0, got {v['weight_decay']!r}")
+    if not 0 <= v["momentum"] < 1:
+        raise BadInputError(f"momentum must be in [0, 1), got {v['momentum']!r}")
+    if v["schedule"] not in SCHEDULES:
+        raise BadInputError(f"unknown schedule {v['schedule']!r}; choose one of {', '.join(SCHEDULES)}")
+    if v["batch_size"] % v["accum_steps"]:
+        raise BadInputError(
+            f"--batch-size {v['batch_size']} is not divisible by --accum-steps {v['accum_steps']}"
+        )
+    if v.get("image_size") is not None and (not isinstance(v["image_size"], int) or v["image_size"] < 1):
+        raise BadInputError(f"--image-size must be a positive integer, got {v['image_size']!r}")
+    if v.get("workers", 0) < 0:
+        raise BadInputError(f"--workers must be >= 0, got {v['workers']!r}")
+    if v.get("save_every_steps", 0) < 0:
+        raise BadInputError(f"--save-every-steps must be >= 0, got {v['save_every_steps']!r}")
+    check_device_name(v.get("device", "auto"))
+
+
+def check_device_name(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda") and not (str(device).startswith("cuda:") and str(device)[5:].isdigit()):
+        raise BadInputError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def lr_factor(config: TrainConfig, epoch: int) -> float:
+    """Multiplier of the initial learning rate during 0-based ``epoch``.
+
+    - loglinear: ``final_lr_ratio ** (epoch / (epochs - 1))``, i.e. linear in log scale from lr
+      (first epoch) to lr * final_lr_ratio (last epoch); PAPER.md: 0.1 -> 1e-4 over 20 epochs.
+    - step: ``gamma ** (epoch // step_size)``; PAPER.md: divided by 10 every 30 epochs.
+    - cosine: ``r + (1 - r) (1 + cos(pi epoch / epochs)) / 2`` with r = final_lr_ratio.
+    - constant: 1.
+    """
+    if config.schedule == "loglinear":
+        if config.epochs == 1:
+            return 1.0
+        return config.final_lr_ratio ** (min(epoch, config.epochs - 1) / (config.epochs - 1))
+    if config.schedule == "step":
+        return config.gamma ** (epoch // config.step_size) if config.step_size > 0 else 1.0
+    if config.schedule == "cosine":
+        r = config.final_lr_ratio
+        return r + (1 - r) * (1 + math.cos(math.pi * min(epoch, config.epochs) / config.epochs)) / 2
+    return 1.0

@@ -1,0 +1,319 @@
+"""Data for training and evaluation: the ``--data SPEC`` forms and a resumable, sharded sampler.
+
+SPEC is one of:
+
+- ``DIR``: an ImageFolder tree with ``DIR/train/<class>/*`` and ``DIR/val/<class>/*``; ImageNet
+  augmentation (random resized crop, flip) for training, resize + centre crop for validation.
+- ``cifar10:DIR`` / ``cifar100:DIR``: torchvision's CIFAR sets in DIR (``download=True`` fetches them).
+- ``digits``: the 1,797 real 8x8 handwritten digits bundled with scikit-learn (no download), 10
+  classes, upsampled bilinearly to the model's input size, 3 channels, fixed 80/20 train/val split.
+- ``fake`` or ``fake:N``: torchvision FakeData (256 train, 64 val images) with N classes (default:
+  the model's number of outputs), for smoke runs.
+
+Exact resume needs the data order and the augmentation of every sample to depend only on
+(seed, epoch, position), never on the process history: :class:`ResumableSampler` draws each
+epoch's order from ``seed + epoch``, can start at any step, and hands every sample its own seed,
+with which :class:`SeededSamples` runs the sample's random transforms.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from ..errors import BadInputError
+
+__all__ = [
+    "DataBundle", "load_data", "parse_data_spec", "DigitsDataset", "ResumableSampler", "ShardSampler",
+    "SeededSamples", "DIGITS_VAL_FRACTION",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+# digits: the fixed split holds out every 5th image of a seeded permutation (numpy's legacy
+# RandomState, whose stream never changes across versions).
+DIGITS_VAL_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0
+FAKE_TRAIN, FAKE_VAL = 256, 64
+
+_SPEC_HELP = "give an ImageFolder folder with train/ and val/, cifar10:DIR, cifar100:DIR, digits or fake"
+
+
+@dataclass
+class DataBundle:
+    """Train and validation sets of one SPEC, with their class count."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+
+
+def parse_data_spec(spec: str) -> Tuple[str, Optional[str]]:
+    """``(kind, argument)``: kind in {folder, cifar10, cifar100, digits, fake}."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise BadInputError(f"--data is empty; {_SPEC_HELP}")
+    spec = spec.strip()
+    if spec == "digits":
+        return "digits", None
+    if spec == "fake" or spec.startswith("fake:"):
+        arg = spec[5:] or None
+        if arg is not None and not (arg.isdigit() and int(arg) >= 1):
+            raise BadInputError(f"--data {spec}: fake:N needs a positive number of classes N")
+        return "fake", arg
+    for kind in ("cifar10", "cifar100"):
+        if spec.startswith(kind + ":"):
+            root = spec[len(kind) + 1:]
+            if not root:
+                raise BadInputError(f"--data {spec}: give the folder, e.g. {kind}:data/{kind}")
+            return kind, root
+    return "folder", spec
+
+
+def load_data(spec: str, image_size: int, num_classes: Optional[int] = None, download: bool = False) -> DataBundle:
+    """The train and validation sets named by ``spec`` at ``image_size`` x ``image_size``.
+
+    ``num_classes`` is the model's number of outputs; only ``fake`` uses it (as its class count).
+    """
+    kind, arg = parse_data_spec(spec)
+    if kind == "digits":
+        return _digits(image_size)
+    if kind == "fake":
+        return _fake(image_size, int(arg) if arg else (num_classes or 10))
+    if kind in ("cifar10", "cifar100"):
+        return _cifar(kind, arg, image_size, download)
+    return _image_folder(arg, image_size)
+
+
+# --- digits --------------------------------------------------------------------------------------
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 digits as Tensor[3, S, S] images (bilinear upsampling, values in [-1, 1])."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int) -> None:
+        self.images = images  # Tensor[N, 8, 8], values in [0, 1]
+        self.labels = labels  # Tensor[N], int64
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        x = F.interpolate(self.images[index][None, None], size=(self.image_size,) * 2, mode="bilinear",
+                          align_corners=False)[0]
+        return ((x - 0.5) / 0.5).expand(3, -1, -1).contiguous(), int(self.labels[index])
+
+
+def digits_split(n: int) -> Tuple[List[int], List[int]]:
+    """The fixed (train, val) index split of the digits set."""
+    import numpy as np
+
+    order = np.random.RandomState(_DIGITS_SPLIT_SEED).permutation(n)
+    n_val = int(round(n * DIGITS_VAL_FRACTION))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def _digits(image_size: int) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(d.images).float() / 16.0  # pixel values 0..16
+    labels = torch.from_numpy(d.target).long()
+    train_idx, val_idx = digits_split(len(labels))
+    return DataBundle(
+        "digits",
+        DigitsDataset(images[train_idx], labels[train_idx], image_size),
+        DigitsDataset(images[val_idx], labels[val_idx], image_size),
+        10,
+    )
+
+
+# --- fake, CIFAR, ImageFolder --------------------------------------------------------------------
+
+
+def _normalize(mean, std):
+    from torchvision import transforms as T
+
+    return [T.ToTensor(), T.Normalize(mean, std)]
+
+
+def _fake(image_size: int, num_classes: int) -> DataBundle:
+    from torchvision import datasets, transforms as T
+
+    tf = T.Compose(_normalize((0.5,) * 3, (0.5,) * 3))
+    size = (3, image_size, image_size)
+    # Different random_offset: the validation images are not the training images.
+    train = datasets.FakeData(FAKE_TRAIN, size, num_classes, transform=tf, random_offset=0)
+    val = datasets.FakeData(FAKE_VAL, size, num_classes, transform=tf, random_offset=FAKE_TRAIN)
+    return DataBundle(f"fake:{num_classes}", train, val, num_classes)
+
+
+def _cifar(kind: str, root: str, image_size: int, download: bool) -> DataBundle:
+    from torchvision import datasets, transforms as T
+
+    cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
+    resize = [T.Resize(image_size)] if image_size != 32 else []
+    train_tf = T.Compose(resize + [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()]
+                         + _normalize(CIFAR_MEAN, CIFAR_STD))
+    val_tf = T.Compose(resize + _normalize(CIFAR_MEAN, CIFAR_STD))
+    if download:
+        os.makedirs(root, exist_ok=True)
+    try:
+        train = cls(root, train=True, transform=train_tf, download=download)
+        val = cls(root, train=False, transform=val_tf, download=download)
+    except RuntimeError as e:
+        raise BadInputError(
+            f"{kind} was not found in {root} ({' '.join(str(e).split())[:80]}); pass --download to fetch it"
+        ) from e
+    return DataBundle(f"{kind}:{root}", train, val, len(train.classes))
+
+
+def _image_folder(root: str, image_size: int) -> DataBundle:
+    from torchvision import datasets, transforms as T
+
+    path = Path(root)
+    if not path.exists():
+        raise BadInputError(f"data folder {root} does not exist; {_SPEC_HELP}")
+    if not path.is_dir():
+        raise BadInputError(f"--data {root} is not a folder; {_SPEC_HELP}")
+    missing = [s for s in ("train", "val") if not (path / s).is_dir()]
+    if missing:
+        raise BadInputError(
+            f"data folder {root} has no {' or '.join(s + '/' for s in missing)} subfolder; "
+            "an ImageFolder layout needs train/<class>/*.jpg and val/<class>/*.jpg"
+        )
+    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+                         + _normalize(IMAGENET_MEAN, IMAGENET_STD))
+    # Validation: resize to size / 0.875 then centre crop (the ImageNet 224-from-256 convention).
+    val_tf = T.Compose([T.Resize(int(math.ceil(image_size / 0.875))), T.CenterCrop(image_size)]
+                       + _normalize(IMAGENET_MEAN, IMAGENET_STD))
+    sets = []
+    for split, tf in (("train", train_tf), ("val", val_tf)):
+        try:
+            sets.append(datasets.ImageFolder(str(path / split), transform=tf))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise BadInputError(
+                f"data folder {path / split} is not in ImageFolder layout ({' '.join(str(e).split())[:120]})"
+            ) from e
+    train, val = sets
+    if train.classes != val.classes:
+        only = sorted(set(train.classes) ^ set(val.classes))
+        raise BadInputError(
+            f"data folder {root}: train/ and val/ have different class folders (only in one: {only[:5]})"
+        )
+    return DataBundle(str(root), train, val, len(train.classes))
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that ``ds[(index, seed)]`` runs its random transforms under ``seed``.
+
+    torchvision's transforms draw from torch's global generator; forking it per sample makes each
+    sample's augmentation a function of its seed alone (any worker count, any resume point).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # CPU only: cheaper than torch.manual_seed
+            return self.dataset[index]
+
+
+class ResumableSampler(Sampler):
+    """Shuffled training order that resumes mid-epoch and shards one global batch over processes.
+
+    Each epoch draws a permutation from ``seed + epoch`` and splits it into ``len // batch_size``
+    global batches (the tail is dropped, so no batch is ever short). Global batch k is cut into
+    ``world_size * accum_steps`` equal chunks; process ``rank`` gets chunks
+    ``rank * accum_steps + j`` for j in range(accum_steps), one micro-batch each. So a global
+    batch holds the same images for any number of processes, and two processes equal one process
+    with two accumulation steps. Like DistributedSampler, call :meth:`set_epoch` every epoch;
+    :meth:`set_start` skips the global batches already done. It yields ``(index, sample_seed)``
+    for :class:`SeededSamples`.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0,
+                 accum_steps: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+        parts = world_size * accum_steps
+        if batch_size % parts:
+            raise BadInputError(
+                f"--batch-size {batch_size} is not divisible by {world_size} process(es) x {accum_steps} "
+                "accumulation step(s)"
+            )
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.world_size, self.rank, self.accum_steps = world_size, rank, accum_steps
+        self.micro_batch = batch_size // parts
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch = 0
+        self.start_step = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps (global batches) per epoch."""
+        return self.num_samples // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start(self, step: int) -> None:
+        self.start_step = step
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        order = self._order().tolist()
+        m = self.micro_batch
+        for step in range(self.start_step, self.steps_per_epoch):
+            base = step * self.batch_size
+            for j in range(self.accum_steps):
+                chunk = self.rank * self.accum_steps + j
+                for index in order[base + chunk * m: base + (chunk + 1) * m]:
+                    yield index, self._sample_seed(index)
+
+    def _sample_seed(self, index: int) -> int:
+        return ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % (2**63)
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.accum_steps * self.micro_batch
+
+
+class ShardSampler(Sampler):
+    """Evaluation order: process ``rank`` takes indices rank, rank + world_size, ... (no padding, so
+    sums reduced over processes cover every image exactly once)."""
+
+    def __init__(self, num_samples: int, world_size: int = 1, rank: int = 0) -> None:
+        self.num_samples, self.world_size, self.rank = num_samples, world_size, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+
+def class_names(dataset: Dataset) -> Optional[Sequence[str]]:
+    return getattr(dataset, "classes", None)

@@ -1,0 +1,50 @@
+"""Terminal output of ``gfgp train`` / ``gfgp eval`` / ``gfgp plot``: rich tables on stdout, or --json."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List
+
+from ..console import err, out, print_json, print_table
+
+__all__ = ["render_train_result", "render_eval", "render_plots"]
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def render_train_result(result, as_json: bool = False) -> None:
+    if as_json:
+        print_json(dataclasses.asdict(result))
+    else:
+        rows = [("run directory", result.run_dir), ("epochs", f"{result.epochs}/{result.total_epochs}")]
+        if result.final:
+            f = result.final
+            rows += [("final val loss", f"{f['val_loss']:.4f}"), ("final val top-1 (%)", _pct(f["val_top1"])),
+                     ("final val top-5 (%)", _pct(f["val_top5"]))]
+        if result.best_top1 is not None:
+            rows.append(("best val top-1 (%)", f"{result.best_top1:.2f} (epoch {result.best_epoch})"))
+        print_table("gfgp train", ["", "value"], rows)
+    if result.interrupted:
+        epoch, step = result.stopped_at
+        err.print(f"interrupted: saved {result.run_dir}/last.pt at epoch {epoch + 1} step {step}; "
+                  f"continue with the same command and --resume", markup=False)
+
+
+def render_eval(metrics: Dict[str, Any], as_json: bool = False) -> None:
+    if as_json:
+        print_json(metrics)
+        return
+    print_table(f"gfgp eval: {metrics['checkpoint']} on {metrics['data']} (validation, {metrics['image_size']}px)",
+                ["images", "loss", "top-1 (%)", "top-5 (%)"],
+                [(metrics["images"], f"{metrics['loss']:.4f}", _pct(metrics["top1"]), _pct(metrics["top5"]))],
+                justify_right=["images", "loss", "top-1 (%)", "top-5 (%)"])
+
+
+def render_plots(paths: List, as_json: bool = False) -> None:
+    if as_json:
+        print_json([str(p) for p in paths])
+        return
+    for p in paths:
+        out.print(str(p), markup=False, highlight=False)
