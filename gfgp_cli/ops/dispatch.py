@@ -24,7 +24,7 @@ from typing import Dict, Iterator
 
 from torch import Tensor
 
-__all__ = ["IMPLEMENTATIONS", "use_implementation", "current_implementation", "select", "mark_broken"]
+__all__ = ["IMPLEMENTATIONS", "use_implementation", "current_implementation", "resolve", "select", "mark_broken"]
 
 # Mapping from implementation name to the module that holds its kernels (imported on first use).
 IMPLEMENTATIONS: Dict[str, str] = {
@@ -33,7 +33,7 @@ IMPLEMENTATIONS: Dict[str, str] = {
     "triton": "gfgp_cli.ops.triton",
 }
 # Mapping from device type to the implementation ``auto`` picks for it.
-_AUTO: Dict[str, str] = {}
+_AUTO: Dict[str, str] = {"cpu": "cpu", "cuda": "triton"}
 
 _forced: contextvars.ContextVar[str] = contextvars.ContextVar("gfgp_maxent_implementation", default="auto")
 # Mapping from implementation name to the one-line reason it cannot run here (set once).
@@ -73,22 +73,31 @@ def _load(name: str) -> ModuleType:
     return importlib.import_module(IMPLEMENTATIONS[name])
 
 
-def select(x: Tensor) -> ModuleType:
-    """The kernel module that runs the op for input ``x`` under the current setting."""
+def resolve(x: Tensor) -> str:
+    """The name of the implementation that runs the op for input ``x`` under the current setting.
+
+    Each implementation module has ``unsupported(x)`` (why it does not take such tensors: not an
+    error, ``auto`` just looks further) and ``build_error()`` (why it cannot be built or loaded
+    here: ``auto`` warns once and falls back to ``reference``).
+    """
     forced = _forced.get()
     if forced != "auto":
         module = _load(forced)
-        reason = module.unsupported(x) if hasattr(module, "unsupported") else None
+        reason = module.unsupported(x) or module.build_error()
         if reason:
             raise ValueError(f"maxent_pool2d implementation {forced!r} cannot run here: {reason}")
-        return module
+        return forced
     name = _AUTO.get(x.device.type, "reference")
     if name != "reference" and name not in _broken:
-        try:
-            module = _load(name)
-        except ImportError as e:  # e.g. Triton missing from this install
-            mark_broken(name, f"{type(e).__name__}: {e}")
-        else:
-            if not module.unsupported(x):
-                return module
-    return _load("reference")
+        module = _load(name)
+        if module.unsupported(x) is None:
+            reason = module.build_error()
+            if reason is None:
+                return name
+            mark_broken(name, reason)
+    return "reference"
+
+
+def select(x: Tensor) -> ModuleType:
+    """The kernel module that runs the op for input ``x`` under the current setting."""
+    return _load(resolve(x))

@@ -123,14 +123,23 @@ def maxent_pool2d(
 def _maxent_pool2d_op(
     x: Tensor, lam: Tensor, kernel_size: List[int], stride: List[int], padding: List[int], ceil_mode: bool
 ) -> Tensor:
-    return dispatch.select(x).forward(x, lam, kernel_size, stride, padding, ceil_mode)
+    out = dispatch.select(x).forward(x, lam, kernel_size, stride, padding, ceil_mode)
+    # Every implementation returns the layout the fake kernel promises (compiled graphs rely on it).
+    return out.contiguous(memory_format=_output_memory_format(x))
+
+
+def _output_memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last output for channels_last input (as F.max_pool2d), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 @_maxent_pool2d_op.register_fake
 def _(x, lam, kernel_size, stride, padding, ceil_mode):
     out_h = pool_output_size(x.shape[2], kernel_size[0], stride[0], padding[0], ceil_mode)
     out_w = pool_output_size(x.shape[3], kernel_size[1], stride[1], padding[1], ceil_mode)
-    return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
+    return x.new_empty((x.shape[0], x.shape[1], out_h, out_w)).contiguous(memory_format=_output_memory_format(x))
 
 
 @torch.library.custom_op("gfgp::maxent_pool2d_backward", mutates_args=())
@@ -144,7 +153,14 @@ def _maxent_pool2d_backward_op(
     padding: List[int],
     ceil_mode: bool,
 ) -> Tuple[Tensor, Tensor]:
-    return dispatch.select(x).backward(grad, x, lam, out, kernel_size, stride, padding, ceil_mode)
+    grad_x, grad_lam = dispatch.select(x).backward(grad, x, lam, out, kernel_size, stride, padding, ceil_mode)
+    return _like(grad_x, x), _like(grad_lam, lam)
+
+
+def _like(value: Tensor, like: Tensor) -> Tensor:
+    """``value`` with the strides of ``torch.empty_like(like)`` (what the fake kernel returns)."""
+    target = torch.empty_like(like)
+    return value if value.stride() == target.stride() else target.copy_(value)
 
 
 @_maxent_pool2d_backward_op.register_fake

@@ -17,7 +17,17 @@ from torch import Tensor
 
 from .geometry import window_pads
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "unsupported", "build_error"]
+
+
+def unsupported(x: Tensor) -> None:
+    """The reference kernels take every device and dtype the op accepts."""
+    return None
+
+
+def build_error() -> None:
+    """Nothing to build."""
+    return None
 
 
 def _window_views(

@@ -1,0 +1,55 @@
+"""``gfgp bench``: speed of the pooling op and of whole converted models, side by side."""
+
+from __future__ import annotations
+
+import click
+
+__all__ = ["COMMANDS", "bench"]
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: measured side by side in one process, reported as medians and ratios.
+
+    \b
+    Examples:
+      gfgp bench pool
+      gfgp bench model resnet50 --batch-size 8
+    """
+
+
+@bench.command("pool")
+@click.option("--device", default="cpu", show_default=True, help="Device to run on, e.g. cpu or cuda.")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs per contender.")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "float16", "bfloat16", "float64"]), help="Input dtype.")
+@click.option("--case", "cases", multiple=True, metavar="NxCxHxW:kK:sS[:pP]",
+              help="Input shape and geometry (repeatable); default: the two reference cases "
+                   "16x256x56x56:k2:s2 and 16x64x112x112:k3:s2:p1.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Also run every case on channels_last input.")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Also time maxent_pool2d's reference (unfold) path.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench_pool_command(device, repeats, dtype, cases, channels_last, reference, as_json) -> None:
+    """Time maxent_pool2d against F.max_pool2d and F.avg_pool2d (forward, forward+backward).
+
+    Prints medians of interleaved runs, the ratio of each to max_pool2d, and the bytes autograd
+    saves for backward. lam has shape (N, C, 1, 1), as in GFGP.
+
+    \b
+    Examples:
+      gfgp bench pool
+      gfgp bench pool --device cuda --dtype bfloat16 --json
+      gfgp bench pool --case 8x64x32x32:k2:s2 --repeats 5
+    """
+    from ..bench.pool import bench_pool, parse_case
+    from ..bench.report import print_pool_report
+
+    result = bench_pool(device=device, repeats=repeats, dtype=dtype,
+                        cases=[parse_case(c) for c in cases] or None, channels_last=channels_last,
+                        implementations=("auto", "reference") if reference else ("auto",))
+    print_pool_report(result, as_json)
+
+
+COMMANDS = [bench]

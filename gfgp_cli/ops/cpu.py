@@ -1,0 +1,250 @@
+"""The fast CPU path of max-entropy pooling: a fused C++ kernel built at first use.
+
+``csrc/maxent_pool_cpu.cpp`` makes one pass over the input per direction (the reference path
+materialises the k*k weights of every window several times). It has no PyTorch headers: it is
+compiled with the system C++ compiler (``$CXX``, default ``g++``) in about a second, the first
+time it is needed, into a cache directory (``$GFGP_CACHE_DIR``, else ``$XDG_CACHE_HOME/gfgp``,
+else ``~/.cache/gfgp``) under a name that hashes the source, the flags, the compiler and the
+CPU, so a rebuild happens only when one of them changes; it is loaded with ctypes. Work is split
+into tasks, (n, c) planes for NCHW input and (n, channel block) for channels_last input, run on
+``torch.get_num_threads()`` threads (ctypes releases the GIL during the call).
+
+If the library cannot be built or loaded (no compiler, say), :func:`build_error` reports it and
+the op runs the reference path, after one warning line (:mod:`gfgp_cli.ops.dispatch`).
+
+float32 and float64 run natively; float16 and bfloat16 are computed in float32. The output
+(and grad_x) has the memory format of the input, as ``F.max_pool2d``'s.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .geometry import pool_output_size
+
+__all__ = ["forward", "backward", "unsupported", "build_error", "library_path"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "maxent_pool_cpu.cpp"
+# -ffp-contract=off: lam * x is rounded before the window maximum is subtracted, so the maximum
+# position gets exactly exp(0) = 1, as in the reference path.
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
+# Below this many output elements one thread does the whole call (thread hand-off costs more).
+_PARALLEL_MIN_OUTPUTS = 1 << 14
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_lib_error: Optional[str] = None
+_pool: Optional[Tuple[int, int, ThreadPoolExecutor]] = None  # (pid, workers, executor)
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("GFGP_CACHE_DIR"):
+        return Path(os.environ["GFGP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gfgp"
+
+
+def _cpu_id() -> str:
+    """What the compiled code depends on besides the source: architecture and CPU features."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _compiler_flags() -> List[str]:
+    # -march=native is safe because the cache key includes the CPU's feature flags.
+    native = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
+    return _FLAGS + native
+
+
+def library_path() -> Path:
+    """Where the compiled library for this source, compiler and CPU is cached."""
+    cxx = os.environ.get("CXX", "g++")
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), " ".join(_compiler_flags()).encode(), cxx.encode(), _cpu_id().encode()):
+        key.update(part)
+    return _cache_dir() / f"maxent_pool_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler ({cxx!r} not found; set CXX)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *_compiler_flags(), str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            first = (proc.stderr.strip().splitlines() or ["unknown error"])[0]
+            raise RuntimeError(f"{cxx} failed: {first}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.gfgp_maxent_num_tasks.argtypes = [p, c_int]
+    lib.gfgp_maxent_num_tasks.restype = i64
+    for suffix in ("f32", "f64"):
+        fwd = getattr(lib, f"gfgp_maxent_forward_{suffix}")
+        fwd.argtypes = [p, p, p, p, p, c_int, i64, i64]
+        fwd.restype = None
+        bwd = getattr(lib, f"gfgp_maxent_backward_{suffix}")
+        bwd.argtypes = [p, p, p, p, p, p, p, p, p, c_int, c_int, i64, i64]
+        bwd.restype = None
+
+
+def _library() -> Optional[ctypes.CDLL]:
+    """The loaded kernel library, building it on first use; None (and the reason) if impossible."""
+    global _lib, _lib_error
+    with _lock:
+        if _lib is None and _lib_error is None:
+            try:
+                path = library_path()
+                if not path.exists():
+                    _build(path)
+                lib = ctypes.CDLL(str(path))
+                _declare(lib)
+                _lib = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _lib_error = " ".join(str(e).split()) or type(e).__name__
+        return _lib
+
+
+def unsupported(x: Tensor) -> Optional[str]:
+    """Why this path does not take ``x`` (None when it does): CPU tensors of every op dtype."""
+    if x.device.type != "cpu":
+        return f"it runs CPU tensors only, got a {x.device.type} tensor"
+    return None
+
+
+def build_error() -> Optional[str]:
+    """Why the kernel library cannot be built or loaded here (None once it is loaded)."""
+    return None if _library() is not None else f"the CPU kernel could not be built: {_lib_error}"
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    pid = os.getpid()
+    with _lock:
+        # A pool inherited through fork has no threads: make a new one in the child.
+        if _pool is None or _pool[0] != pid or _pool[1] != workers:
+            _pool = (pid, workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gfgp-maxent"))
+        return _pool[2]
+
+
+def _run_tasks(call: Callable[[int, int], None], ntasks: int, outputs: int) -> None:
+    """Run ``call(t0, t1)`` over [0, ntasks) split into one contiguous range per thread."""
+    workers = min(torch.get_num_threads(), ntasks)
+    if workers <= 1 or outputs < _PARALLEL_MIN_OUTPUTS:
+        call(0, ntasks)
+        return
+    bounds = [ntasks * k // workers for k in range(workers + 1)]
+    futures = [_executor(workers - 1).submit(call, bounds[k], bounds[k + 1]) for k in range(1, workers)]
+    call(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+def _is_nhwc(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_block(n: int, c: int) -> int:
+    """NHWC channels per task: long vector loops, yet at least two tasks per thread when possible."""
+    block, threads = min(c, 256), torch.get_num_threads()
+    while block > 16 and n * -(-c // block) < 2 * threads:
+        block //= 2
+    return block
+
+
+def _geometry(x: Tensor, kernel, stride, padding, ceil_mode) -> Tuple[Tensor, Tuple[int, int]]:
+    n, c, h, w = x.shape
+    oh = pool_output_size(h, kernel[0], stride[0], padding[0], ceil_mode)
+    ow = pool_output_size(w, kernel[1], stride[1], padding[1], ceil_mode)
+    geo = torch.tensor([n, c, h, w, oh, ow, *kernel, *stride, *padding, _channel_block(n, c)], dtype=torch.int64)
+    return geo, (oh, ow)
+
+
+def _prepare(x: Tensor, lam: Tensor, out_hw) -> Tuple[Tensor, Tensor, Tensor, bool, torch.memory_format]:
+    """x in its kernel layout and compute dtype, lam likewise, lam's strides as Tensor[N, C, OH, OW]."""
+    nhwc = _is_nhwc(x)
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    ct = _compute_dtype(x.dtype)
+    xk = x.to(ct).contiguous(memory_format=fmt)
+    lamk = lam.to(ct)
+    lamk = lamk.contiguous(memory_format=fmt) if lamk.shape[2:] != (1, 1) else lamk.contiguous()
+    ls = torch.tensor(lamk.expand(x.shape[0], x.shape[1], *out_hw).stride(), dtype=torch.int64)
+    return xk, lamk, ls, nhwc, fmt
+
+
+def _fn(kind: str, dtype: torch.dtype):
+    return getattr(_library(), f"gfgp_maxent_{kind}_{'f64' if dtype == torch.float64 else 'f32'}")
+
+
+def forward(x: Tensor, lam: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
+            ceil_mode: bool) -> Tensor:
+    """y = sum_i p_i x_i per window; Tensor[N, C, out_h, out_w] in x's dtype and memory format."""
+    geo, out_hw = _geometry(x, kernel_size, stride, padding, ceil_mode)
+    xk, lamk, ls, nhwc, fmt = _prepare(x, lam, out_hw)
+    y = torch.empty((x.shape[0], x.shape[1], *out_hw), dtype=xk.dtype).contiguous(memory_format=fmt)
+    fn = _fn("forward", xk.dtype)
+    args = (xk.data_ptr(), lamk.data_ptr(), y.data_ptr(), geo.data_ptr(), ls.data_ptr(), int(nhwc))
+    ntasks = _library().gfgp_maxent_num_tasks(geo.data_ptr(), int(nhwc))
+    _run_tasks(lambda t0, t1: fn(*args, t0, t1), ntasks, y.numel())
+    return y.to(x.dtype)
+
+
+def backward(grad: Tensor, x: Tensor, lam: Tensor, out: Tensor, kernel_size: List[int], stride: List[int],
+             padding: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
+    """(dL/dx in x's dtype and memory format, dL/dlam of lam's shape), PAPER.md section 1."""
+    geo, out_hw = _geometry(x, kernel_size, stride, padding, ceil_mode)
+    xk, lamk, ls, nhwc, fmt = _prepare(x, lam, out_hw)
+    ct = xk.dtype
+    yk = out.to(ct).contiguous(memory_format=fmt)
+    gk = grad.to(ct).contiguous(memory_format=fmt)
+    gx = torch.empty_like(xk)
+    n, c = x.shape[:2]
+    per_window = lam.shape[2:] != (1, 1)
+    if per_window:
+        gl = torch.empty((n, c, *out_hw), dtype=ct).contiguous(memory_format=fmt)
+        gs = torch.tensor(gl.stride(), dtype=torch.int64)
+    else:
+        gl = torch.empty((n, c), dtype=ct)  # one sum per (n, c) plane
+        gs = torch.zeros(4, dtype=torch.int64)
+    fn = _fn("backward", ct)
+    args = (xk.data_ptr(), lamk.data_ptr(), yk.data_ptr(), gk.data_ptr(), gx.data_ptr(), gl.data_ptr(),
+            geo.data_ptr(), ls.data_ptr(), gs.data_ptr(), int(per_window), int(nhwc))
+    ntasks = _library().gfgp_maxent_num_tasks(geo.data_ptr(), int(nhwc))
+    _run_tasks(lambda t0, t1: fn(*args, t0, t1), ntasks, yk.numel())
+    if not per_window:
+        gl = gl.reshape(n, c, 1, 1)
+        dims = [d for d in range(2) if lam.shape[d] == 1]
+        if dims:
+            gl = gl.sum(dim=dims, keepdim=True)
+    return gx.to(x.dtype), gl.to(lam.dtype)

@@ -1,0 +1,434 @@
+// Fused max-entropy pooling on the CPU (PAPER.md section 1): one pass over the input per direction.
+//
+// Plain C++ with no PyTorch headers, compiled at run time by gfgp_cli/ops/cpu.py (g++, cached by
+// source hash) and called through ctypes; the caller splits the work into tasks and runs task
+// ranges on its threads (ctypes releases the GIL), so no OpenMP runtime meets PyTorch's own.
+//
+// Geometry array `geo` (int64): N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, CB (NHWC channel block).
+// lam is read as Tensor[N, C, OH, OW] through strides `ls` (0 where lam broadcasts).
+// Layouts: NCHW (x, y, g, gx contiguous; one task per (n, c) plane) and NHWC (channels_last
+// contiguous; one task per (n, block of CB channels)). Padded positions take part in nothing.
+//
+// Per window (stable for every finite input: m is the true window maximum of lam * x):
+//   e_i = exp(lam x_i - m),  S = sum e_i,  y = sum e_i x_i / S
+//   dL/dx_i += g e_i / S (1 + lam (x_i - y)),   dL/dlam += g sum_i e_i / S (x_i - y)^2
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// exp for arguments <= 0 (Cephes expf: Cody-Waite range reduction and a degree-6 polynomial,
+// about 1 ulp); arguments below -87.3 give 0 (exp underflows there), -inf gives 0, NaN stays NaN.
+// Written branch-free so that GCC vectorises the loops that inline it.
+inline float exp_nonpos(float x) {
+  const float lo = -87.33654475f;
+  float xc = x < lo ? lo : (x > 88.0f ? 88.0f : x);
+  // round(xc * log2(e)) by the 1.5 * 2^23 trick (round to nearest even, no libm call)
+  float fx = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  float res = p * pow2;
+  return x < lo ? 0.0f : res;
+}
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+constexpr int64_t kMaxChannelBlock = 256;  // NHWC: at most this many channels per task
+
+struct Geo {
+  int64_t N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, CB;
+  explicit Geo(const int64_t* g)
+      : N(g[0]), C(g[1]), H(g[2]), W(g[3]), OH(g[4]), OW(g[5]), KH(g[6]), KW(g[7]), SH(g[8]), SW(g[9]),
+        PH(g[10]), PW(g[11]), CB(std::max<int64_t>(1, std::min(g[12], kMaxChannelBlock))) {}
+};
+
+
+// ---------------------------------------------------------------------------------- NCHW
+// For one output row i of one plane, gather every window offset q = (a, b) of every window j into
+// contiguous rows zb[q][j] = lam x (-inf where padded) and xb[q][j] = x (0 where padded), so that
+// the arithmetic below runs over contiguous memory and vectorises. The column strides 1 and 2 get
+// their own instantiations (S > 0): with the stride known the compiler vectorises the loads.
+
+// The windows j in [j0, j1) whose column j * sw + off lies inside [0, W).
+inline void inner_range(int64_t off, int64_t sw, int64_t W, int64_t OW, int64_t& j0, int64_t& j1) {
+  j0 = off < 0 ? (-off + sw - 1) / sw : 0;
+  j1 = W - 1 - off < 0 ? 0 : std::min(OW, (W - 1 - off) / sw + 1);
+  if (j1 < j0) j1 = j0;
+}
+
+template <typename T, int S>
+void gather_cols(const T* __restrict__ src, const T* __restrict__ lr, T* __restrict__ z, T* __restrict__ xv,
+                 int64_t j0, int64_t j1, int64_t sw) {
+  const int64_t st = S > 0 ? S : sw;
+  for (int64_t j = j0; j < j1; ++j) {
+    const T v = src[j * st];
+    xv[j] = v;
+    z[j] = lr[j] * v;
+  }
+}
+
+template <typename T>
+void gather_row(const T* xp, const T* lamrow, const Geo& g, int64_t i, T* zb, T* xb) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t a = 0; a < g.KH; ++a) {
+    const int64_t r = i * g.SH + a - g.PH;
+    const bool row_ok = r >= 0 && r < g.H;
+    for (int64_t b = 0; b < g.KW; ++b) {
+      T* z = zb + (a * g.KW + b) * g.OW;
+      T* xv = xb + (a * g.KW + b) * g.OW;
+      int64_t j0 = 0, j1 = 0;
+      if (row_ok) inner_range(b - g.PW, g.SW, g.W, g.OW, j0, j1);
+      std::fill(z, z + j0, neg_inf);
+      std::fill(xv, xv + j0, T(0));
+      std::fill(z + j1, z + g.OW, neg_inf);
+      std::fill(xv + j1, xv + g.OW, T(0));
+      if (j1 <= j0) continue;
+      const T* src = xp + r * g.W + (b - g.PW);
+      if (g.SW == 1)
+        gather_cols<T, 1>(src, lamrow, z, xv, j0, j1, 1);
+      else if (g.SW == 2)
+        gather_cols<T, 2>(src, lamrow, z, xv, j0, j1, 2);
+      else
+        gather_cols<T, 0>(src, lamrow, z, xv, j0, j1, g.SW);
+    }
+  }
+}
+
+// The transpose of gather_row for one input row: row[j * SW + b - PW] += eb[b][j] for every
+// window j and column offset b. Column c' = c + PW = t * SW + phi receives from b = phi + SW * u,
+// j = t - u; phase sums P_phi[t] are accumulated from contiguous rows of eb, then interleaved into
+// the row (vectorised for SW 1 and 2).
+template <typename T, int S>
+void scatter_phases(T* __restrict__ row, const T* __restrict__ ph, int64_t nt, int64_t W, int64_t PW, int64_t sw) {
+  const int64_t st = S > 0 ? S : sw;
+  // t ranges over full groups of st columns inside [0, W); the partial groups at both ends are scalar.
+  const int64_t t_lo = (PW + st - 1) / st, t_hi = std::min(nt, (W + PW) / st);
+  for (int64_t t = 0; t < std::min(t_lo, nt); ++t)
+    for (int64_t phi = 0; phi < st; ++phi) {
+      const int64_t col = t * st + phi - PW;
+      if (col >= 0 && col < W) row[col] += ph[phi * nt + t];
+    }
+  T* base = row - PW;
+  for (int64_t t = t_lo; t < t_hi; ++t)
+    for (int64_t phi = 0; phi < st; ++phi) base[t * st + phi] += ph[phi * nt + t];
+  for (int64_t t = std::max(t_hi, t_lo); t < nt; ++t)
+    for (int64_t phi = 0; phi < st; ++phi) {
+      const int64_t col = t * st + phi - PW;
+      if (col >= 0 && col < W) row[col] += ph[phi * nt + t];
+    }
+}
+
+template <typename T>
+void scatter_row(T* row, const T* eb, const Geo& g, T* ph) {
+  const int64_t sw = g.SW, nt = g.OW + (g.KW - 1) / sw + 1;  // t = j + u < OW + ceil(KW / SW)
+  std::fill(ph, ph + sw * nt, T(0));
+  for (int64_t b = 0; b < g.KW; ++b) {
+    T* p = ph + (b % sw) * nt + b / sw;  // P_phi[j + u] += eb[b][j]
+    const T* e = eb + b * g.OW;
+    for (int64_t j = 0; j < g.OW; ++j) p[j] += e[j];
+  }
+  if (sw == 1)
+    scatter_phases<T, 1>(row, ph, nt, g.W, g.PW, 1);
+  else if (sw == 2)
+    scatter_phases<T, 2>(row, ph, nt, g.W, g.PW, 2);
+  else
+    scatter_phases<T, 0>(row, ph, nt, g.W, g.PW, sw);
+}
+
+// e (in place of zb) and S for one gathered row; returns through s.
+template <typename T>
+void weights_row(int64_t K, int64_t OW, T* __restrict__ zb, T* __restrict__ m, T* __restrict__ s) {
+  std::copy(zb, zb + OW, m);
+  for (int64_t q = 1; q < K; ++q) {
+    const T* z = zb + q * OW;
+    for (int64_t j = 0; j < OW; ++j) m[j] = z[j] > m[j] ? z[j] : m[j];
+  }
+  std::fill(s, s + OW, T(0));
+  for (int64_t q = 0; q < K; ++q) {
+    T* z = zb + q * OW;
+    for (int64_t j = 0; j < OW; ++j) {
+      z[j] = exp_nonpos(z[j] - m[j]);
+      s[j] += z[j];
+    }
+  }
+}
+
+template <typename T>
+void lam_row(const T* lam, const int64_t* ls, int64_t n, int64_t c, int64_t i, int64_t OW, T* out) {
+  const T* base = lam + n * ls[0] + c * ls[1] + i * ls[2];
+  for (int64_t j = 0; j < OW; ++j) out[j] = base[j * ls[3]];
+}
+
+template <typename T>
+void forward_nchw(const T* x, const T* lam, T* y, const Geo& g, const int64_t* ls, int64_t t0, int64_t t1) {
+  const int64_t K = g.KH * g.KW;
+  std::vector<T> buf((2 * K + 4) * g.OW);
+  T *zb = buf.data(), *xb = zb + K * g.OW, *m = xb + K * g.OW, *s = m + g.OW, *acc = s + g.OW, *lr = acc + g.OW;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / g.C, c = t % g.C;
+    const T* xp = x + t * g.H * g.W;
+    T* yp = y + t * g.OH * g.OW;
+    for (int64_t i = 0; i < g.OH; ++i) {
+      lam_row(lam, ls, n, c, i, g.OW, lr);
+      gather_row(xp, lr, g, i, zb, xb);
+      weights_row(K, g.OW, zb, m, s);
+      std::fill(acc, acc + g.OW, T(0));
+      for (int64_t q = 0; q < K; ++q) {
+        const T *e = zb + q * g.OW, *xv = xb + q * g.OW;
+        for (int64_t j = 0; j < g.OW; ++j) acc[j] += e[j] * xv[j];
+      }
+      for (int64_t j = 0; j < g.OW; ++j) yp[i * g.OW + j] = acc[j] / s[j];
+    }
+  }
+}
+
+// gl: per-window dL/dlam through strides gs (per_window) or one sum per (n, c) plane (gl[n*C + c]).
+template <typename T>
+void backward_nchw(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* gl, const Geo& g, const int64_t* ls,
+                   const int64_t* gs, bool per_window, int64_t t0, int64_t t1) {
+  const int64_t K = g.KH * g.KW;
+  const int64_t nph = g.SW * (g.OW + (g.KW - 1) / g.SW + 1);  // scatter_row's phase sums
+  std::vector<T> buf((2 * K + 5) * g.OW + nph);
+  T *zb = buf.data(), *xb = zb + K * g.OW, *m = xb + K * g.OW, *s = m + g.OW, *v = s + g.OW, *lr = v + g.OW,
+    *gp = lr + g.OW, *ph = gp + g.OW;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / g.C, c = t % g.C;
+    const T* xp = x + t * g.H * g.W;
+    const T* yp = y + t * g.OH * g.OW;
+    const T* gyp = gy + t * g.OH * g.OW;
+    T* gxp = gx + t * g.H * g.W;
+    std::fill(gxp, gxp + g.H * g.W, T(0));
+    double plane = 0.0;
+    for (int64_t i = 0; i < g.OH; ++i) {
+      lam_row(lam, ls, n, c, i, g.OW, lr);
+      gather_row(xp, lr, g, i, zb, xb);
+      weights_row(K, g.OW, zb, m, s);
+      const T* yr = yp + i * g.OW;
+      for (int64_t j = 0; j < g.OW; ++j) gp[j] = gyp[i * g.OW + j] / s[j];  // g / S
+      std::fill(v, v + g.OW, T(0));
+      for (int64_t q = 0; q < K; ++q) {
+        T *e = zb + q * g.OW, *xv = xb + q * g.OW;
+        for (int64_t j = 0; j < g.OW; ++j) {
+          const T d = xv[j] - yr[j];       // x_i - y (padded: e = 0, so no contribution)
+          const T w = gp[j] * e[j];        // g p_i
+          v[j] += w * d * d;
+          e[j] = w * (T(1) + lr[j] * d);   // dL/dx_i from this window, scattered below
+        }
+      }
+      for (int64_t a = 0; a < g.KH; ++a) {
+        const int64_t r = i * g.SH + a - g.PH;
+        if (r >= 0 && r < g.H) scatter_row(gxp + r * g.W, zb + a * g.KW * g.OW, g, ph);
+      }
+      if (per_window) {
+        T* out = gl + n * gs[0] + c * gs[1] + i * gs[2];
+        for (int64_t j = 0; j < g.OW; ++j) out[j * gs[3]] = v[j];
+      } else {
+        for (int64_t j = 0; j < g.OW; ++j) plane += v[j];
+      }
+    }
+    if (!per_window) gl[t] = static_cast<T>(plane);
+  }
+}
+
+// ---------------------------------------------------------------------------------- NHWC
+// One task = (n, block of channels [c0, c0 + L)); tasks own disjoint channels, so backward's
+// scatter never races. Channels are contiguous in memory: each window is computed V channels at a
+// time, V fixed at compile time (so the per-channel state lives in vector registers) and a
+// run-time V for the block's tail.
+template <typename T>
+void lam_block(const T* lam, const int64_t* ls, int64_t n, int64_t c0, int64_t L, int64_t i, int64_t j, T* out) {
+  const T* base = lam + n * ls[0] + c0 * ls[1] + i * ls[2] + j * ls[3];
+  for (int64_t c = 0; c < L; ++c) out[c] = base[c * ls[1]];
+}
+
+// Pointers to channel c0 of every valid position of window (i, j); returns how many.
+template <typename T>
+int64_t window_offsets(const T* base, const Geo& g, int64_t i, int64_t j, int64_t* off) {
+  int64_t nq = 0;
+  for (int64_t a = 0; a < g.KH; ++a) {
+    const int64_t r = i * g.SH + a - g.PH;
+    if (r < 0 || r >= g.H) continue;
+    for (int64_t b = 0; b < g.KW; ++b) {
+      const int64_t col = j * g.SW + b - g.PW;
+      if (col >= 0 && col < g.W) off[nq++] = (r * g.W + col) * g.C;
+    }
+  }
+  return nq;
+}
+
+// Forward of one window for V channels (VT > 0: V = VT fixed; VT = 0: V = vn at run time).
+template <typename T, int VT>
+inline void window_forward(const T* __restrict__ xc, const int64_t* off, int64_t nq, const T* __restrict__ lb,
+                           T* __restrict__ out, int64_t vn) {
+  constexpr int64_t kMax = VT > 0 ? VT : 16;
+  const int64_t V = VT > 0 ? VT : vn;
+  T m[kMax], s[kMax], acc[kMax];
+  for (int64_t v = 0; v < V; ++v) m[v] = lb[v] * xc[off[0] + v];
+  for (int64_t q = 1; q < nq; ++q)
+    for (int64_t v = 0; v < V; ++v) {
+      const T z = lb[v] * xc[off[q] + v];
+      m[v] = z > m[v] ? z : m[v];
+    }
+  for (int64_t v = 0; v < V; ++v) s[v] = acc[v] = T(0);
+  for (int64_t q = 0; q < nq; ++q)
+    for (int64_t v = 0; v < V; ++v) {
+      const T xv = xc[off[q] + v];
+      const T e = exp_nonpos(lb[v] * xv - m[v]);
+      s[v] += e;
+      acc[v] += e * xv;
+    }
+  for (int64_t v = 0; v < V; ++v) out[v] = acc[v] / s[v];
+}
+
+// Backward of one window for V channels: gx += dL/dx, v_out = g sum_i p_i (x_i - y)^2.
+template <typename T, int VT>
+inline void window_backward(const T* __restrict__ xc, T* __restrict__ gxc, const int64_t* off, int64_t nq,
+                            const T* __restrict__ lb, const T* __restrict__ yv, const T* __restrict__ gv,
+                            T* __restrict__ eb, T* __restrict__ v_out, int64_t vn) {
+  constexpr int64_t kMax = VT > 0 ? VT : 16;
+  const int64_t V = VT > 0 ? VT : vn;
+  T m[kMax], s[kMax], gp[kMax], vv[kMax];
+  for (int64_t v = 0; v < V; ++v) m[v] = lb[v] * xc[off[0] + v];
+  for (int64_t q = 1; q < nq; ++q)
+    for (int64_t v = 0; v < V; ++v) {
+      const T z = lb[v] * xc[off[q] + v];
+      m[v] = z > m[v] ? z : m[v];
+    }
+  for (int64_t v = 0; v < V; ++v) s[v] = T(0);
+  for (int64_t q = 0; q < nq; ++q)
+    for (int64_t v = 0; v < V; ++v) {
+      const T e = exp_nonpos(lb[v] * xc[off[q] + v] - m[v]);
+      eb[q * kMax + v] = e;
+      s[v] += e;
+    }
+  for (int64_t v = 0; v < V; ++v) {
+    gp[v] = gv[v] / s[v];  // g / S
+    vv[v] = T(0);
+  }
+  for (int64_t q = 0; q < nq; ++q)
+    for (int64_t v = 0; v < V; ++v) {
+      const T d = xc[off[q] + v] - yv[v];  // x_i - y
+      const T w = gp[v] * eb[q * kMax + v];  // g p_i
+      vv[v] += w * d * d;
+      gxc[off[q] + v] += w * (T(1) + lb[v] * d);
+    }
+  for (int64_t v = 0; v < V; ++v) v_out[v] = vv[v];
+}
+
+template <typename T>
+constexpr int kVec = 64 / sizeof(T);  // channels per fixed-width chunk: 64 bytes
+
+template <typename T>
+void forward_nhwc(const T* x, const T* lam, T* y, const Geo& g, const int64_t* ls, int64_t t0, int64_t t1) {
+  constexpr int V = kVec<T>;
+  const int64_t nb = (g.C + g.CB - 1) / g.CB;
+  std::vector<int64_t> off(g.KH * g.KW);
+  std::vector<T> lb(g.CB);
+  const bool lam_per_window = ls[2] != 0 || ls[3] != 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / nb, c0 = (t % nb) * g.CB, L = std::min(g.CB, g.C - c0);
+    const T* xn = x + n * g.H * g.W * g.C + c0;
+    if (!lam_per_window) lam_block(lam, ls, n, c0, L, 0, 0, lb.data());
+    for (int64_t i = 0; i < g.OH; ++i) {
+      for (int64_t j = 0; j < g.OW; ++j) {
+        if (lam_per_window) lam_block(lam, ls, n, c0, L, i, j, lb.data());
+        const int64_t nq = window_offsets(xn, g, i, j, off.data());
+        T* out = y + ((n * g.OH + i) * g.OW + j) * g.C + c0;
+        int64_t c = 0;
+        for (; c + V <= L; c += V) window_forward<T, V>(xn + c, off.data(), nq, lb.data() + c, out + c, V);
+        if (c < L) window_forward<T, 0>(xn + c, off.data(), nq, lb.data() + c, out + c, L - c);
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_nhwc(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* gl, const Geo& g, const int64_t* ls,
+                   const int64_t* gs, bool per_window, int64_t t0, int64_t t1) {
+  constexpr int V = kVec<T>;
+  constexpr int64_t kMax = V > 16 ? V : 16;  // the eb row length window_backward uses for either width
+  const int64_t K = g.KH * g.KW, nb = (g.C + g.CB - 1) / g.CB;
+  std::vector<int64_t> off(K);
+  std::vector<T> lb(g.CB), vrow(g.CB), eb(K * kMax);
+  std::vector<double> plane(g.CB);
+  const bool lam_per_window = ls[2] != 0 || ls[3] != 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / nb, c0 = (t % nb) * g.CB, L = std::min(g.CB, g.C - c0);
+    const T* xn = x + n * g.H * g.W * g.C + c0;
+    T* gxn = gx + n * g.H * g.W * g.C + c0;
+    for (int64_t p = 0; p < g.H * g.W; ++p) std::fill_n(gxn + p * g.C, L, T(0));
+    std::fill(plane.begin(), plane.end(), 0.0);
+    if (!lam_per_window) lam_block(lam, ls, n, c0, L, 0, 0, lb.data());
+    for (int64_t i = 0; i < g.OH; ++i) {
+      for (int64_t j = 0; j < g.OW; ++j) {
+        if (lam_per_window) lam_block(lam, ls, n, c0, L, i, j, lb.data());
+        const int64_t nq = window_offsets(xn, g, i, j, off.data());
+        const int64_t o = ((n * g.OH + i) * g.OW + j) * g.C + c0;
+        int64_t c = 0;
+        for (; c + V <= L; c += V)
+          window_backward<T, V>(xn + c, gxn + c, off.data(), nq, lb.data() + c, y + o + c, gy + o + c, eb.data(),
+                                vrow.data() + c, V);
+        if (c < L)
+          window_backward<T, 0>(xn + c, gxn + c, off.data(), nq, lb.data() + c, y + o + c, gy + o + c, eb.data(),
+                                vrow.data() + c, L - c);
+        if (per_window) {
+          T* out = gl + n * gs[0] + c0 * gs[1] + i * gs[2] + j * gs[3];
+          for (int64_t cc = 0; cc < L; ++cc) out[cc * gs[1]] = vrow[cc];
+        } else {
+          for (int64_t cc = 0; cc < L; ++cc) plane[cc] += vrow[cc];
+        }
+      }
+    }
+    if (!per_window)
+      for (int64_t cc = 0; cc < L; ++cc) gl[n * g.C + c0 + cc] = static_cast<T>(plane[cc]);
+  }
+}
+
+int64_t num_tasks(const Geo& g, int nhwc) {
+  return nhwc ? g.N * ((g.C + g.CB - 1) / g.CB) : g.N * g.C;
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t gfgp_maxent_num_tasks(const int64_t* geo, int nhwc) { return num_tasks(Geo(geo), nhwc); }
+
+#define GFGP_DEFINE(T, SUFFIX)                                                                                 \
+  void gfgp_maxent_forward_##SUFFIX(const T* x, const T* lam, T* y, const int64_t* geo, const int64_t* ls,     \
+                                    int nhwc, int64_t t0, int64_t t1) {                                        \
+    const Geo g(geo);                                                                                          \
+    if (nhwc)                                                                                                  \
+      forward_nhwc<T>(x, lam, y, g, ls, t0, t1);                                                               \
+    else                                                                                                       \
+      forward_nchw<T>(x, lam, y, g, ls, t0, t1);                                                               \
+  }                                                                                                            \
+  void gfgp_maxent_backward_##SUFFIX(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* gl,          \
+                                     const int64_t* geo, const int64_t* ls, const int64_t* gs, int per_window, \
+                                     int nhwc, int64_t t0, int64_t t1) {                                       \
+    const Geo g(geo);                                                                                          \
+    if (nhwc)                                                                                                  \
+      backward_nhwc<T>(x, lam, y, gy, gx, gl, g, ls, gs, per_window != 0, t0, t1);                             \
+    else                                                                                                       \
+      backward_nchw<T>(x, lam, y, gy, gx, gl, g, ls, gs, per_window != 0, t0, t1);                             \
+  }
+
+GFGP_DEFINE(float, f32)
+GFGP_DEFINE(double, f64)
+
+}  // extern "C"
