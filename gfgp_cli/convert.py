@@ -28,7 +28,9 @@ from torch import nn
 import graph_passes
 
 from .errors import BadInputError
-from .nn import GFGPPool2d, MaxEntPool2d
+from graph_passes.insert import insert_before_pools
+
+from .nn import COMPARISON_MODULES, GFGPPool2d, MaxEntPool2d
 
 __all__ = ["convert", "convert_with_report", "build_from_spec", "register_pool", "POOLS", "ConversionReport",
            "list_model_names", "default_image_size"]
@@ -36,7 +38,7 @@ __all__ = ["convert", "convert_with_report", "build_from_spec", "register_pool",
 PoolFactory = Callable[[graph_passes.Site], Optional[nn.Module]]
 
 # The pooling layers stay one node when a converted model is traced again (re-conversion, export).
-for _layer in (GFGPPool2d, MaxEntPool2d):
+for _layer in (GFGPPool2d, MaxEntPool2d, *COMPARISON_MODULES.values()):
     graph_passes.register_leaf_module(_layer)
 
 # Mapping from pool name to a function (activation) -> factory(site) -> module or None (keep).
@@ -203,6 +205,7 @@ def convert_with_report(
     activation: str = "sigmoid",
     include_patch_embed: bool = False,
     image_size: Optional[int] = None,
+    comparison: Optional[str] = None,
     measure: bool = False,
     **model_kwargs: Any,
 ) -> tuple:
@@ -214,6 +217,8 @@ def convert_with_report(
     """
     if placement not in PLACEMENTS:
         raise _unknown("placement", placement, list(PLACEMENTS))
+    if comparison is not None and comparison not in COMPARISON_MODULES:
+        raise _unknown("comparison module", comparison, sorted(COMPARISON_MODULES))
     if isinstance(pool, str):
         if pool not in POOLS:
             raise _unknown("pool", pool, sorted(POOLS))
@@ -232,8 +237,13 @@ def convert_with_report(
 
     start = time.perf_counter()
     gm, record = graph_passes.pipeline(
-        original, example, placement=placement, factory=factory, include_patch_embed=include_patch_embed
+        original, example, placement=placement, factory=None if comparison else factory,
+        include_patch_embed=include_patch_embed,
     )
+    if comparison:  # PAPER.md section 4: a block in front of each max/avg pool, then the pools
+        block = COMPARISON_MODULES[comparison]
+        gm = insert_before_pools(gm, lambda site: block(site.channels), comparison, example_input=example)
+        gm = graph_passes.replace_pools(gm, factory, example_input=example)
     seconds = time.perf_counter() - start
 
     before = dict(original.state_dict())
@@ -246,6 +256,7 @@ def convert_with_report(
         "activation": activation,
         "include_patch_embed": include_patch_embed,
         "image_size": size,
+        "comparison": comparison,
         "sites": [asdict(s) for s in record.sites],
     }
     if isinstance(pool, str):
@@ -290,7 +301,9 @@ def convert(model: Union[str, nn.Module], pool: Union[str, PoolFactory] = "gfgp"
             ``"exact"`` (pools move only where the output is unchanged) or ``"local"``.
         options: ``weights`` (torchvision weights name or state_dict file), ``activation``
             (``"sigmoid"`` or ``"softplus"``), ``include_patch_embed``, ``image_size`` (of the
-            example used for shapes), and torchvision constructor kwargs.
+            example used for shapes), ``comparison`` (``"nin"``, ``"resnin"`` or ``"se"``: insert
+            that block before each max/avg pool, PAPER.md section 4; use with ``pool="skip"`` to
+            keep the pools), and torchvision constructor kwargs.
 
     Returns:
         torch.fx.GraphModule in training mode whose unchanged layers keep their qualified names
@@ -318,6 +331,7 @@ def build_from_spec(spec: Dict[str, Any], module: Optional[nn.Module] = None) ->
         options = dict(
             pool=spec["pool"], placement=spec["placement"], activation=spec.get("activation", "sigmoid"),
             include_patch_embed=spec.get("include_patch_embed", False), image_size=spec.get("image_size"),
+            comparison=spec.get("comparison"),
         )
         kind = source["kind"]
     except (KeyError, TypeError) as e:

@@ -246,3 +246,26 @@ def test_pickle_that_runs_code_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="would run code"):
         gfgp_cli.load(path)
     assert "code ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("comparison,cls", [("nin", "NiNBlock"), ("resnin", "ResNiNBlock"), ("se", "SEBlock")])
+def test_comparison_modules_match_gfgp_parameters_and_sit_before_each_maxpool(comparison, cls):
+    """PAPER.md section 4: same extra parameters as the GFGP conversion; max-pools stay."""
+    import gfgp_cli.nn as gnn
+
+    gfgp = convert("vgg11_bn", image_size=64)
+    model = convert("vgg11_bn", pool="skip", comparison=comparison, image_size=64)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in gfgp.parameters())
+    blocks = [n for n, m in model.named_modules() if isinstance(m, getattr(gnn, cls))]
+    assert len(blocks) == 5 and blocks[0] == f"features.{comparison}"
+    order = [n.target for n in model.graph.nodes if n.op == "call_module"]
+    for b in blocks:  # each block feeds a max-pool
+        assert isinstance(model.get_submodule(order[order.index(b) + 1]), nn.MaxPool2d)
+    model.eval()(torch.randn(1, 3, 64, 64))
+
+
+def test_cli_convert_module_keeps_maxpools(tmp_path):
+    result = _run("convert", "vgg11_bn", "--module", "se", "--image-size", "64", "--out", str(tmp_path / "v.pt"))
+    assert result.exit_code == 0, result.output
+    loaded = gfgp_cli.load(tmp_path / "v.pt")
+    assert sum(isinstance(m, nn.MaxPool2d) for m in loaded.modules()) == 5

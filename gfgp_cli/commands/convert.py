@@ -10,7 +10,7 @@ _POOLS = ["gfgp", "maxent", "max", "avg", "skip"]
 @click.command("convert")
 @click.argument("model")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Checkpoint to write (its folder is created).")
-@click.option("--pool", type=click.Choice(_POOLS), default="gfgp", show_default=True, help="Pooling that replaces the downsampling sites.")
+@click.option("--pool", type=click.Choice(_POOLS), default=None, help="Pooling that replaces the downsampling sites [default: gfgp; skip with --module].")
 @click.option("--placement", type=click.Choice(["paper", "exact", "local"]), default="paper", show_default=True,
               help="paper: official layouts; exact: move pools only where the output is unchanged; local: no moves.")
 @click.option("--activation", type=click.Choice(["sigmoid", "softplus"]), default="sigmoid", show_default=True,
@@ -18,11 +18,14 @@ _POOLS = ["gfgp", "maxent", "max", "avg", "skip"]
 @click.option("--weights", default=None, help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...; downloads) or a local state_dict file.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier outputs (torchvision constructor argument).")
 @click.option("--image-size", type=click.IntRange(min=8), default=None, help="Input size of the example used for shapes and MACs [default: 224; inception_v3 299].")
+@click.option("--module", "comparison", type=click.Choice(["nin", "resnin", "se"]), default=None,
+              help="Insert this comparison block (GFGP's parameter count) before each max/avg pool, which stays.")
 @click.option("--include-patch-embed", is_flag=True, help="Also convert patch-embedding convs (kernel == stride >= 4).")
 @click.option("--dry-run", is_flag=True, help="Convert and report, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
-def convert_cmd(model, out, pool, placement, activation, weights, num_classes, image_size, include_patch_embed, dry_run, as_json, force):
+def convert_cmd(model, out, pool, placement, activation, weights, num_classes, image_size, comparison, include_patch_embed,
+                dry_run, as_json, force):
     """Convert MODEL (a torchvision model name) to GFGP pooling and write a checkpoint.
 
     Finds the strided convolutions and pooling layers, splits each strided conv into a stride-1
@@ -35,14 +38,16 @@ def convert_cmd(model, out, pool, placement, activation, weights, num_classes, i
       gfgp convert resnet50 --out resnet50-gfgp.pt
       gfgp convert vgg16_bn --pool maxent --num-classes 10 --out vgg.pt
       gfgp convert resnet18 --placement exact --dry-run --json
+      gfgp convert vgg16_bn --module se --out vgg-se.pt
     """
     from ..convert import convert_to_file
     from ..reports import render_conversion
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    pool = pool or ("skip" if comparison else "gfgp")
     report = convert_to_file(
         model, out, force=force, dry_run=dry_run, pool=pool, placement=placement, activation=activation,
-        weights=weights, image_size=image_size, include_patch_embed=include_patch_embed, **kwargs,
+        weights=weights, image_size=image_size, comparison=comparison, include_patch_embed=include_patch_embed, **kwargs,
     )
     render_conversion(report, out=None if dry_run else out, as_json=as_json)
 
