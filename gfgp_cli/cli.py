@@ -66,16 +66,26 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    """Attach every command module's commands (each module exports ``COMMANDS``)."""
+    """Attach every command module's commands.
+
+    Each module exports ``COMMANDS`` (top-level commands and groups) and may export
+    ``SUBCOMMANDS``, a mapping from a group's name to commands to add to that group (so that
+    ``gfgp bench export`` lives next to the export code).
+    """
     import importlib
     import pkgutil
 
     from . import commands
 
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+    modules = [importlib.import_module(f"{commands.__name__}.{info.name}")
+               for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name)]
+    for module in modules:
         for command in getattr(module, "COMMANDS", ()):
             cli.add_command(command)
+    for module in modules:
+        for group, subcommands in getattr(module, "SUBCOMMANDS", {}).items():
+            for command in subcommands:
+                cli.commands[group].add_command(command)
 
 
 _register()
