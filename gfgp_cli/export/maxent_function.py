@@ -12,20 +12,26 @@ with no plugin. The body is generic in the attributes and in the input size (it 
 time through attribute references and ``Shape``), so one function serves every pool of a model.
 
 The body is the op's definition (PAPER.md section 1), computed the way the reference kernel in
-``gfgp_cli/ops/maxent_pool.py`` computes it:
+``gfgp_cli/ops`` computes it:
 
 1. output size by PyTorch's rule (``pool_output_size``; ceil mode drops a last window that would
    start in the end padding);
-2. the windows are gathered explicitly ("unfold" as one ``Gather`` of flat indices into the
-   zero-padded map): Xw is Tensor[N, C, kh*kw, out_h, out_w], exact (a copy, no arithmetic);
-3. a validity mask from the same index arithmetic marks padded positions, which get
-   ``lam * x = -inf`` and so weight exactly 0;
-4. ``m`` = the window's true maximum of ``lam * x`` over valid positions (each window has at least
+2. the windows are gathered explicitly ("unfold" as one ``Gather`` of flat indices into X):
+   Xw is Tensor[N, C, kh*kw, out_h, out_w], an exact copy; a tap in the padding reads a clamped
+   real position instead (no ``Pad`` copy of the input);
+3. the validity of each tap comes from the same index arithmetic: padded taps get
+   ``lam * x = -inf`` and so weight exactly 0 (an ``If`` skips this full-size ``Add`` for pools
+   that have no padded tap, the common case);
+4. ``m`` = the window's true maximum of ``lam * x`` over valid taps (each window has at least
    one), ``e = exp(lam x - m)`` (never overflows, and the window sum is >= 1: no 0/0), and
    ``y = sum(e x) / sum(e)``.
 
 Because lam multiplies the gathered windows, every lam shape, including one lam per output
-window, gets its own per-window shift.
+window, gets its own per-window shift. Why ``Gather`` and not the faster unfold by a depthwise
+``Conv`` with one-hot kernels: that is exact on the CPU, but onnxruntime's CUDA provider runs fp32
+convolutions in TF32 by default (``use_tf32``), which would round the selected values; the
+tap-major layout [N, C, K, oh, ow] also keeps every broadcast and reduction on long contiguous
+spans, which measured faster in onnxruntime than reshaping X into [N, C, oh, kh, ow, kw].
 """
 
 from __future__ import annotations
@@ -105,42 +111,52 @@ def maxent_pool2d_function(opset: int) -> FunctionProto:
     starts_in_end_pad = b("Cast", b("GreaterOrEqual", last_start, b("Add", hw, p_begin)), to=i64)
     out = b("Sub", out, b("Mul", starts_in_end_pad, ceil))  # [out_h, out_w]
 
-    # --- 2. zero-pad so that every window lies inside, then gather the windows by flat index
-    reach = b("Add", b("Mul", b("Sub", out, one), s), k)  # padded extent the windows read
-    end_pad = b("Max", b("Sub", b("Sub", reach, hw), p_begin), zero1)
-    x_pads = b("Concat", zero1, zero1, p_begin, zero1, zero1, end_pad, axis=0)
-    xp = b("Pad", "X", x_pads)
-    padded_w = b("Gather", b("Add", b("Add", hw, p_begin), end_pad), one)  # scalar Wp
-
+    # --- 2. gather the windows from X by flat index: Xw is Tensor[N, C, kh*kw, out_h, out_w]
     def scalar(vec: str, i: str) -> str:
         return b("Gather", vec, i)
 
     kh, kw, sh, sw = scalar(k, zero), scalar(k, one), scalar(s, zero), scalar(s, one)
     out_h, out_w = scalar(out, zero), scalar(out, one)
-    # padded row of (tap i, output row o) = i + o * sh: Tensor[kh, out_h]; columns alike.
-    rows = b("Add", b("Unsqueeze", b("Range", zero, kh, one), one1),
-             b("Unsqueeze", b("Mul", b("Range", zero, out_h, one), sh), zero1))
-    cols = b("Add", b("Unsqueeze", b("Range", zero, kw, one), one1),
-             b("Unsqueeze", b("Mul", b("Range", zero, out_w, one), sw), zero1))
-    rows4 = b("Unsqueeze", rows, b.ints(1, 3))  # [kh, 1, out_h, 1]
-    cols4 = b("Unsqueeze", cols, b.ints(0, 2))  # [1, kw, 1, out_w]
+    height, width = scalar(hw, zero), scalar(hw, one)
+
+    def taps(kernel: str, stride: str, n_out: str, begin: str) -> str:
+        """Input row (column) read by tap i of output o: i + o * stride - begin, Tensor[k, n_out]."""
+        tap = b("Unsqueeze", b("Range", zero, kernel, one), one1)
+        start = b("Unsqueeze", b("Sub", b("Mul", b("Range", zero, n_out, one), stride), begin), zero1)
+        return b("Add", tap, start)
+
+    rows = b("Unsqueeze", taps(kh, sh, out_h, scalar(p_begin, zero)), b.ints(1, 3))  # [kh, 1, out_h, 1]
+    cols = b("Unsqueeze", taps(kw, sw, out_w, scalar(p_begin, one)), b.ints(0, 2))  # [1, kw, 1, out_w]
     window_shape = b("Concat", b.ints(-1), out, axis=0)  # [kh*kw, out_h, out_w]
-    flat = b("Reshape", b("Add", b("Mul", rows4, padded_w), cols4), window_shape)
-    xw = b("Gather", b("Reshape", xp, b.ints(0, 0, -1)), flat, axis=2)  # [N, C, K, out_h, out_w]
+    # Taps in the padding read a clamped (real, finite) position; step 3 gives them weight 0.
+    # Reading X in place, without a Pad, saves a copy of the input.
+    row_at = b("Clip", rows, zero, b("Sub", height, one))
+    col_at = b("Clip", cols, zero, b("Sub", width, one))
+    flat = b("Reshape", b("Add", b("Mul", row_at, width), col_at), window_shape)
+    xw = b("Gather", b("Reshape", "X", b.ints(0, 0, -1)), flat, axis=2)
 
-    # --- 3. valid (non-padded) taps, from the same index arithmetic
-    def inside(idx: str, begin: str, size: str) -> str:
-        return b("And", b("GreaterOrEqual", idx, begin), b("Less", idx, b("Add", begin, size)))
+    # --- 3. valid (non-padded) taps, from the same index arithmetic; the others get lam*x = -inf
+    def inside(idx: str, size: str) -> str:
+        return b("And", b("GreaterOrEqual", idx, zero), b("Less", idx, size))
 
-    row_ok = inside(rows4, scalar(p_begin, zero), scalar(hw, zero))
-    col_ok = inside(cols4, scalar(p_begin, one), scalar(hw, one))
-    valid = b("Reshape", b("And", row_ok, col_ok), window_shape)  # [K, out_h, out_w] bool
-
-    # --- 4. softmax(lam x) weighted mean, shifted by the window max over valid taps
+    valid = b("Reshape", b("And", inside(rows, height), inside(cols, width)), window_shape)  # [K, oh, ow]
     axis2 = b.ints(2)
     z = b("Mul", xw, b("Unsqueeze", "LAM", axis2))
     neg_inf = b("CastLike", b("Constant", value=helper.make_tensor("neg_inf", TensorProto.FLOAT, [], [float("-inf")])), "X")
-    z = b("Where", valid, z, neg_inf)
+    zero_t = b("CastLike", b("Constant", value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])), "X")
+    mask_bias = b("Where", valid, zero_t, neg_inf)  # Tensor[K, out_h, out_w]: 0 or -inf
+    # Most pools (no padding, no ceil-mode overhang) have no padded tap: skip the full-size Add.
+    has_padded_tap = b("Not", b("Cast", b("ReduceMin", b("Cast", valid, to=i64), keepdims=0), to=TensorProto.BOOL))
+    z_masked = f"{z}_masked"
+    then_branch = helper.make_graph(
+        [helper.make_node("Add", [z, mask_bias], [z_masked])], "padded_taps", [], [helper.make_value_info(z_masked, onnx.TypeProto())]
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", [z], [f"{z}_kept"])], "no_padded_tap", [], [helper.make_value_info(f"{z}_kept", onnx.TypeProto())]
+    )
+    z = b("If", has_padded_tap, then_branch=then_branch, else_branch=else_branch)
+
+    # --- 4. softmax(lam x) weighted mean, shifted by the window max over valid taps
     m = b("ReduceMax", z, axis2, keepdims=1)
     e = b("Exp", b("Sub", z, m))  # padded taps: exp(-inf) = 0
     num = b("ReduceSum", b("Mul", e, xw), axis2, keepdims=0)

@@ -29,13 +29,20 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def test_export_end_to_end_json(checkpoints, tmp_path):
-    out = tmp_path / "sub" / "r18.onnx"
-    result = invoke("export", checkpoints["resnet18"], "--onnx", out, "--image-size", 64, "--json")
+@pytest.mark.parametrize(
+    "name, layers",
+    [
+        ("squeezenet1_1", 4),  # the three fire max-pools and the stem max-pool
+        pytest.param("resnet18", 5, marks=pytest.mark.slow),  # PAPER.md section 3: stem 2x2 + 3x3, one per stage
+    ],
+)
+def test_export_end_to_end_json(checkpoints, tmp_path, name, layers):
+    out = tmp_path / "sub" / f"{name}.onnx"
+    result = invoke("export", checkpoints[name], "--onnx", out, "--image-size", 64, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    gfgp_layers = sum(isinstance(m, GFGPPool2d) for m in load(checkpoints["resnet18"]).modules())
-    assert gfgp_layers == 5  # PAPER.md section 3: stem 2x2 and 3x3, one after layer2/3/4's first block
+    gfgp_layers = sum(isinstance(m, GFGPPool2d) for m in load(checkpoints[name]).modules())
+    assert gfgp_layers == layers
     assert report["custom_nodes"] == report["maxent_layers"] == gfgp_layers
     assert sum(n.domain == DOMAIN for n in onnx.load(out).graph.node) == gfgp_layers
     assert report["passed"] is True and report["provider"] == "CPUExecutionProvider"
