@@ -52,4 +52,31 @@ def bench_pool_command(device, repeats, dtype, cases, channels_last, reference, 
     print_pool_report(result, as_json)
 
 
+@bench.command("model")
+@click.argument("model")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=2), help="Images per training step.")
+@click.option("--image-size", default=None, type=click.IntRange(min=8),
+              help="Input height and width [default: the model's, 224; inception_v3 299].")
+@click.option("--device", default="cpu", show_default=True, help="Device to run on, e.g. cpu or cuda.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed steps per model.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench_model_command(model, batch_size, image_size, device, repeats, as_json) -> None:
+    """Time a training step of MODEL converted to GFGP against the original torchvision MODEL.
+
+    Step = forward + backward + SGD step on one random batch; medians of interleaved runs. Also
+    prints the MACs ratio (torch.utils.flop_counter) and time ratio / MACs ratio.
+
+    \b
+    Examples:
+      gfgp bench model resnet50
+      gfgp bench model resnet50 --device cuda --batch-size 64 --json
+      gfgp bench model resnet18 --batch-size 4 --image-size 112 --repeats 3
+    """
+    from ..bench.model import bench_model
+    from ..bench.report import print_model_report
+
+    result = bench_model(model, batch_size=batch_size, image_size=image_size, device=device, repeats=repeats)
+    print_model_report(result, as_json)
+
+
 COMMANDS = [bench]

@@ -1,0 +1,89 @@
+"""``gfgp bench model``: a training step of a converted model against the original, side by side.
+
+Both models are built the same way (torchvision, ``weights=None``), put in training mode on the
+chosen device with an SGD optimizer (momentum 0.9, as the paper's recipes), and timed
+interleaved (:func:`~gfgp_cli.bench.timing.interleaved_medians`) on one random batch:
+``zero_grad; cross_entropy(model(x), y).backward(); step``. MACs are counted for one image with
+``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2; convolutions and matmuls, the pooling op
+itself is not counted). The interesting number is time ratio / MACs ratio: how much the
+converted model costs beyond the convolutions it runs at full resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .timing import describe_device, device_sync, interleaved_medians
+
+__all__ = ["bench_model"]
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_model(
+    model: str,
+    batch_size: int = 8,
+    image_size: Optional[int] = None,
+    device: str = "cpu",
+    repeats: int = 5,
+    pool: str = "gfgp",
+    seed: int = 0,
+) -> dict:
+    """Training-step time and MACs of ``convert(model, pool)`` and of the original; a JSON-able dict.
+
+    Rows: the original model, then the converted one, each with parameters, MACs per image and
+    the median step time; ratios are converted / original.
+    """
+    import torchvision
+
+    from ..convert import _macs, convert_with_report, default_image_size
+
+    if batch_size < 2:
+        raise ValueError(f"batch-size must be >= 2 (BatchNorm in training mode needs more than one sample), got {batch_size}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is available; use --device cpu")
+    size = image_size or default_image_size(model)
+    torch.manual_seed(seed)
+    converted, report = convert_with_report(model, pool, image_size=size)
+    original = torchvision.models.get_model(model, weights=None)
+    models = {model: original, f"{model} ({report.pool})": converted}
+
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    macs = {name: _macs(m.eval(), example) for name, m in models.items()}
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch_size, 3, size, size, generator=gen).to(dev)
+    num_classes = original(example).shape[1]
+    y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
+    steps = {name: _train_step(m.to(dev).train(), x, y) for name, m in models.items()}
+    times = interleaved_medians(steps, repeats, warmup=2, sync=device_sync(dev))
+
+    base = model
+    rows = []
+    for name, m in models.items():
+        macs_ratio = macs[name] / macs[base]
+        time_ratio = times[name] / times[base]
+        rows.append({
+            "model": name, "params": sum(p.numel() for p in m.parameters()), "macs": macs[name],
+            "step_ms": times[name] * 1e3, "macs_ratio": macs_ratio, "time_ratio": time_ratio,
+            "time_per_macs_ratio": time_ratio / macs_ratio,
+        })
+    return {
+        "model": model, "pool": report.pool, "batch_size": batch_size, "image_size": size, "repeats": repeats,
+        "device": describe_device(dev), "rows": rows,
+    }
