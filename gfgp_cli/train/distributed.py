@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Callable, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ..errors import BadInputError
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "all_reduce_sum", "all_reduce_max", "run_on_main"]
+__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "all_reduce_sum", "all_reduce_max", "all_gather_object",
+           "run_on_main"]
 
 T = TypeVar("T")
 
@@ -69,6 +70,15 @@ def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def all_gather_object(obj: T, info: DistInfo) -> List[T]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` for one process)."""
+    if not info.enabled:
+        return [obj]
+    gathered: List[T] = [None] * info.world_size  # type: ignore[list-item]
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def run_on_main(fn: Callable[[], T], info: DistInfo) -> Optional[T]:

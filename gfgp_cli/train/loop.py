@@ -30,7 +30,8 @@ from ..checkpoint import get_spec, load, read_checkpoint
 from ..errors import BadInputError, WorkFailedError
 from .config import RESUME_MUTABLE, TrainConfig, check_device_name, config_from_dict, lr_factor, resolve_config
 from .data import DataBundle, ResumableSampler, SeededSamples, ShardSampler, load_data
-from .distributed import DistInfo, all_reduce_max, all_reduce_sum, cleanup_distributed, init_distributed, run_on_main
+from .distributed import (DistInfo, all_gather_object, all_reduce_max, all_reduce_sum, cleanup_distributed,
+                          init_distributed, run_on_main)
 from .metrics import Meters, MetricsLog, Progress
 from .state import BEST, LAST, capture_rng, promote_to_best, restore_rng, save_run_checkpoint
 
@@ -166,6 +167,8 @@ def train(checkpoint: str, data: str, out: str, *, recipe: Optional[str] = None,
         if "config" not in state:
             raise BadInputError(f"{last} holds a model but no training state; start a new run with --force")
         config, notes = _resume_config(config_from_dict(state["config"]), data, recipe, flags)
+        # The run continues where it lies now (the folder may have been moved or copied).
+        config = dataclasses.replace(config, out=str(out), checkpoint=str(checkpoint))
         model = _rebuild(last, model)
         spec = state["spec"]
     else:
@@ -241,7 +244,7 @@ def _main(config: TrainConfig, model: nn.Module, spec: Dict[str, Any], state: Op
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
-        meters = Meters(**state["meters"])
+        meters = _restore_meters(state["meters"], info)
         history, best = list(state["history"]), dict(state["best"])
 
     # -- the run directory (rank 0), then the model wrappers
@@ -266,20 +269,26 @@ def _main(config: TrainConfig, model: nn.Module, spec: Dict[str, Any], state: Op
                               generator=torch.Generator(), worker_init_fn=_ignore_sigint)
     val_loader = _eval_loader(bundle.val, max(1, config.batch_size // info.world_size), config.workers, device, info)
 
-    def payload(epoch: int, step: int, epoch_meters: Meters) -> Dict[str, Any]:
-        return {"spec": spec, "state_dict": model_without_ddp.state_dict(), "config": config.to_dict(),
-                "epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng(),
-                "meters": epoch_meters.state(), "history": history, "best": best}
-
     def save(epoch: int, step: int, epoch_meters: Meters) -> None:
+        # Every rank's generators and partial sums go into the checkpoint (collective: all ranks
+        # call save at the same points); rank 0 writes.
+        per_rank = all_gather_object({"rng": capture_rng(), "meters": epoch_meters.state()}, info)
         if info.is_main:
-            save_run_checkpoint(run_dir, payload(epoch, step, epoch_meters))
+            save_run_checkpoint(run_dir, {
+                "spec": spec, "state_dict": model_without_ddp.state_dict(), "config": config.to_dict(),
+                "epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": [r["rng"] for r in per_rank], "meters": [r["meters"] for r in per_rank],
+                "history": history, "best": best})
 
-    if state is not None:
-        restore_rng(state["rng"])
+    if state is None:
+        _seed_everything(config.seed + info.rank)  # one stream per process (dropout differs across ranks)
+    elif len(state["rng"]) == info.world_size:
+        restore_rng(state["rng"][info.rank])
     else:
-        _seed_everything(config.seed)
+        _seed_everything(config.seed + info.rank + 1000 * (start_epoch * steps + start_step))
+        progress.log(f"note: resumed on {info.world_size} process(es) a run saved by {len(state['rng'])}: the data "
+                     "order is kept, the random generators are reseeded (not bit-exact)")
     control = _Control()
     result = TrainResult(str(run_dir), start_epoch, config.epochs, notes=notes,
                          final=history[-1] if history else None, best_top1=best["top1"], best_epoch=best["epoch"])
@@ -558,6 +567,20 @@ def _to_device(images: torch.Tensor, device: torch.device, config: Optional[Trai
 def _collective_device(device: torch.device, info: DistInfo) -> torch.device:
     """Small flag tensors live where the backend wants them (NCCL: GPU, gloo: CPU)."""
     return device if info.enabled and device.type == "cuda" else torch.device("cpu")
+
+
+def _restore_meters(saved: List[Dict[str, Any]], info: DistInfo) -> Meters:
+    """This rank's partial sums; on another world size rank 0 carries the total (the sums are
+    only ever reduced)."""
+    if len(saved) == info.world_size:
+        return Meters(**saved[info.rank])
+    if not info.is_main:
+        return Meters()
+    total = Meters()
+    for m in saved:
+        for key, value in m.items():
+            setattr(total, key, getattr(total, key) + value)
+    return total
 
 
 def _seed_everything(seed: int) -> None:

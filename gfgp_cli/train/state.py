@@ -6,8 +6,8 @@ A run checkpoint is a gfgp model checkpoint (``spec``, ``state_dict``) plus::
     epoch       0-based epoch to continue
     step        optimizer steps already done in that epoch (0 at an epoch boundary)
     optimizer, scheduler, scaler    their state_dicts
-    rng         torch (CPU and every CUDA device), python and numpy generator states
-    meters      the epoch's running sums so far (so the epoch's train metrics come out the same)
+    rng         per process: torch (CPU and every CUDA device), python and numpy generator states
+    meters      per process: the epoch's running sums so far (so its train metrics come out the same)
     history     one dict of metrics per finished epoch (metrics.csv/jsonl are rebuilt from it)
     best        {"epoch", "top1"} of the best validation top-1 so far
 

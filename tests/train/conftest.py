@@ -1,49 +1,72 @@
-"""Shared fixtures of the training tests: a tiny GFGP network and a fast in-process run.
+"""Shared fixtures of the training tests: the tiny GFGP network (tiny_run.py) and small converted
+checkpoints for the command-line tests.
 
-Tiny means: two 3x3 convs, two GFGP pools, dropout (so that resume must restore the RNG) and
-8x8 digits, so an epoch of the real digits data takes a fraction of a second on two cores.
+The tests train tiny models, for which one intra-op thread is fastest; on a shared machine two
+OpenMP threads per process are many times slower. Subprocesses get the same setting through
+``subprocess_env()`` (bit-exact comparisons between processes need equal thread counts).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import pytest
 import torch
-from torch import nn
 
-from gfgp_cli.nn import GFGPPool2d
-
-TINY_SPEC = {"source": {"kind": "test", "name": "tiny"}}
-
-# Small, fast runs: 8x8 digits, 64-image batches (22 steps per epoch).
-FAST = dict(image_size=8, batch_size=64, lr=0.05, seed=0)
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+TINY_RUN = HERE / "tiny_run.py"
 
 
-def _tiny_model(num_classes: int = 10, seed: int = 0, dropout: float = 0.2) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), GFGPPool2d(8, 2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), GFGPPool2d(16, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(16, num_classes),
-    )
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def subprocess_env():
+    """Environment for `python -m gfgp_cli ...` / torchrun children: this checkout first, one thread."""
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+
+
+def _load_tiny_run():
+    spec = importlib.util.spec_from_file_location("gfgp_tests_tiny_run", TINY_RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny_run = _load_tiny_run()
 
 
 @pytest.fixture
 def tiny_model():
     """Factory of the tiny network: tiny_model(num_classes=10, seed=0, dropout=0.2)."""
-    return _tiny_model
+    return tiny_run.tiny_model
 
 
 @pytest.fixture
 def tiny_spec():
-    return dict(TINY_SPEC)
+    return dict(tiny_run.TINY_SPEC)
 
 
 @pytest.fixture
 def train_tiny():
-    """train_tiny(out, model=None, **flags): gfgp_cli.train.train on the tiny model, FAST defaults."""
-    from gfgp_cli.train import train
+    """train_tiny(out, model=None, data="digits", **flags): gfgp_cli.train.train on the tiny model."""
+    return tiny_run.train_tiny
 
-    def run(out, model=None, data="digits", **flags):
-        return train("tiny.pt", data, str(out), model=model or _tiny_model(), spec=dict(TINY_SPEC), **{**FAST, **flags})
 
-    return run
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """A small real conversion: torchvision mobilenet_v3_small (width 0.25, 10 classes, no dropout)
+    through gfgp_cli.convert at 16x16, saved as a gfgp checkpoint."""
+    from gfgp_cli import convert, save
+
+    path = tmp_path_factory.mktemp("ckpt") / "mnv3.pt"
+    save(convert("mobilenet_v3_small", num_classes=10, width_mult=0.25, dropout=0.0, image_size=16), path)
+    return path

@@ -77,7 +77,7 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path,
     assert len(read_checkpoint(run / "best.pt")["history"]) == 1
 
 
-def test_finetune_gives_new_pooling_layers_the_full_lr(tmp_path, train_tiny, tiny_model, tiny_spec):
+def test_finetune_gives_new_pooling_layers_the_full_lr(tmp_path, train_tiny, tiny_model):
     result = train_tiny(tmp_path / "ft", recipe="finetune", epochs=1)
     last = read_checkpoint(tmp_path / "ft" / "last.pt")
     groups = {g["name"]: g for g in last["optimizer"]["param_groups"]}
@@ -89,12 +89,12 @@ def test_finetune_gives_new_pooling_layers_the_full_lr(tmp_path, train_tiny, tin
     assert any("new pooling tensors" in n for n in result.notes)
 
 
-def test_cpu_bf16_autocast_and_channels_last_train(tmp_path, train_tiny, tiny_model, tiny_spec):
+def test_cpu_bf16_autocast_and_channels_last_train(tmp_path, train_tiny):
     result = train_tiny(tmp_path / "amp", data="fake:10", epochs=1, amp=True, channels_last=True)
     assert math.isfinite(result.final["train_loss"]) and result.final["train_loss"] < 2.5
 
 
-def test_accumulation_keeps_the_global_batch(tmp_path, train_tiny, tiny_model, tiny_spec):
+def test_accumulation_keeps_the_global_batch(tmp_path, train_tiny, tiny_model):
     result = train_tiny(tmp_path / "acc", epochs=1, accum_steps=4)
     assert result.final["epoch"] == 1
     last = read_checkpoint(tmp_path / "acc" / "last.pt")
@@ -103,7 +103,7 @@ def test_accumulation_keeps_the_global_batch(tmp_path, train_tiny, tiny_model, t
     assert last["optimizer"]["state"][0]["momentum_buffer"].shape == tiny_model()[0].weight.shape
 
 
-def test_tensorboard_events_when_installed(tmp_path, train_tiny, tiny_model, tiny_spec):
+def test_tensorboard_events_when_installed(tmp_path, train_tiny):
     pytest.importorskip("tensorboard")
     train_tiny(tmp_path / "tb", epochs=1)
     assert any((tmp_path / "tb" / "tb").iterdir())
@@ -112,7 +112,7 @@ def test_tensorboard_events_when_installed(tmp_path, train_tiny, tiny_model, tin
 # --- bad input: one-line BadInputError (exit 2), nothing lost ---------------------------------------
 
 
-def test_existing_run_needs_resume_or_force_and_is_left_untouched(tmp_path, train_tiny, tiny_model, tiny_spec):
+def test_existing_run_needs_resume_or_force_and_is_left_untouched(tmp_path, train_tiny):
     run = tmp_path / "run"
     train_tiny(run, epochs=1)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
@@ -132,7 +132,7 @@ def test_existing_run_needs_resume_or_force_and_is_left_untouched(tmp_path, trai
     (dict(sync_bn=True), "--sync-bn needs CUDA"),
     (dict(amp=True, amp_dtype="fp16"), "fp16 needs CUDA"),
 ])
-def test_bad_runs_stop_before_writing_anything(tmp_path, flags, needle, train_tiny, tiny_model, tiny_spec):
+def test_bad_runs_stop_before_writing_anything(tmp_path, flags, needle, train_tiny):
     if flags.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(BadInputError, match=needle):
@@ -140,7 +140,7 @@ def test_bad_runs_stop_before_writing_anything(tmp_path, flags, needle, train_ti
     assert not (tmp_path / "run").exists()
 
 
-def test_unwritable_run_directory(tmp_path, train_tiny, tiny_model, tiny_spec):
+def test_unwritable_run_directory(tmp_path, train_tiny):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(BadInputError, match="cannot write the run directory"):
         train_tiny(tmp_path / "file" / "run", epochs=1)
