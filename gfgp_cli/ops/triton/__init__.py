@@ -44,11 +44,16 @@ def build_error() -> Optional[str]:
 
 
 def _build_errors() -> Tuple[type, ...]:
-    """Exceptions that mean 'this kernel cannot be built here' (not a bug in the inputs)."""
-    from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
+    """Exceptions that mean 'these kernels cannot be built here', not a bug in the inputs.
 
-    return CompilationError, OutOfResources
+    Triton's own errors (compilation, ptxas, out of resources) and a failed compiler process
+    (Triton builds a small C launcher at the first launch).
+    """
+    import subprocess
+
+    from triton.errors import TritonError
+
+    return TritonError, subprocess.CalledProcessError
 
 
 def _run_or_fall_back(name: str, *args):
@@ -57,7 +62,8 @@ def _run_or_fall_back(name: str, *args):
     try:
         return getattr(_kernels(), f"launch_{name}")(*args)
     except _build_errors() as e:
-        dispatch.mark_broken("triton", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        dispatch.mark_broken("triton", f"{type(e).__name__}: {first_line}")
         return getattr(reference, name)(*args)
 
 
