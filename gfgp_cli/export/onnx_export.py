@@ -39,7 +39,8 @@ class ExportReport:
     """What :func:`export_onnx` wrote and how it compared with PyTorch."""
 
     path: str
-    file_bytes: int
+    data_path: Optional[str]  # external weights file when they exceed one protobuf (2 GiB), else None
+    file_bytes: int  # the model file plus its data file
     param_bytes: int  # bytes of the model's parameters (the weights the file must hold once)
     custom_nodes: int  # gfgp::MaxEntPool2d nodes in the file (0 when inlined)
     maxent_layers: int  # max-entropy pool calls in the traced model
@@ -142,16 +143,20 @@ def export_onnx(
         _check_model_takes(model, example)
         program = _export(model, example, opset, dynamic_batch)
         layers = _count_maxent_calls(program.exported_program)
-        proto = _finish(program.model_proto, inline)
+        proto = _complete(program.model_proto)
+        del program  # the exporter's copies of the weights
         custom = sum(1 for n in _all_nodes(proto) if n.domain == DOMAIN)
-        if not inline and custom != layers:
+        if custom != layers:
             raise WorkFailedError(
                 f"the ONNX graph has {custom} {DOMAIN}::MaxEntPool2d nodes for {layers} max-entropy pools in the model"
             )
-        _write_atomic(proto, out_path)
+        data_path = _write(proto, out_path, inline)
+        if inline:
+            custom = 0
         report = ExportReport(
             path=str(out_path),
-            file_bytes=out_path.stat().st_size,
+            data_path=str(data_path) if data_path else None,
+            file_bytes=out_path.stat().st_size + (data_path.stat().st_size if data_path else 0),
             param_bytes=_param_bytes(model),
             custom_nodes=custom,
             maxent_layers=layers,
@@ -287,7 +292,7 @@ def _export(model, example, opset: Optional[int], dynamic_batch: bool):
             )
     except Exception as e:  # the exporter raises many types; all mean the export failed
         raise WorkFailedError(f"torch.onnx.export failed: {_root_cause(e)}") from e
-    got = _default_opset(program.model_proto)
+    got = program.model.opset_imports.get("")
     if opset is not None and got != opset:
         raise WorkFailedError(f"the exporter could not convert the model to opset {opset} (it stayed at {got})")
     return program
@@ -306,10 +311,9 @@ def _count_maxent_calls(exported_program) -> int:
     )
 
 
-def _finish(proto, inline: bool):
-    """Attach the MaxEntPool2d body at the model's opset, fix the IR version, inline, check."""
+def _complete(proto):
+    """Attach the MaxEntPool2d body at the model's opset and set an IR version onnxruntime loads."""
     import onnx
-    import onnx.inliner
 
     from .runtime import ort_limits
 
@@ -323,17 +327,28 @@ def _finish(proto, inline: bool):
     proto.ir_version = max(int(proto.ir_version), _min_ir_version(opset))
     if proto.ir_version > ort_limits()[1]:  # pragma: no cover - excluded by supported_opsets()
         raise BadInputError(f"opset {opset} needs IR version {proto.ir_version}, newer than onnxruntime loads")
-    if inline:
-        proto = onnx.inliner.inline_local_functions(proto)
-        del proto.functions[:]
-        kept = [o for o in proto.opset_import if o.domain != DOMAIN]
-        del proto.opset_import[:]
-        proto.opset_import.extend(kept)
+    return proto
+
+
+def _inline(proto):
+    """The same model with the local functions inlined: standard ops only, no gfgp domain."""
+    import onnx.inliner
+
+    proto = onnx.inliner.inline_local_functions(proto)
+    del proto.functions[:]
+    kept = [o for o in proto.opset_import if o.domain != DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    return proto
+
+
+def _check(path: str) -> None:
+    import onnx
+
     try:
-        onnx.checker.check_model(proto, full_check=True)
+        onnx.checker.check_model(path, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise WorkFailedError(f"the exported model fails onnx.checker: {_first_line(e)}") from e
-    return proto
 
 
 # Node metadata the exporter writes for debugging only: source paths of this machine and FX reprs.
@@ -389,22 +404,46 @@ def _param_bytes(model) -> int:
     return total
 
 
-def _write_atomic(proto, out: Path) -> None:
+# Above this many bytes of tensors the weights go to an external data file ``<path>.data``:
+# a single-file ONNX model is a protobuf message, limited to 2 GiB.
+SINGLE_FILE_LIMIT = 1_800_000_000
+
+
+def _write(proto, out: Path, inline: bool) -> Optional[Path]:
+    """Write ``proto`` (inlined if asked, then checked) to ``out``, atomically.
+
+    Returns the external data file, if the weights are too large for one file (they are written
+    first, then the small model file that refers to them replaces ``out``).
+    """
+    import onnx
+
+    data = None
+    if sum(t.ByteSize() for t in proto.graph.initializer) > SINGLE_FILE_LIMIT:
+        data = out.with_name(out.name + ".data")
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as folder:
+            # Writes the tensors to folder/<data name> and leaves references (and no bytes) in proto.
+            onnx.save_model(proto, os.path.join(folder, out.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+            os.replace(os.path.join(folder, data.name), data)
+    if inline:
+        proto = _inline(proto)
     try:
-        data = proto.SerializeToString()
-    except ValueError as e:  # protobuf's 2 GiB limit
-        raise WorkFailedError(f"the model is too large for a single-file ONNX model ({_first_line(e)})") from e
+        payload = proto.SerializeToString()
+    except ValueError as e:  # pragma: no cover - the weights went to the data file above
+        raise WorkFailedError(f"the ONNX graph is too large to serialise ({_first_line(e)})") from e
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        _check(tmp)  # by path, beside its data file: external tensors are checked too
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return data
 
 
 # --------------------------------------------------------------------------------------------

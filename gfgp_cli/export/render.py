@@ -19,7 +19,7 @@ def render_export(report: ExportReport, as_json: bool = False) -> None:
         return
     shape = "(" + ", ".join(str(d) for d in report.input_shape) + ")"
     rows = [
-        ("file", report.path),
+        ("file", report.path + (f" + {report.data_path}" if report.data_path else "")),
         ("input", shape),
         ("opset / IR", f"{report.opset} / {report.ir_version}"),
         ("gfgp::MaxEntPool2d nodes", f"{report.custom_nodes}" + (" (inlined)" if report.inline else "")),

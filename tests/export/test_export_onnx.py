@@ -209,3 +209,19 @@ def test_bench_export_times_both_runtimes_on_the_same_input(tiny_model):
     assert result.ratio == pytest.approx(result.ort_ms / result.torch_ms)
     assert result.max_abs_diff < 1e-4 and result.maxent_layers == 3
     assert result.to_dict()["ratio"] == result.ratio
+
+
+def test_weights_over_the_single_file_limit_go_to_a_data_file(tiny_model, tmp_path, monkeypatch):
+    from gfgp_cli.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "SINGLE_FILE_LIMIT", 1000)  # TinyNet has ~10 kB of weights
+    for inline in (False, True):
+        path = tmp_path / f"big-{inline}.onnx"
+        report = export_onnx(tiny_model, path, image_size=20, inline=inline)
+        assert report.passed and report.data_path == str(path) + ".data"
+        model = onnx.load(str(path), load_external_data=False)
+        external = [t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer]
+        assert any(external) and all(e or len(t.raw_data) < 1024 for e, t in zip(external, model.graph.initializer))
+        assert report.file_bytes == path.stat().st_size + (tmp_path / f"big-{inline}.onnx.data").stat().st_size
+        assert report.custom_nodes == (0 if inline else 3)
+        onnx.checker.check_model(str(path), full_check=True)

@@ -1,0 +1,34 @@
+"""The whole torchvision classification zoo through export: every model that converts with gfgp
+must export to ONNX with one gfgp::MaxEntPool2d node per max-entropy pool and match PyTorch in
+onnxruntime. A model that does not convert is skipped with the reason (listed by ``-rs`` / ``-ra``);
+it is never skipped silently. Marker ``zoo`` (``make test-zoo``): this takes a long time.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from gfgp_cli import GFGPPool2d, MaxEntPool2d, export_onnx
+from gfgp_cli.convert import convert, list_model_names
+
+pytestmark = pytest.mark.zoo
+
+
+@pytest.mark.parametrize("name", list_model_names())
+def test_every_converted_model_exports_and_verifies(name, tmp_path):
+    try:
+        model = convert(name).eval()
+    except Exception as e:  # noqa: BLE001 - any conversion failure is reported, not hidden
+        pytest.skip(f"{name} does not convert: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+    layers = sum(isinstance(m, (GFGPPool2d, MaxEntPool2d)) for m in model.modules())
+    try:
+        # at the size the conversion recorded (224, inception_v3 299)
+        report = export_onnx(model, tmp_path / f"{name}.onnx")
+        assert report.passed
+        assert report.custom_nodes == report.maxent_layers == layers
+        assert abs(report.size_ratio - 1) < 0.05, report.size_ratio
+    finally:
+        del model
+        gc.collect()
