@@ -181,11 +181,13 @@ def export_onnx(
 def export_checkpoint(checkpoint: Union[str, os.PathLike], path: Union[str, os.PathLike], **options: Any) -> ExportReport:
     """``gfgp export``: rebuild the model of a gfgp checkpoint (:func:`gfgp_cli.load`) and export it.
 
-    The output path is checked before the checkpoint is loaded; ``options`` as :func:`export_onnx`.
+    The output path and the opset are checked before the checkpoint is loaded; ``options`` as
+    :func:`export_onnx`.
     """
     from ..checkpoint import load
 
     _check_output_path(path, options.get("force", False))
+    _check_opset(options.get("opset"))
     return export_onnx(load(checkpoint), path, **options)
 
 
