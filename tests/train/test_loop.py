@@ -154,3 +154,37 @@ def test_resume_refuses_changed_hyper_parameters_and_a_missing_run(tmp_path, tra
         train("tiny.pt", "digits", str(tmp_path / "run"), model=tiny_model(), spec=tiny_spec, resume=True, lr=0.1)
     with pytest.raises(BadInputError, match="started with --data digits"):
         train("tiny.pt", "fake", str(tmp_path / "run"), model=tiny_model(), spec=tiny_spec, resume=True)
+
+
+def _augmented_folder(root, n=6):
+    """An ImageFolder tree whose training transform is random (RandomResizedCrop + flip)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.randint(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_augmentation_and_order_do_not_depend_on_worker_processes(tmp_path, train_tiny, tiny_model):
+    data = str(_augmented_folder(tmp_path / "data"))
+    flags = dict(data=data, epochs=1, batch_size=4, image_size=8, deterministic=True)
+    train_tiny(tmp_path / "w0", model=tiny_model(num_classes=2), workers=0, **flags)
+    train_tiny(tmp_path / "w2", model=tiny_model(num_classes=2), workers=2, **flags)
+    a = read_checkpoint(tmp_path / "w0" / "last.pt")["state_dict"]
+    b = read_checkpoint(tmp_path / "w2" / "last.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train_tiny(tmp_path / "s1", model=tiny_model(num_classes=2), workers=0, **{**flags, "seed": 1})
+    c = read_checkpoint(tmp_path / "s1" / "last.pt")["state_dict"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed does matter
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path, train_tiny):
+    eager = train_tiny(tmp_path / "eager", data="fake:10", epochs=1, dropout=0.0)
+    compiled = train_tiny(tmp_path / "compiled", data="fake:10", epochs=1, dropout=0.0, compile=True)
+    assert compiled.final["train_loss"] == pytest.approx(eager.final["train_loss"], rel=1e-3)
