@@ -22,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -313,7 +313,3 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_samples, self.world_size))
-
-
-def class_names(dataset: Dataset) -> Optional[Sequence[str]]:
-    return getattr(dataset, "classes", None)

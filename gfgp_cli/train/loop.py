@@ -367,11 +367,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 256, im
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BadInputError(f"--batch-size must be a positive integer, got {batch_size!r}")
     check_device_name(device)
-    model = load(checkpoint, module=module)
-    spec = get_spec(model)
+    model, spec, trained_size = load_trained(checkpoint, module=module)
     dev = resolve_device(device, DistInfo())
     model.to(dev)
-    bundle, size = prepare_data(model, spec, data, image_size, dev, download)
+    bundle, size = prepare_data(model, spec, data, image_size or trained_size, dev, download)
     config = TrainConfig(checkpoint=str(checkpoint), data=data, out="", amp=amp, image_size=size)
     _amp_dtype(dev, config, [])
     loader = _eval_loader(bundle.val, batch_size, workers, dev, DistInfo())
@@ -380,6 +379,14 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 256, im
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+def load_trained(checkpoint, module: Optional[nn.Module] = None) -> Tuple[nn.Module, Dict[str, Any], Optional[int]]:
+    """``(model, spec, image_size)`` of a checkpoint; image_size is what a run trained at (None
+    for a plain conversion, whose spec may record its own)."""
+    config = read_checkpoint(checkpoint).get("config")
+    model = load(checkpoint, module=module)
+    return model, get_spec(model), config.get("image_size") if isinstance(config, dict) else None
 
 
 def _rebuild(path: Path, module: Optional[nn.Module]) -> nn.Module:

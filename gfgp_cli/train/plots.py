@@ -119,8 +119,7 @@ def plot_run(run_dir, out=None, checkpoint=None, data: Optional[str] = None, ima
              batch_size: int = 64, device: str = "cpu") -> List[Path]:
     """Write the run's PNGs to ``out`` (default: RUN_DIR); with ``data``, also lam.png for
     ``checkpoint`` (default RUN_DIR/best.pt, else last.pt). Returns the paths written."""
-    from ..checkpoint import get_spec, load
-    from .loop import prepare_data, resolve_device
+    from .loop import load_trained, prepare_data, resolve_device
     from .state import BEST, LAST
 
     run_dir = Path(run_dir)
@@ -139,12 +138,10 @@ def plot_run(run_dir, out=None, checkpoint=None, data: Optional[str] = None, ima
         raise BadInputError(f"--batch-size must be at least 2, got {batch_size}")
     if checkpoint is None:
         checkpoint = run_dir / BEST if (run_dir / BEST).exists() else run_dir / LAST
-    if image_size is None and (run_dir / "config.json").exists():
-        image_size = json.loads((run_dir / "config.json").read_text()).get("image_size")
-    model = load(checkpoint)
+    model, spec, trained_size = load_trained(checkpoint)
     dev = resolve_device(device)
     model.to(dev)
-    bundle, _ = prepare_data(model, get_spec(model), data, image_size, dev, download=False)
+    bundle, _ = prepare_data(model, spec, data, image_size or trained_size, dev, download=False)
     # evenly spaced over the set, so that sorted sets (ImageFolder) give every class
     indices = torch.linspace(0, len(bundle.val) - 1, min(batch_size, len(bundle.val))).long().unique().tolist()
     images = torch.stack([bundle.val[i][0] for i in indices]).to(dev)

@@ -50,6 +50,16 @@ def test_eval_of_last_pt_reproduces_the_last_epochs_validation(trained):
     assert table.exit_code == 0 and "top-1" in table.output
 
 
+def test_eval_uses_the_image_size_the_run_trained_at(converted, tmp_path):
+    run = tmp_path / "run"
+    assert _invoke("train", converted, "--data", "fake", "--out", run, "--epochs", 1, "--batch-size", 64,
+                   "--image-size", 24).exit_code == 0
+    assert json.loads((run / "config.json").read_text())["image_size"] == 24
+    got = json.loads(_invoke("eval", run / "last.pt", "--data", "fake", "--json").stdout)
+    assert got["image_size"] == 24  # not the 16 of the conversion spec
+    assert json.loads(_invoke("eval", converted, "--data", "fake", "--json").stdout)["image_size"] == 16
+
+
 def test_plot_writes_curves_and_the_lam_distribution(trained, tmp_path):
     run, _ = trained
     result = _invoke("plot", run, "--data", "fake", "--out", tmp_path / "fig", "--batch-size", 16, "--json")
