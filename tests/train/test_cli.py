@@ -147,3 +147,13 @@ def test_existing_run_without_resume_or_force_exits_2_and_is_untouched(trained, 
     line = _one_line_error(_invoke("train", converted, "--data", "fake", "--out", run))
     assert "--resume" in line and "--force" in line
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+
+def test_divergence_exits_1_with_one_line(converted, tmp_path):
+    # lr 1e30: the first update is finite, the second forward overflows to a NaN loss.
+    result = _invoke("train", converted, "--data", "fake", "--out", tmp_path / "run", "--epochs", 1,
+                     "--batch-size", 32, "--lr", 1e30)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1 and "training diverged: the loss became nan" in lines[0] and "lower --lr" in lines[0]
+    assert "Traceback" not in result.output
