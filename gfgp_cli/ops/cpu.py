@@ -155,16 +155,20 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 
 
 def _run_tasks(call: Callable[[int, int], None], ntasks: int, outputs: int) -> None:
-    """Run ``call(t0, t1)`` over [0, ntasks) split into one contiguous range per thread."""
+    """Run ``call(t0, t1)`` over [0, ntasks) on ``torch.get_num_threads()`` threads.
+
+    The range is cut into a few chunks per thread, taken from the pool's queue as threads come
+    free: a thread that the OS delays (a busy machine) leaves its share to the others.
+    """
     workers = min(torch.get_num_threads(), ntasks)
     if workers <= 1 or outputs < _PARALLEL_MIN_OUTPUTS:
         call(0, ntasks)
         return
-    bounds = [ntasks * k // workers for k in range(workers + 1)]
-    futures = [_executor(workers - 1).submit(call, bounds[k], bounds[k + 1]) for k in range(1, workers)]
-    call(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
+    chunks = min(ntasks, 4 * workers)
+    bounds = [ntasks * k // chunks for k in range(chunks + 1)]
+    pool = _executor(workers)
+    for future in [pool.submit(call, bounds[k], bounds[k + 1]) for k in range(chunks)]:
+        future.result()
 
 
 def _is_nhwc(x: Tensor) -> bool:

@@ -1,10 +1,13 @@
 """Which kernels run ``gfgp::maxent_pool2d`` and its backward: the dispatch of the op.
 
-Implementations (each a module with ``forward(x, lam, kernel, stride, padding, ceil_mode)`` and
-``backward(grad, x, lam, out, kernel, stride, padding, ceil_mode)``):
+Implementations: each a module with ``forward(x, lam, kernel, stride, padding, ceil_mode)``,
+``backward(grad, x, lam, out, kernel, stride, padding, ceil_mode)``, ``unsupported(x)`` (why it
+does not take such a tensor, or None) and ``build_error()`` (why it cannot be built or loaded in
+this process, or None):
 
 - ``reference``: :mod:`gfgp_cli.ops.reference`, plain PyTorch on any device; defines the semantics.
-- ``cpu``: :mod:`gfgp_cli.ops.cpu`, the fast path for CPU tensors (no compile step).
+- ``cpu``: :mod:`gfgp_cli.ops.cpu`, the fast path for CPU tensors (a fused C++ kernel, compiled
+  in about a second at first use and cached; nothing is compiled at install time).
 - ``triton``: :mod:`gfgp_cli.ops.triton`, fused kernels for CUDA tensors (Triton, imported lazily).
 
 ``auto`` (the default) picks ``cpu`` for CPU tensors, ``triton`` for CUDA tensors and

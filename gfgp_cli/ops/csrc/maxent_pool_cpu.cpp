@@ -203,9 +203,9 @@ void backward_nchw(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
                    const int64_t* gs, bool per_window, int64_t t0, int64_t t1) {
   const int64_t K = g.KH * g.KW;
   const int64_t nph = g.SW * (g.OW + (g.KW - 1) / g.SW + 1);  // scatter_row's phase sums
-  std::vector<T> buf((2 * K + 5) * g.OW + nph);
+  std::vector<T> buf((2 * K + 6) * g.OW + nph);
   T *zb = buf.data(), *xb = zb + K * g.OW, *m = xb + K * g.OW, *s = m + g.OW, *v = s + g.OW, *lr = v + g.OW,
-    *gp = lr + g.OW, *ph = gp + g.OW;
+    *gp = lr + g.OW, *vcol = gp + g.OW, *ph = vcol + g.OW;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / g.C, c = t % g.C;
     const T* xp = x + t * g.H * g.W;
@@ -213,7 +213,7 @@ void backward_nchw(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
     const T* gyp = gy + t * g.OH * g.OW;
     T* gxp = gx + t * g.H * g.W;
     std::fill(gxp, gxp + g.H * g.W, T(0));
-    double plane = 0.0;
+    std::fill(vcol, vcol + g.OW, T(0));  // per-column sums of dL/dlam (vectorised; summed at the end)
     for (int64_t i = 0; i < g.OH; ++i) {
       lam_row(lam, ls, n, c, i, g.OW, lr);
       gather_row(xp, lr, g, i, zb, xb);
@@ -238,10 +238,14 @@ void backward_nchw(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
         T* out = gl + n * gs[0] + c * gs[1] + i * gs[2];
         for (int64_t j = 0; j < g.OW; ++j) out[j * gs[3]] = v[j];
       } else {
-        for (int64_t j = 0; j < g.OW; ++j) plane += v[j];
+        for (int64_t j = 0; j < g.OW; ++j) vcol[j] += v[j];
       }
     }
-    if (!per_window) gl[t] = static_cast<T>(plane);
+    if (!per_window) {
+      double plane = 0.0;
+      for (int64_t j = 0; j < g.OW; ++j) plane += vcol[j];
+      gl[t] = static_cast<T>(plane);
+    }
   }
 }
 
