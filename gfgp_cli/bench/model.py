@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .timing import describe_device, device_sync, interleaved_medians
+from .timing import describe_device, device_sync, interleaved_medians, resolve_device
 
 __all__ = ["bench_model"]
 
@@ -55,9 +55,7 @@ def bench_model(
         raise ValueError(f"batch-size must be >= 2 (BatchNorm in training mode needs more than one sample), got {batch_size}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA device is available; use --device cpu")
+    dev = resolve_device(device)
     size = image_size or default_image_size(model)
     torch.manual_seed(seed)
     converted, report = convert_with_report(model, pool, image_size=size)

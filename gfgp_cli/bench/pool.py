@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..ops import maxent_pool2d
 from ..ops.dispatch import resolve, use_implementation
-from .timing import describe_device, device_sync, interleaved_medians, saved_tensor_bytes
+from .timing import describe_device, device_sync, interleaved_medians, resolve_device, saved_tensor_bytes
 
 __all__ = ["PoolCase", "DEFAULT_CASES", "parse_case", "bench_pool"]
 
@@ -125,9 +125,7 @@ def bench_pool(
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA device is available; use --device cpu")
+    dev = resolve_device(device)
     torch_dtype = _DTYPES[dtype]
     sync = device_sync(dev)
     gen = torch.Generator().manual_seed(seed)

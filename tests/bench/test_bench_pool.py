@@ -74,7 +74,10 @@ def test_bench_pool_options_change_what_is_run():
     (["--case", "16x256x56:k2:s2"], "case must look like NxCxHxW:kK:sS[:pP]"),
     (["--case", "1x1x4x4:k3:s2:p2"], "padding must be between 0 and half the kernel"),
     (["--case", "1x1x2x2:k5:s1"], "does not fit"),
-    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nosuchdevice"], ""),
+    (["--device", "nosuchdevice"], "unknown device 'nosuchdevice'"),
+    (["--device", "meta"], "not supported by the benchmarks"),
+    pytest.param(["--device", "cuda"], "no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
 ])
 def test_bench_pool_bad_input_exits_2_with_one_line(args, message):
     result = CliRunner().invoke(cli, ["bench", "pool", *args, "--repeats", "1"])
