@@ -21,8 +21,6 @@ from .sites import _has_plain_conv_forward
 __all__ = ["Rule", "rule", "size_classes", "SizeClass"]
 
 
-
-
 def _optional_types(*names: str) -> tuple[type, ...]:
     found = []
     for module_name, cls_name in (n.rsplit(".", 1) for n in names):

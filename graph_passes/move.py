@@ -141,7 +141,8 @@ def _deferred_nodes(
     (2) a value's users are all in S or none is (a value with a blocking user is pooled there);
     (3) a value with several users in S reaches one single landing point (no duplicated pools);
     (4) "paper" convs reach a join with an exact operand whose pools come from other sources.
-    Every removal only forces more removals, so the loop ends, at the largest set it can keep.
+    Each round that changes anything removes at least one node and removals are never undone,
+    so the loop ends, and its result depends only on the graph (rounds scan in graph order).
     """
     rules = {n: r for n in order if (r := rule(n, gm, modules)) is not None}
     if not allow_paper:

@@ -59,8 +59,9 @@ def pipeline(
 ) -> tuple[GraphModule, Report]:
     """Trace (unless given a GraphModule), decompose strided convs, move skip pools, replace pools.
 
-    ``example_input`` only feeds shape propagation (fake tensors: its size costs nothing); any
-    size the model accepts will do. With ``factory=None`` the pools stay ``SkipPool2d`` / max /
+    ``example_input`` only feeds shape propagation (on the meta device: its size costs nothing);
+    any size the model accepts will do. Shapes are propagated twice: once to find the sites,
+    and once after the moves so that each skip pool's site has its channel count. With ``factory=None`` the pools stay ``SkipPool2d`` / max /
     avg pools, and with ``placement`` "exact" or "local" the result then computes the same
     function as the model in eval mode. A plain model is not modified (the result shares its
     Parameters); a GraphModule argument is transformed in place.

@@ -7,7 +7,8 @@ pools stay), then compare with the original in eval mode at the model's usual si
 odd size: max abs diff <= 1e-4 x output scale. Random weights (``weights=None``, seeded), with
 random BatchNorm statistics so that a pool moved past a BN it must not pass would show.
 
-- ``test_zoo_model`` (marker ``zoo``): all 80 models, odd size 225 (inception_v3: 301).
+- ``test_zoo_model`` (marker ``zoo``): all 80 models, odd size 225 (inception_v3: 301); also
+  converts with placement ``paper`` (not output-preserving by design) and checks output shapes.
 - ``test_family_representative`` (fast suite): one model per family, odd size 97.
 
 Each model prints its conversion times (run with ``-s`` to see them).
@@ -62,7 +63,7 @@ def _build(name: str) -> nn.Module:
     return model
 
 
-def _check_model(name: str, odd_size: int | None) -> None:
+def _check_model(name: str, odd_size: int | None, check_paper: bool = False) -> None:
     model = _build(name)
     size = INPUT_SIZE.get(name, 224)
     sizes = [size] if odd_size is None else [size, odd_size]
@@ -88,13 +89,21 @@ def _check_model(name: str, odd_size: int | None) -> None:
                 err = max_relative_error(actual, expected[s])
                 if not err <= TOLERANCE:
                     failures.append(f"{placement} {s}x{s}: max abs diff {err:.2e} x output scale")
+    if check_paper:
+        # "paper" is deliberately not output-preserving; it must still convert and keep shapes.
+        gm, _ = gp.pipeline(model, inputs[size], "paper", lambda site: None)
+        with torch.no_grad():
+            for s, x in inputs.items():
+                shape = tuple(gm.eval()(x).shape)
+                if shape != tuple(expected[s].shape):
+                    failures.append(f"paper {s}x{s}: shape {shape} != {tuple(expected[s].shape)}")
     assert not failures, f"{name}: " + "; ".join(failures)
 
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_zoo_model(name):
-    _check_model(name, None if name in EXCLUDED_ODD else ODD_SIZE.get(name, 225))
+    _check_model(name, None if name in EXCLUDED_ODD else ODD_SIZE.get(name, 225), check_paper=True)
 
 
 @pytest.mark.parametrize("name", FAMILY_REPRESENTATIVES)
