@@ -142,8 +142,12 @@ def _build_torchvision(name: str, kwargs: Dict[str, Any]) -> nn.Module:
         raise BadInputError(f"cannot build {name} with {kwargs}: {' '.join(str(e).split())}") from e
 
 
-def _load_weights(model: nn.Module, name: Optional[str], weights: str) -> None:
-    """Load torchvision weights (a name such as DEFAULT or IMAGENET1K_V2) or a local state_dict file."""
+def _load_weights(model: nn.Module, name: Optional[str], weights: str) -> List[str]:
+    """Load torchvision weights (a name such as DEFAULT or IMAGENET1K_V2) or a local state_dict file.
+
+    Returns the state keys left as initialised because their shape differs (e.g. the classifier
+    of a model built with another ``num_classes``).
+    """
     path = Path(weights)
     if path.exists():
         try:
@@ -167,10 +171,18 @@ def _load_weights(model: nn.Module, name: Optional[str], weights: str) -> None:
         if key not in members:
             raise _unknown(f"weights for {name}", key, members)
         state = enum[key].get_state_dict(progress=True)  # downloads when the user has internet
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise BadInputError(f"weights {weights!r} do not fit {name or type(model).__name__}: {' '.join(str(e).split())[:200]}") from e
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise BadInputError(
+            f"weights {weights!r} do not fit {name or type(model).__name__}: "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    # Tensors whose shape differs (a classifier rebuilt with --num-classes) stay freshly initialised.
+    fitting = {k: v for k, v in state.items() if v.shape == own[k].shape}
+    model.load_state_dict(fitting, strict=False)
+    return sorted(set(own) - set(fitting))
 
 
 def _count_params(model: nn.Module) -> int:
@@ -229,8 +241,7 @@ def convert_with_report(
         raise BadInputError(f"pool must be one of {sorted(POOLS)} or a callable, got {pool!r}")
 
     original, name, source = _resolve(model, dict(model_kwargs))
-    if weights is not None:
-        _load_weights(original, name, weights)
+    not_loaded = _load_weights(original, name, weights) if weights is not None else []
     original.eval()
     size = image_size or default_image_size(name)
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -246,8 +257,9 @@ def convert_with_report(
         gm = graph_passes.replace_pools(gm, factory, example_input=example)
     seconds = time.perf_counter() - start
 
-    before = dict(original.state_dict())
+    before = {k: v for k, v in original.state_dict().items() if k not in not_loaded}
     after = gm.state_dict()
+    new_tensors = [k for k in after if k not in before]
     spec = {
         "source": source,
         "torchvision_version": _torchvision_version(),
@@ -257,6 +269,10 @@ def convert_with_report(
         "include_patch_embed": include_patch_embed,
         "image_size": size,
         "comparison": comparison,
+        # Where the weights came from, and which parameters did not come from them (finetune
+        # recipes train these at the full learning rate); None when trained from scratch.
+        "weights": weights,
+        "new_parameters": [k for k, _ in gm.named_parameters() if k in new_tensors] if weights else None,
         "sites": [asdict(s) for s in record.sites],
     }
     if isinstance(pool, str):
@@ -272,8 +288,8 @@ def convert_with_report(
         params_after=_count_params(gm),
         seconds=seconds,
         weights=weights,
-        reused_tensors=sum(1 for k in after if k in before),
-        new_tensors=[k for k in after if k not in before],
+        reused_tensors=len(after) - len(new_tensors) if weights else 0,
+        new_tensors=new_tensors if weights else [],
     )
     if measure:
         gm.eval()
@@ -329,6 +345,7 @@ def build_from_spec(spec: Dict[str, Any], module: Optional[nn.Module] = None) ->
     try:
         source = spec["source"]
         options = dict(
+            weights=None,  # the checkpoint's state_dict holds the weights
             pool=spec["pool"], placement=spec["placement"], activation=spec.get("activation", "sigmoid"),
             include_patch_embed=spec.get("include_patch_embed", False), image_size=spec.get("image_size"),
             comparison=spec.get("comparison"),
@@ -349,6 +366,7 @@ def build_from_spec(spec: Dict[str, Any], module: Optional[nn.Module] = None) ->
         gm, _ = convert_with_report(module, **options)
     else:
         raise BadInputError(f"the checkpoint's spec has an unknown source kind {kind!r}")
+    gm.meta["gfgp_spec"].update(weights=spec.get("weights"), new_parameters=spec.get("new_parameters"))
     if gm.meta["gfgp_spec"]["sites"] != spec.get("sites"):
         raise BadInputError(
             "replaying the conversion gave different pooling sites than the checkpoint records "

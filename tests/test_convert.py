@@ -269,3 +269,18 @@ def test_cli_convert_module_keeps_maxpools(tmp_path):
     assert result.exit_code == 0, result.output
     loaded = gfgp_cli.load(tmp_path / "v.pt")
     assert sum(isinstance(m, nn.MaxPool2d) for m in loaded.modules()) == 5
+
+
+def test_weights_with_other_num_classes_keep_a_fresh_classifier_and_record_new_parameters(tmp_path):
+    torch.manual_seed(2)
+    src = torchvision.models.resnet18()
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    model = convert("resnet18", weights=str(tmp_path / "w.pt"), num_classes=7)
+    spec = model.meta["gfgp_spec"]
+    assert spec["weights"] == str(tmp_path / "w.pt")
+    assert {"fc.weight", "fc.bias"} <= set(spec["new_parameters"])
+    assert all(k.startswith(("fc.", "pool.", "maxpool.", "layer2.0.pool", "layer3.0.pool", "layer4.0.pool"))
+               for k in spec["new_parameters"])
+    assert torch.equal(model.state_dict()["conv1.weight"], src.conv1.weight)
+    path = gfgp_cli.save(model, tmp_path / "m.pt")
+    assert gfgp_cli.load(path).meta["gfgp_spec"]["new_parameters"] == spec["new_parameters"]

@@ -233,7 +233,7 @@ def _main(config: TrainConfig, model: nn.Module, spec: Dict[str, Any], state: Op
             notes.append("--sync-bn has no effect with a single process")
 
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(_param_groups(model, config, notes), lr=config.lr, momentum=config.momentum,
+    optimizer = torch.optim.SGD(_param_groups(model, spec, config, notes), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(config, e))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16 and device.type == "cuda")
@@ -425,7 +425,10 @@ def _resume_config(saved: TrainConfig, data: str, recipe: Optional[str], flags: 
 
 
 def _default_recipe(spec: Dict[str, Any]) -> str:
-    """paper-vgg for VGG models, otherwise paper-resnet (PAPER.md section 5)."""
+    """finetune for models converted with pretrained weights; else paper-vgg for VGG models and
+    paper-resnet for the rest (PAPER.md section 5)."""
+    if spec.get("weights"):
+        return "finetune"
     source = spec.get("source") if isinstance(spec.get("source"), dict) else {}
     name = str(source.get("name") or "").lower()
     return "paper-vgg" if name.startswith("vgg") else "paper-resnet"
@@ -500,15 +503,22 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, notes: List[str], force
     os.replace(tmp, run_dir / "config.json")
 
 
-def _param_groups(model: nn.Module, config: TrainConfig, notes: List[str]) -> List[Dict[str, Any]]:
-    """One group, or for ``backbone_lr_scale != 1`` the new pooling layers at lr and the reused
-    layers at lr * backbone_lr_scale."""
+def _param_groups(model: nn.Module, spec: Dict[str, Any], config: TrainConfig, notes: List[str]) -> List[Dict[str, Any]]:
+    """One group, or for ``backbone_lr_scale != 1`` the new layers at lr and the reused layers at
+    lr * backbone_lr_scale. New layers: the parameters the conversion spec records as not coming
+    from the pretrained weights (new pooling layers, a classifier rebuilt for other classes);
+    without that record, the pooling layers."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.backbone_lr_scale == 1.0:
         return [{"params": params, "lr": config.lr, "name": "all"}]
     from ..nn import GFGPPool2d, MaxEntPool2d
 
-    new_ids = {id(p) for m in model.modules() if isinstance(m, (GFGPPool2d, MaxEntPool2d)) for p in m.parameters()}
+    recorded = spec.get("new_parameters")
+    if recorded is not None:
+        named = dict(model.named_parameters())
+        new_ids = {id(named[k]) for k in recorded if k in named}
+    else:
+        new_ids = {id(p) for m in model.modules() if isinstance(m, (GFGPPool2d, MaxEntPool2d)) for p in m.parameters()}
     new = [p for p in params if id(p) in new_ids]
     reused = [p for p in params if id(p) not in new_ids]
     notes.append(f"{len(new)} new pooling tensors at lr {config.lr:g}, {len(reused)} reused tensors at lr "

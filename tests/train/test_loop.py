@@ -188,3 +188,20 @@ def test_torch_compile_trains_like_eager(tmp_path, train_tiny):
     eager = train_tiny(tmp_path / "eager", data="fake:10", epochs=1, dropout=0.0)
     compiled = train_tiny(tmp_path / "compiled", data="fake:10", epochs=1, dropout=0.0, compile=True)
     assert compiled.final["train_loss"] == pytest.approx(eager.final["train_loss"], rel=1e-3)
+
+
+def test_pretrained_spec_defaults_to_finetune_with_recorded_new_parameters_at_full_lr(tmp_path, tiny_model, tiny_spec):
+    """A spec from `gfgp convert --weights` names the parameters that did not come from the
+    weights (new pools, a classifier rebuilt for other classes): those train at the full lr."""
+    from gfgp_cli.train import train
+
+    model = tiny_model()
+    names = [k for k, _ in model.named_parameters()]
+    new = names[-2:]  # the classifier: as if rebuilt with --num-classes
+    spec = {**tiny_spec, "weights": "pretrained.pt", "new_parameters": new}
+    result = train("tiny.pt", "digits", str(tmp_path / "ft"), model=model, spec=spec, image_size=8, batch_size=64,
+                   seed=0, epochs=1)
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["recipe"] == "finetune"
+    groups = {g["name"]: g for g in read_checkpoint(tmp_path / "ft" / "last.pt")["optimizer"]["param_groups"]}
+    assert len(groups["new"]["params"]) == 2 and len(groups["reused"]["params"]) == len(names) - 2
+    assert groups["reused"]["initial_lr"] < groups["new"]["initial_lr"]
