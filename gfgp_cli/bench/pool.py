@@ -67,7 +67,7 @@ def parse_case(spec: str) -> PoolCase:
     return PoolCase((n, c, h, w), k, s, p)
 
 
-def _contenders(case: PoolCase, x: torch.Tensor, lam: torch.Tensor, implementations: Sequence[str]
+def _contenders(case: PoolCase, implementations: Sequence[str]
                 ) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """Mapping from contender name to ``fn(x, lam) -> output``."""
     k, s, p = case.kernel, case.stride, case.padding
@@ -140,7 +140,7 @@ def bench_pool(
         for layout, memory_format in layouts:
             x = x0.contiguous(memory_format=memory_format)
             xg, lamg = x.detach().requires_grad_(), lam0.detach().requires_grad_()
-            fns = _contenders(case, x, lam0, implementations)
+            fns = _contenders(case, implementations)
             out_shape = fns["avg_pool2d"](x, lam0).shape
             grad_out = torch.randn(out_shape, generator=gen).to(dev, torch_dtype).contiguous(
                 memory_format=memory_format)
