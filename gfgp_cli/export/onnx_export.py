@@ -42,6 +42,7 @@ class ExportReport:
     data_path: Optional[str]  # external weights file when they exceed one protobuf (2 GiB), else None
     file_bytes: int  # the model file plus its data file
     param_bytes: int  # bytes of the model's parameters (the weights the file must hold once)
+    buffer_bytes: int  # bytes of its buffers (BN statistics are folded away; index tables are kept)
     custom_nodes: int  # gfgp::MaxEntPool2d nodes in the file (0 when inlined)
     maxent_layers: int  # max-entropy pool calls in the traced model
     opset: int
@@ -157,7 +158,8 @@ def export_onnx(
             path=str(out_path),
             data_path=str(data_path) if data_path else None,
             file_bytes=out_path.stat().st_size + (data_path.stat().st_size if data_path else 0),
-            param_bytes=_param_bytes(model),
+            param_bytes=_tensor_bytes(model.parameters()),
+            buffer_bytes=_tensor_bytes(model.buffers()),
             custom_nodes=custom,
             maxent_layers=layers,
             opset=_default_opset(proto),
@@ -396,14 +398,10 @@ def _min_ir_version(opset: int) -> int:
     return onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)])
 
 
-def _param_bytes(model) -> int:
-    seen = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    return total
+def _tensor_bytes(tensors) -> int:
+    """Bytes of the distinct tensors (shared ones counted once)."""
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 # Above this many bytes of tensors the weights go to an external data file ``<path>.data``:

@@ -26,6 +26,7 @@ def render_export(report: ExportReport, as_json: bool = False) -> None:
         ("max-entropy pools in the model", str(report.maxent_layers)),
         ("file size", _mb(report.file_bytes)),
         ("parameter bytes", f"{_mb(report.param_bytes)} (file / params = {report.size_ratio:.3f})"),
+        ("buffer bytes", _mb(report.buffer_bytes)),
     ]
     if report.passed is None:
         rows.append(("verification", "skipped (--no-verify)"))

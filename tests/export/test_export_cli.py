@@ -58,7 +58,7 @@ def test_table_lists_nodes_sizes_diffs_and_verdict(tmp_path):
     from gfgp_cli.export import ExportReport
     from gfgp_cli.export.render import render_export
 
-    report = ExportReport(path="m.onnx", data_path=None, file_bytes=2_000_000, param_bytes=1_990_000, custom_nodes=5, maxent_layers=5,
+    report = ExportReport(path="m.onnx", data_path=None, file_bytes=2_000_000, param_bytes=1_990_000, buffer_bytes=20_000, custom_nodes=5, maxent_layers=5,
                           opset=20, ir_version=10, inline=False, dynamic_batch=True, input_shape=["batch", 3, 64, 64],
                           max_abs_diffs={1: 1.5e-7, 3: 2.5e-7}, tolerance=3e-5, passed=True, provider="CPUExecutionProvider")
     with out.capture() as captured:
