@@ -438,12 +438,19 @@ def _write(proto, out: Path, inline: bool) -> Optional[Path]:
             f.flush()
             os.fsync(f.fileno())
         _check(tmp)  # by path, beside its data file: external tensors are checked too
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a new file's mode
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return data
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --------------------------------------------------------------------------------------------

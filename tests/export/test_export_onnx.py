@@ -3,6 +3,7 @@ in a process without gfgp, inline/static/opset variants, verification that can f
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -50,6 +51,9 @@ def test_every_maxent_pool_is_one_custom_node_with_a_standard_lam_estimator(tiny
 
 def test_file_passes_the_full_checker_with_an_ir_version_onnxruntime_loads(tiny_export):
     _, report = tiny_export
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(report.path).st_mode & 0o777 == 0o666 & ~mask  # a normal file, not mkstemp's 0600
     onnx.checker.check_model(report.path, full_check=True)
     model = onnx.load(report.path)
     assert model.ir_version == report.ir_version <= ort_limits()[1]
