@@ -118,15 +118,19 @@ def save(model: nn.Module, path: PathLike, **extra: Any) -> Path:
     return write_checkpoint(path, {"spec": get_spec(model), "state_dict": model.state_dict(), **extra})
 
 
-def load(path: PathLike, module: Optional[nn.Module] = None, map_location: Union[str, torch.device] = "cpu") -> nn.Module:
+def load(path: Union[PathLike, Dict[str, Any]], module: Optional[nn.Module] = None,
+         map_location: Union[str, torch.device] = "cpu") -> nn.Module:
     """Rebuild a converted model from its checkpoint and load its weights strictly (eval mode).
 
-    ``module`` is required for models converted from a user's own ``nn.Module`` (the spec records
-    the conversion, not the user's code); for torchvision models the spec names the model.
+    ``path`` is a checkpoint file, or a checkpoint already read by :func:`read_checkpoint` (so a
+    caller that also needs the training state reads the file once). ``module`` is required for
+    models converted from a user's own ``nn.Module`` (the spec records the conversion, not the
+    user's code); for torchvision models the spec names the model.
     """
     from .convert import build_from_spec
 
-    data = read_checkpoint(path, map_location=map_location)
+    data = path if isinstance(path, dict) else read_checkpoint(path, map_location=map_location)
+    path = "the checkpoint" if isinstance(path, dict) else path
     model = build_from_spec(data["spec"], module=module)
     try:
         model.load_state_dict(data["state_dict"], strict=True)

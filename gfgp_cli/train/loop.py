@@ -169,7 +169,7 @@ def train(checkpoint: str, data: str, out: str, *, recipe: Optional[str] = None,
         config, notes = _resume_config(config_from_dict(state["config"]), data, recipe, flags)
         # The run continues where it lies now (the folder may have been moved or copied).
         config = dataclasses.replace(config, out=str(out), checkpoint=str(checkpoint))
-        model = _rebuild(last, model)
+        model = _rebuild(state, model)
         spec = state["spec"]
     else:
         existing = [name for name in RUN_FILES if (run_dir / name).exists()]
@@ -384,16 +384,17 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 256, im
 def load_trained(checkpoint, module: Optional[nn.Module] = None) -> Tuple[nn.Module, Dict[str, Any], Optional[int]]:
     """``(model, spec, image_size)`` of a checkpoint; image_size is what a run trained at (None
     for a plain conversion, whose spec may record its own)."""
-    config = read_checkpoint(checkpoint).get("config")
-    model = load(checkpoint, module=module)
+    data = read_checkpoint(checkpoint)
+    config = data.get("config")
+    model = load(data, module=module)
     return model, get_spec(model), config.get("image_size") if isinstance(config, dict) else None
 
 
-def _rebuild(path: Path, module: Optional[nn.Module]) -> nn.Module:
-    """The model stored in a run checkpoint; an in-memory ``module`` gets the stored weights."""
+def _rebuild(state: Dict[str, Any], module: Optional[nn.Module]) -> nn.Module:
+    """The model stored in a (read) run checkpoint; an in-memory ``module`` gets the stored weights."""
     if module is None:
-        return load(path)
-    module.load_state_dict(read_checkpoint(path)["state_dict"], strict=True)
+        return load(state)
+    module.load_state_dict(state["state_dict"], strict=True)
     return module
 
 
