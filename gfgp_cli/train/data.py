@@ -7,6 +7,10 @@ SPEC is one of:
 - ``cifar10:DIR`` / ``cifar100:DIR``: torchvision's CIFAR sets in DIR (``download=True`` fetches them).
 - ``digits``: the 1,797 real 8x8 handwritten digits bundled with scikit-learn (no download), 10
   classes, upsampled bilinearly to the model's input size, 3 channels, fixed 80/20 train/val split.
+- ``cluttered`` or ``cluttered:SEED``: cluttered digits (:mod:`gfgp_cli.datasets.cluttered`, no
+  download): scikit-learn's real digits at a random position and scale among fragments of other
+  digits on a 32x32 canvas, 6,000 train and 2,000 val images from disjoint source digits,
+  generated from SEED (default 0), resized bilinearly to the model's input size, 3 channels.
 - ``fake`` or ``fake:N``: torchvision FakeData (256 train, 64 val images) with N classes (default:
   the model's number of outputs), for smoke runs.
 
@@ -60,12 +64,17 @@ class DataBundle:
 
 
 def parse_data_spec(spec: str) -> Tuple[str, Optional[str]]:
-    """``(kind, argument)``: kind in {folder, cifar10, cifar100, digits, fake}."""
+    """``(kind, argument)``: kind in {folder, cifar10, cifar100, digits, cluttered, fake}."""
     if not isinstance(spec, str) or not spec.strip():
         raise BadInputError(f"--data is empty; {_SPEC_HELP}")
     spec = spec.strip()
     if spec == "digits":
         return "digits", None
+    if spec == "cluttered" or spec.startswith("cluttered:"):
+        arg = spec[len("cluttered:"):] or None
+        if arg is not None and not arg.isdigit():
+            raise BadInputError(f"--data {spec}: cluttered:SEED needs a seed that is an integer >= 0")
+        return "cluttered", arg
     if spec == "fake" or spec.startswith("fake:"):
         arg = spec[5:] or None
         if arg is not None and not (arg.isdigit() and int(arg) >= 1):
@@ -88,6 +97,12 @@ def load_data(spec: str, image_size: int, num_classes: Optional[int] = None, dow
     kind, arg = parse_data_spec(spec)
     if kind == "digits":
         return _digits(image_size)
+    if kind == "cluttered":
+        from ..datasets import cached_cluttered_digits
+
+        seed = int(arg or 0)
+        train, val = cached_cluttered_digits(seed).datasets(image_size)
+        return DataBundle(f"cluttered:{seed}", train, val, len(train.classes))
     if kind == "fake":
         return _fake(image_size, int(arg) if arg else (num_classes or 10))
     if kind in ("cifar10", "cifar100"):
