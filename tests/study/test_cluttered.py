@@ -120,3 +120,17 @@ def test_bad_arguments_are_one_line_errors(kwargs, word):
     seed = kwargs.pop("seed", 0)
     with pytest.raises(BadInputError, match=word):
         make_cluttered_digits(seed, **kwargs)
+
+
+def test_data_spec_cluttered_is_the_standard_set():
+    from gfgp_cli.datasets import cached_cluttered_digits
+    from gfgp_cli.train.data import load_data, parse_data_spec
+
+    assert parse_data_spec("cluttered") == ("cluttered", None) and parse_data_spec("cluttered:5") == ("cluttered", "5")
+    with pytest.raises(BadInputError, match="cluttered:SEED"):
+        parse_data_spec("cluttered:x")
+    bundle = load_data("cluttered:1", 48)
+    standard = cached_cluttered_digits(1)
+    assert (bundle.name, bundle.num_classes, len(bundle.train), len(bundle.val)) == ("cluttered:1", 10, 6000, 2000)
+    assert torch.equal(bundle.val.images, standard.val_images)
+    assert bundle.train[0][0].shape == (3, 48, 48) and bundle.train[0][1] == int(standard.train_labels[0])

@@ -172,3 +172,11 @@ def test_quick_study_end_to_end(tmp_path):
     rows = _read_csv(tmp_path / "results.csv")
     assert len(rows) == 15 * QUICK["seeds"]
     assert "gfgp-softplus" in result.stdout and (tmp_path / "results.png").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_study_on_cuda(tmp_path):
+    result = run_study("vgg", "max,gfgp", out=tmp_path, device="cuda", **TINY)
+    assert len(result.rows) == 4 and not any(r["diverged"] for r in result.rows)
+    assert "--device cuda" in (tmp_path / "results.md").read_text()
