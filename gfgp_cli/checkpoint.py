@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
+from ._io import atomic_open
 from .errors import BadInputError
 
 __all__ = ["FORMAT", "VERSION", "save", "load", "read_checkpoint", "write_checkpoint", "get_spec", "set_spec"]
@@ -52,31 +52,13 @@ def set_spec(model: nn.Module, spec: Dict[str, Any]) -> None:
 def write_checkpoint(path: PathLike, payload: Dict[str, Any]) -> Path:
     """Atomically write ``payload`` (plus format and version keys) to ``path``.
 
-    The parent folder is created if missing. The data goes to a temporary file in the same folder,
-    is flushed and fsynced, then renamed over ``path``; the folder is fsynced too.
+    The parent folder is created if missing; see :func:`gfgp_cli._io.atomic_open`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": FORMAT, "version": VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # pragma: no cover - some filesystems do not allow fsync on folders
-        pass
+    with atomic_open(path, "wb") as f:
+        torch.save(data, f)
     return path
 
 

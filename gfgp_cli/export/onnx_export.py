@@ -18,8 +18,9 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
+from .._io import atomic_open
 from ..errors import BadInputError, WorkFailedError
 from .maxent_function import DOMAIN, DOMAIN_VERSION, MIN_OPSET, maxent_pool2d_function
 
@@ -431,26 +432,10 @@ def _write(proto, out: Path, inline: bool) -> Optional[Path]:
         payload = proto.SerializeToString()
     except ValueError as e:  # pragma: no cover - the weights went to the data file above
         raise WorkFailedError(f"the ONNX graph is too large to serialise ({_first_line(e)})") from e
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        _check(tmp)  # by path, beside its data file: external tensors are checked too
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a new file's mode
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # checked by path, beside its data file: external tensors are checked too
+    with atomic_open(out, "wb", check=_check) as f:
+        f.write(payload)
     return data
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # --------------------------------------------------------------------------------------------

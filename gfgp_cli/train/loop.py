@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._io import atomic_write_text
 from ..checkpoint import get_spec, load, read_checkpoint
 from ..errors import BadInputError, WorkFailedError
 from .config import RESUME_MUTABLE, TrainConfig, check_device_name, config_from_dict, lr_factor, resolve_config
@@ -499,9 +500,7 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, notes: List[str], force
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
     text = json.dumps({**config.to_dict(), "notes": notes}, indent=2) + "\n"
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, run_dir / "config.json")
+    atomic_write_text(run_dir / "config.json", text)
 
 
 def _param_groups(model: nn.Module, spec: Dict[str, Any], config: TrainConfig, notes: List[str]) -> List[Dict[str, Any]]:

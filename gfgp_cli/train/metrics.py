@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import torch
+
+from .._io import atomic_write_text
 
 __all__ = ["topk_correct", "Meters", "MetricsLog", "Progress", "METRIC_COLUMNS"]
 
@@ -81,9 +82,7 @@ class MetricsLog:
 
     def _rewrite(self, history: List[Dict[str, Any]]) -> None:
         for name, text in (("metrics.csv", self._csv(history)), ("metrics.jsonl", self._jsonl(history))):
-            tmp = self.run_dir / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, self.run_dir / name)
+            atomic_write_text(self.run_dir / name, text)
 
     @staticmethod
     def _csv(rows: List[Dict[str, Any]]) -> str:

@@ -98,7 +98,7 @@ def test_runs_in_a_fresh_onnxruntime_process_without_gfgp(tiny_export, tmp_path)
 
 
 def test_inline_has_no_custom_domain_node_and_gives_the_same_numbers(tiny_export, tiny_export_inline):
-    (model, report), (_, inlined) = tiny_export, tiny_export_inline
+    (_model, report), (_, inlined) = tiny_export, tiny_export_inline
     proto = onnx.load(inlined.path)
     assert inlined.custom_nodes == 0 and inlined.maxent_layers == 3 and inlined.passed
     assert all(n.domain == "" for n in proto.graph.node)
