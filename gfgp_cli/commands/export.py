@@ -64,3 +64,5 @@ def bench_export_command(checkpoint, batch, image_size, repeats, threads, as_jso
 
 
 COMMANDS = [export_cmd]
+# `gfgp bench export` lives in the bench group (gfgp_cli/commands/bench.py).
+SUBCOMMANDS = {"bench": [bench_export_command]}

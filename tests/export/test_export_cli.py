@@ -138,3 +138,12 @@ def test_bench_export_command_prints_both_latencies(checkpoints):
     data = json.loads(result.stdout)
     assert data["torch_ms"] > 0 and data["ort_ms"] > 0 and data["ratio"] == pytest.approx(data["ort_ms"] / data["torch_ms"])
     assert data["max_abs_diff"] < 1e-4 and data["batch"] == 2
+
+
+def test_bench_export_is_a_bench_subcommand():
+    from click.testing import CliRunner
+
+    from gfgp_cli.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "export", "--help"])
+    assert result.exit_code == 0 and "onnxruntime" in result.output
