@@ -14,16 +14,16 @@ __all__ = ["COMMANDS", "study"]
               help="Comma-separated variants: skip, max, avg, maxent, gfgp, gfgp-softplus, and for vgg nin, resnin, se "
                    "[default: all that apply].")
 @click.option("--seeds", type=int, default=None, help="Seeds per variant (0..N-1) [default: 3; --quick 2].")
-@click.option("--epochs", type=int, default=None, help="Training epochs per run [default: 3; --quick 1].")
-@click.option("--train-images", type=int, default=None, help="Cluttered-digits training images [default: 6000; --quick 1000].")
-@click.option("--val-images", type=int, default=None, help="Cluttered-digits validation images [default: 2000; --quick 500].")
+@click.option("--epochs", type=int, default=None, help="Training epochs per run [default: 3; --quick 2].")
+@click.option("--train-images", type=int, default=None, help="Cluttered-digits training images [default: 6000; --quick 2000].")
+@click.option("--val-images", type=int, default=None, help="Cluttered-digits validation images [default: 2000; --quick 1000].")
 @click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the generated data set.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch threads; one is fastest for these small networks on a small or busy CPU.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="study-out", show_default=True,
               help="Folder for results.csv, results.md and results.png.")
-@click.option("--quick", is_flag=True, help="A small setting (2 seeds, 1 epoch, 1000 images): a few minutes on a CPU.")
+@click.option("--quick", is_flag=True, help="A small setting (2 seeds, 2 epochs, 2000 images): a few minutes on a CPU.")
 @click.option("--force", is_flag=True, help="Overwrite results already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def study(family, variants, seeds, epochs, train_images, val_images, data_seed, threads, device, out, quick, force,

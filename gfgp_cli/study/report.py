@@ -22,7 +22,7 @@ ROW_COLUMNS = ("family", "variant", "seed", "epochs", "top1_error", "top5_error"
                "params", "macs", "epoch_time_s", "eval_time_s", "train_images", "val_images", "diverged")
 
 # Columns of the results table (results.md and the terminal).
-TABLE_COLUMNS = ("family", "variant", "top-1 error %", "Δ vs fixed", "seeds", "params", "MACs", "s/epoch")
+TABLE_COLUMNS = ("family", "variant", "top-1 error %", "Δ vs fixed", "params", "MACs", "s/epoch")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -82,10 +82,11 @@ def table_rows(summary: Sequence[Dict[str, Any]]) -> List[List[str]]:
             err = "diverged"
         else:
             err = f"{e['mean']:.2f}" + (f" ± {e['std']:.2f}" if e["std"] is not None else "")
-        seeds = f"{e['runs']}" + (f" ({e['diverged']} diverged)" if e["diverged"] else "")
+        if e["diverged"]:
+            err += f" ({e['diverged']} of {e['runs']} runs diverged)"
         delta = "-" if e["delta"] is None else f"{e['delta']:+.2f}"
         time_s = "-" if e["epoch_time_s"] is None else f"{e['epoch_time_s']:.1f}"
-        rows.append([e["family"], e["variant"], err, delta, seeds, _human(e["params"]), _human(e["macs"]), time_s])
+        rows.append([e["family"], e["variant"], err, delta, _human(e["params"]), _human(e["macs"]), time_s])
     return rows
 
 
@@ -106,8 +107,8 @@ def markdown(result) -> str:
         f"{m['threads']} torch thread(s)",
         f"- Wall time: {result.seconds / 60:.1f} min for {len(result.rows)} runs",
         "",
-        "Top-1 error: on the validation images after the last epoch, mean ± sample standard deviation over "
-        "seeds. Δ vs fixed: the mean minus the best mean among the fixed pools (skip, max, avg) of the family. MACs per "
+        f"Top-1 error: on the validation images after the last epoch, mean ± sample standard deviation over "
+        f"{s.seeds} seed(s). Δ vs fixed: the mean minus the best mean among the fixed pools (skip, max, avg) of the family. MACs per "
         "32x32 image (convolutions and linear layers; the pooling ops are not counted); s/epoch is training time "
         "only.",
         "",
@@ -183,14 +184,22 @@ def machine_info(threads: int) -> Dict[str, Any]:
 
 def render_study(result, as_json: bool = False) -> None:
     """The results table on stdout (or the whole result as JSON)."""
-    from ..console import out, print_json, print_table
+    from ..console import out, print_json
 
     if as_json:
         print_json(result.to_dict())
         return
+    from rich.table import Table
+
     s = result.settings
-    print_table(f"gfgp study: {s.seeds} seed(s) x {s.epochs} epoch(s), {s.train_images} training images",
-                list(TABLE_COLUMNS), table_rows(result.summary),
-                justify_right=[c for c in TABLE_COLUMNS if c not in ("family", "variant")])
+    table = Table(title=f"gfgp study: top-1 error over {s.seeds} seed(s), {s.epochs} epoch(s), {s.train_images} "
+                        "training images", title_justify="left")
+    for c in TABLE_COLUMNS:
+        # Names and errors never wrap or truncate; the other columns give way on narrow terminals.
+        table.add_column(c, justify="left" if c in ("family", "variant") else "right",
+                          no_wrap=c in ("variant", "top-1 error %"))
+    for row in table_rows(result.summary):
+        table.add_row(*row)
+    out.print(table)
     for name, path in result.files.items():
         out.print(f"{name}: {path}", markup=False, highlight=False)

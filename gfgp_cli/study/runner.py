@@ -39,7 +39,7 @@ RECIPE_OVERRIDES = dict(batch_size=32, final_lr_ratio=0.01)
 
 # Defaults of the full study and of --quick (explicit options override either).
 FULL = dict(seeds=3, epochs=3, train_images=6000, val_images=2000)
-QUICK = dict(seeds=2, epochs=1, train_images=1000, val_images=500)
+QUICK = dict(seeds=2, epochs=2, train_images=2000, val_images=1000)
 
 RESULT_FILES = ("results.csv", "results.md", "results.png")
 

@@ -113,6 +113,29 @@ def test_every_variant_of_a_seed_starts_from_the_same_weights():
                            reference["conv1.weight"])
 
 
+def _row(family, variant, seed, error, diverged=False):
+    return {"family": family, "variant": variant, "seed": seed, "top1_error": float("nan") if diverged else error,
+            "params": 10, "macs": 20, "epoch_time_s": float("nan") if diverged else 1.0 + seed, "diverged": diverged}
+
+
+def test_summary_mean_std_delta_and_diverged_runs():
+    from gfgp_cli.study.report import summarize, table_rows
+
+    rows = [_row("vgg", "max", 0, 10.0), _row("vgg", "max", 1, 12.0), _row("vgg", "avg", 0, 11.0),
+            _row("vgg", "avg", 1, 11.5), _row("vgg", "gfgp", 0, 8.0), _row("vgg", "gfgp", 1, 0, diverged=True),
+            _row("resnet", "gfgp", 0, 5.0)]
+    summary = {(e["family"], e["variant"]): e for e in summarize(rows)}
+    assert summary["vgg", "max"]["mean"] == 11.0 and summary["vgg", "max"]["std"] == pytest.approx(2 ** 0.5)
+    assert summary["vgg", "avg"]["delta"] == pytest.approx(0.25)  # best fixed pool: max, 11.0
+    gfgp = summary["vgg", "gfgp"]
+    assert (gfgp["runs"], gfgp["diverged"], gfgp["mean"], gfgp["std"], gfgp["delta"]) == (2, 1, 8.0, None, -3.0)
+    assert gfgp["epoch_time_s"] == 1.0
+    assert summary["resnet", "gfgp"]["delta"] is None  # no fixed pool ran in that family
+    cells = {(r[0], r[1]): r for r in table_rows(list(summary.values()))}
+    assert cells["vgg", "gfgp"][2:4] == ["8.00 (1 of 2 runs diverged)", "-3.00"]
+    assert cells["vgg", "max"][2] == "11.00 ± 1.41" and cells["resnet", "gfgp"][3] == "-"
+
+
 # --- a tiny study, end to end --------------------------------------------------------------------
 
 
