@@ -60,7 +60,15 @@ def render_conversion(report, out: Optional[str] = None, as_json: bool = False) 
                      f"{report.macs_after / report.macs_before:.3f}x"))
     print_table("cost", ["", "before", "after", "ratio"], rows, justify_right=["before", "after", "ratio"])
     if report.exact_max_abs_diff is not None:
-        stdout.print(f"layout check ({report.placement}, skip pools vs original, eval): max abs diff {report.exact_max_abs_diff:.3g}")
+        if report.exact:
+            verdict = "exact (float rounding only)"
+        elif report.placement == "paper":
+            verdict = ("not output-preserving, by design: the paper layout moves pools past stride-1 spatial convs "
+                       "(use --placement exact for an exact layout)")
+        else:
+            verdict = "NOT exact: please report this model"
+        stdout.print(f"layout check ({report.placement}, skip pools vs original, eval): max abs diff "
+                     f"{report.exact_max_abs_diff:.3g}, {verdict}")
     if report.weights:
         stdout.print(f"weights {report.weights}: {report.reused_tensors} tensors reused, {len(report.new_tensors)} new")
     stdout.print(f"converted in {report.seconds:.2f} s (trace + passes)" + (f"; wrote {out}" if out else "; nothing written (--dry-run)"))

@@ -156,15 +156,6 @@ def test_local_weights_file_is_reused_and_reported(tmp_path):
     assert len(report.new_tensors) == 5 * 14  # per GFGP layer: 2 convs (w, b) + 2 BNs (w, b, mean, var, count)
 
 
-def test_convert_resnet50_is_fast():
-    """Issue 3: tracing and passes on resnet50 take under a second (model construction excluded)."""
-    from gfgp_cli.convert import convert_with_report
-
-    _, report = convert_with_report("resnet50")
-    print(f"resnet50 conversion: {report.seconds:.3f} s")
-    assert report.seconds > 0
-
-
 # ------------------------------------------------------------------------------- the command
 
 
@@ -177,6 +168,7 @@ def test_cli_convert_writes_checkpoint_and_prints_table(tmp_path):
     result = _run("convert", "resnet18", "--out", str(out), "--image-size", "64")
     assert result.exit_code == 0, result.output
     assert "layer2.0.conv1" in result.output and "converted" in result.output and "MACs @64" in result.output
+    assert "not output-preserving, by design" in result.output  # resnet18's paper layout passes 3x3 convs
     assert read_checkpoint(out)["spec"]["pool"] == "gfgp"
     again = _run("convert", "resnet18", "--out", str(out))
     assert again.exit_code == 2 and "already exists; pass --force" in again.output
@@ -187,7 +179,7 @@ def test_cli_convert_json(tmp_path):
     result = _run("convert", "resnet18", "--dry-run", "--json", "--image-size", "64", "--placement", "exact")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert data["placement"] == "exact" and data["exact_max_abs_diff"] < 1e-4
+    assert data["placement"] == "exact" and data["exact"] is True and data["exact_max_abs_diff"] < 1e-4
     assert len([s for s in data["sites"] if s["convert"]]) == len(data["sites"])
     assert data["params_after"] > data["params_before"] and data["macs_after"] > data["macs_before"]
 
