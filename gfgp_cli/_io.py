@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterator, Optional, Union
 
-__all__ = ["atomic_open", "atomic_write_text"]
+__all__ = ["atomic_open", "atomic_write_text", "ensure_writable_dir"]
 
 
 def _umask() -> int:
@@ -54,3 +54,21 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_open`)."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def ensure_writable_dir(path: Union[str, os.PathLike], what: str) -> Path:
+    """Create folder ``path`` if needed and prove it is writable, before any work is done.
+
+    Raises BadInputError (exit 2) naming ``what`` (e.g. "the run directory") otherwise.
+    """
+    from .errors import BadInputError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".gfgp-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BadInputError(f"cannot write {what} {path}: {e.strerror or type(e).__name__}") from e
+    return path

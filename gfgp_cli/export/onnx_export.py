@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
-from .._io import atomic_open
+from .._io import atomic_open, ensure_writable_dir
 from ..errors import BadInputError, WorkFailedError
 from .maxent_function import DOMAIN, DOMAIN_VERSION, MIN_OPSET, maxent_pool2d_function
 
@@ -206,13 +206,7 @@ def _check_output_path(path, force: bool) -> Path:
         raise BadInputError(f"ONNX output {out} is a folder; give a file path such as {out / 'model.onnx'}")
     if out.exists() and not force:
         raise BadInputError(f"ONNX output {out} already exists; pass --force (force=True) to overwrite it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise BadInputError(f"cannot write the ONNX output {out}: {e.strerror or type(e).__name__}") from e
+    ensure_writable_dir(out.parent, "the folder of the ONNX output")
     return out
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, ensure_writable_dir
 from ..checkpoint import get_spec, load, read_checkpoint
 from ..errors import BadInputError, WorkFailedError
 from .config import RESUME_MUTABLE, TrainConfig, check_device_name, config_from_dict, lr_factor, resolve_config
@@ -489,13 +489,7 @@ def _eval_loader(dataset, batch_size: int, workers: int, device: torch.device, i
 
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, notes: List[str], force: bool) -> None:
     """Create the run folder, prove it is writable, clear an old run (--force), record the config."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".gfgp-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise BadInputError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from e
+    ensure_writable_dir(run_dir, "the run directory")
     if force:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
