@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make demo: convert -> train -> eval (-> export) on real data, on the CPU, in a few minutes.
+# make demo: convert -> train -> eval -> plot -> export on real data, on the CPU, in a few minutes.
 #
 # The data are the 1,797 handwritten digits bundled with scikit-learn (8x8 pixels, 10 classes; no
 # download), upsampled to 16x16 with a fixed 80/20 train/val split. The model is torchvision's
@@ -31,9 +31,7 @@ gfgp convert resnet18 --num-classes 10 --image-size 16 --out "$OUT/resnet18-gfgp
 gfgp train "$OUT/resnet18-gfgp.pt" --data digits --out "$OUT/run" --recipe paper-resnet --epochs "$EPOCHS" --batch-size 64
 gfgp eval "$OUT/run/best.pt" --data digits --json > "$OUT/eval.json"
 gfgp plot "$OUT/run" --data digits
-if "$PY" -m gfgp_cli export --help > /dev/null 2>&1; then
-  gfgp export "$OUT/run/best.pt" --onnx "$OUT/resnet18-gfgp.onnx" --force
-fi
+gfgp export "$OUT/run/best.pt" --onnx "$OUT/resnet18-gfgp.onnx" --force
 
 "$PY" - "$OUT/eval.json" "$(( $(date +%s) - start ))" <<'PYEOF'
 import json, sys
