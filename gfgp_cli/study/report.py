@@ -124,6 +124,10 @@ def markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Bar colours: fixed pools grey, max-entropy pooling green, GFGP orange, comparison blocks purple.
+_COLORS = {**{name: "#9e9e9e" for name in BASELINES}, "maxent": "#1b9e77", "gfgp": "#d95f02", "block": "#7570b3"}
+
+
 def chart(path: Path, summary: Sequence[Dict[str, Any]], title: str) -> None:
     """results.png: per family, a bar per variant (mean top-1 error, std error bar, seeds as dots)."""
     import matplotlib
@@ -138,8 +142,7 @@ def chart(path: Path, summary: Sequence[Dict[str, Any]], title: str) -> None:
     for ax, family in zip(axes, families):
         entries = [e for e in summary if e["family"] == family]
         xs = range(len(entries))
-        colors = ["#9e9e9e" if e["variant"] in BASELINES else "#d95f02" if e["variant"].startswith("gfgp")
-                  else "#7570b3" for e in entries]
+        colors = [_COLORS.get(e["variant"].split("-")[0], _COLORS["block"]) for e in entries]
         means = [e["mean"] if e["mean"] is not None else 0.0 for e in entries]
         stds = [e["std"] or 0.0 for e in entries]
         ax.bar(xs, means, yerr=stds, color=colors, capsize=4, alpha=0.85)
