@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .._io import atomic_open, atomic_write_text
 from .variants import BASELINES, VARIANTS
 
 __all__ = ["ROW_COLUMNS", "TABLE_COLUMNS", "summarize", "write_csv", "write_outputs", "markdown", "chart",
@@ -25,20 +26,14 @@ ROW_COLUMNS = ("family", "variant", "seed", "epochs", "top1_error", "top5_error"
 TABLE_COLUMNS = ("family", "variant", "top-1 error %", "Δ vs fixed", "params", "MACs", "s/epoch")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
-    """results.csv, rewritten whole (tmp file + rename), so an interrupted study keeps its finished runs."""
+    """results.csv, rewritten whole and atomically, so an interrupted study keeps its finished runs."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=ROW_COLUMNS, lineterminator="\n")
     w.writeheader()
     for row in rows:
         w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items() if k in ROW_COLUMNS})
-    _atomic_write(Path(path), buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -153,16 +148,15 @@ def chart(path: Path, summary: Sequence[Dict[str, Any]], title: str) -> None:
         ax.set_title(f"{family}: {title}", fontsize=10)
         top = max((max(e["errors"]) for e in entries if e["errors"]), default=1.0)
         ax.set_ylim(0, top * 1.15)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
 def write_outputs(out: Path, result) -> Dict[str, str]:
     """results.csv, results.md and results.png in ``out``; returns their paths."""
     out = Path(out)
     write_csv(out / "results.csv", result.rows)
-    _atomic_write(out / "results.md", markdown(result))
+    atomic_write_text(out / "results.md", markdown(result))
     s = result.settings
     chart(out / "results.png", result.summary,
           f"{s.seeds} seed(s), {s.epochs} epoch(s), {s.train_images} training images")

@@ -267,12 +267,8 @@ def _prepare_out(out: Path, force: bool) -> None:
     existing = [name for name in RESULT_FILES if (out / name).exists()]
     if existing and not force:
         raise BadInputError(f"{out} already holds study results ({', '.join(existing)}); pass --force to overwrite them")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".gfgp-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise BadInputError(f"cannot write the study folder {out}: {e.strerror or e}") from e
+    from .._io import ensure_writable_dir
+
+    ensure_writable_dir(out, "the study folder")
     for name in existing:
         (out / name).unlink()
