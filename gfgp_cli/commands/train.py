@@ -11,7 +11,7 @@ _RECIPES = ["paper-vgg", "paper-resnet", "finetune"]
 
 @click.command("train")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, help="ImageFolder DIR (train/ and val/), cifar10:DIR, cifar100:DIR, digits or fake[:N].")
+@click.option("--data", required=True, help="ImageFolder DIR (train/ and val/), cifar10:DIR, cifar100:DIR, digits, cluttered[:SEED] or fake[:N].")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics, config.json).")
 @click.option("--recipe", type=click.Choice(_RECIPES), default=None,
               help="PAPER.md section 5 recipe [default: paper-vgg for VGG models, else paper-resnet].")
@@ -64,7 +64,7 @@ def train(checkpoint, data, out, recipe, resume, force, as_json, compile_, **fla
 
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, help="ImageFolder DIR, cifar10:DIR, cifar100:DIR, digits or fake[:N] (its validation set).")
+@click.option("--data", required=True, help="ImageFolder DIR, cifar10:DIR, cifar100:DIR, digits, cluttered[:SEED] or fake[:N] (its validation set).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per forward pass.")
 @click.option("--image-size", type=int, default=None, help="Input height = width [default: the checkpoint's, else 224].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

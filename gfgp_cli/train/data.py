@@ -50,7 +50,7 @@ DIGITS_VAL_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
 FAKE_TRAIN, FAKE_VAL = 256, 64
 
-_SPEC_HELP = "give an ImageFolder folder with train/ and val/, cifar10:DIR, cifar100:DIR, digits or fake"
+_SPEC_HELP = "give an ImageFolder folder with train/ and val/, cifar10:DIR, cifar100:DIR, digits, cluttered[:SEED] or fake[:N]"
 
 
 @dataclass
