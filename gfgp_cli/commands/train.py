@@ -30,6 +30,8 @@ _RECIPES = ["paper-vgg", "paper-resnet", "finetune"]
 @click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm across processes (CUDA, under torchrun) [default: off].")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: auto].")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes [default: 0].")
+@click.option("--threads", type=int, default=None,
+              help="torch threads per process [default: torch's]; 1 is often much faster on a busy CPU.")
 @click.option("--seed", type=int, default=None, help="Seed of initial randomness and data order [default: 0].")
 @click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels only (exactly repeatable runs) [default: off].")
 @click.option("--save-every-steps", type=int, default=None, help="Also write last.pt every N optimizer steps inside an epoch [default: 0, epoch ends only].")

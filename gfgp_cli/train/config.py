@@ -66,6 +66,7 @@ class TrainConfig:
     image_size: Optional[int] = None  # None: from the model's spec, else 224
     workers: int = 0
     download: bool = False
+    threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     # execution
     device: str = "auto"
     amp: bool = False
@@ -82,7 +83,7 @@ class TrainConfig:
 
 
 # Fields a resumed run may change without breaking exactness (where and how fast it runs).
-RESUME_MUTABLE = ("checkpoint", "epochs", "workers", "device", "download", "compile")
+RESUME_MUTABLE = ("checkpoint", "epochs", "workers", "threads", "device", "download", "compile")
 
 _AMP_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
 
@@ -154,6 +155,8 @@ def _check(v: Dict[str, Any]) -> None:
         raise BadInputError(f"--image-size must be a positive integer, got {v['image_size']!r}")
     if v.get("workers", 0) < 0:
         raise BadInputError(f"--workers must be >= 0, got {v['workers']!r}")
+    if v.get("threads") is not None and (not isinstance(v["threads"], int) or v["threads"] < 1):
+        raise BadInputError(f"--threads must be a positive integer, got {v['threads']!r}")
     if v.get("save_every_steps", 0) < 0:
         raise BadInputError(f"--save-every-steps must be >= 0, got {v['save_every_steps']!r}")
     check_device_name(v.get("device", "auto"))

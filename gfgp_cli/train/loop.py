@@ -205,6 +205,8 @@ def _main(config: TrainConfig, model: nn.Module, spec: Dict[str, Any], state: Op
           notes: List[str], info: DistInfo) -> TrainResult:
     run_dir = Path(config.out)
     device = resolve_device(config.device, info)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     model.to(device)
     bundle, image_size = prepare_data(model, spec, config.data, config.image_size, device, config.download)
     config = dataclasses.replace(config, image_size=image_size)
