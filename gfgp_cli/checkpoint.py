@@ -76,10 +76,15 @@ def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        # torch's weights-only unpickler names what it refused: "Unsupported global: GLOBAL x.y"
+        # for an object whose loading would call code; anything else is a damaged file.
+        detail = str(e)[str(e).find("WeightsUnpickler error:"):].split("\n")[0].removeprefix("WeightsUnpickler error:")
+        if "Unsupported global" not in detail:
+            raise BadInputError(f"cannot read checkpoint {path}: the file is corrupt or truncated") from e
+        refused = detail.split(" was not an allowed global")[0].strip()
         raise BadInputError(
             f"refused to load {path}: it is not a plain-data checkpoint and loading it would run code "
-            f"({first[:160]}); gfgp checkpoints hold only tensors and plain values"
+            f"({refused}); gfgp checkpoints hold only tensors and plain values"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as e:
         raise BadInputError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({type(e).__name__})") from e

@@ -27,6 +27,7 @@ from torch import nn
 
 import graph_passes
 
+from ._io import ensure_writable_dir
 from .errors import BadInputError
 from graph_passes.insert import insert_before_pools
 
@@ -399,6 +400,7 @@ def convert_to_file(model: str, out: Optional[Union[str, Path]], *, force: bool 
             raise BadInputError(f"--out {out} is a folder; give a file path such as {out / 'model.pt'}")
         if out.exists() and not force:
             raise BadInputError(f"{out} already exists; pass --force to overwrite it")
+        ensure_writable_dir(out.parent, "the folder of --out")
     gm, report = convert_with_report(model, measure=True, **options)
     if not dry_run:
         save(gm, out)

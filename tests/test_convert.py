@@ -276,3 +276,17 @@ def test_weights_with_other_num_classes_keep_a_fresh_classifier_and_record_new_p
     assert torch.equal(model.state_dict()["conv1.weight"], src.conv1.weight)
     path = gfgp_cli.save(model, tmp_path / "m.pt")
     assert gfgp_cli.load(path).meta["gfgp_spec"]["new_parameters"] == spec["new_parameters"]
+
+
+def test_garbage_file_is_called_corrupt_not_unsafe(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        gfgp_cli.load(junk)
+
+
+def test_unwritable_out_folder_fails_before_converting(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _run("convert", "resnet18", "--out", str(blocker / "m.pt"))
+    assert result.exit_code == 2 and "cannot write the folder of --out" in result.output

@@ -194,10 +194,12 @@ def main(config: TrainConfig, model: nn.Module, spec: Dict[str, Any], *, state: 
     ``last.pt`` checkpoint). Joins torchrun's process group when launched by it."""
     notes = list(notes or [])
     info = init_distributed(_wants_cuda(config.device))
+    threads = torch.get_num_threads()  # --threads applies to this run only (train() is a library call)
     try:
         with _determinism(config.deterministic):
             return _main(config, model, spec, state, force, notes, info)
     finally:
+        torch.set_num_threads(threads)
         cleanup_distributed(info)
 
 

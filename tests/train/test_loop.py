@@ -44,7 +44,7 @@ def test_epoch_boundary_resume_equals_an_uninterrupted_run(tmp_path, train_tiny,
                     resume=True, epochs=2)
     a = read_checkpoint(tmp_path / "whole" / "last.pt")["state_dict"]
     b = read_checkpoint(tmp_path / "split" / "last.pt")["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.final == whole.final | {"images_per_s": resumed.final["images_per_s"],
                                            "epoch_time_s": resumed.final["epoch_time_s"]}
 

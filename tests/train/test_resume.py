@@ -58,10 +58,11 @@ def test_ctrl_c_saves_last_pt_and_exits_130_then_resumes(tmp_path, converted, su
          "--epochs", "30", "--batch-size", "16", "--save-every-steps", "2"],
         cwd=ROOT, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 900  # a hang guard, not a speed check: a busy CI machine is fine
         while not (run / "last.pt").exists():  # training is under way
             assert proc.poll() is None, proc.communicate()[1][-2000:]
-            assert time.monotonic() < deadline
+            if time.monotonic() > deadline:
+                pytest.fail("the training process wrote no last.pt in 15 minutes: hung?")
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
