@@ -159,14 +159,9 @@ def test_divergence_exits_1_with_one_line(converted, tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_threads_flag_sets_torch_threads_and_is_recorded(tmp_path, converted):
-    before = torch.get_num_threads()  # 1: the one_thread fixture
-    try:
-        result = _invoke("train", converted, "--data", "fake", "--out", tmp_path / "run", "--epochs", 1, "--threads", 2)
-        assert result.exit_code == 0, result.output
-        assert torch.get_num_threads() == 2 != before
-        assert json.loads((tmp_path / "run" / "config.json").read_text())["threads"] == 2
-    finally:
-        torch.set_num_threads(before)
+def test_threads_flag_is_recorded_and_checked(tmp_path, converted):
+    result = _invoke("train", converted, "--data", "fake", "--out", tmp_path / "run", "--epochs", 1, "--threads", 2)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["threads"] == 2
     bad = _invoke("train", converted, "--data", "fake", "--out", tmp_path / "run2", "--threads", 0)
     assert bad.exit_code == 2 and "--threads must be a positive integer" in bad.output

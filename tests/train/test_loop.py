@@ -205,3 +205,25 @@ def test_pretrained_spec_defaults_to_finetune_with_recorded_new_parameters_at_fu
     groups = {g["name"]: g for g in read_checkpoint(tmp_path / "ft" / "last.pt")["optimizer"]["param_groups"]}
     assert len(groups["new"]["params"]) == 2 and len(groups["reused"]["params"]) == len(names) - 2
     assert groups["reused"]["initial_lr"] < groups["new"]["initial_lr"]
+
+
+class _RecordThreads(torch.nn.Module):
+    """Identity that records torch's thread count at every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = set()
+
+    def forward(self, x):
+        self.seen.add(torch.get_num_threads())
+        return x
+
+
+def test_threads_apply_during_the_run_and_are_restored_after(tmp_path, tiny_model, tiny_spec):
+    before = torch.get_num_threads()  # 1: the one_thread fixture
+    recorder = _RecordThreads()
+    model = torch.nn.Sequential(recorder, *tiny_model())
+    train("tiny.pt", "digits", str(tmp_path / "t"), model=model, spec=tiny_spec, image_size=8, batch_size=64,
+          seed=0, epochs=1, threads=2)
+    assert recorder.seen == {2}
+    assert torch.get_num_threads() == before != 2
