@@ -15,6 +15,7 @@ checkpoint can rebuild the model by replaying this function (:func:`build_from_s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import time
@@ -191,6 +192,17 @@ def _load_weights(model: nn.Module, name: Optional[str], weights: str) -> List[s
     return sorted(set(own) - set(fitting))
 
 
+@contextlib.contextmanager
+def _seeded(seed: Optional[int]):
+    """Run the block with torch's CPU RNG seeded, leaving the caller's RNG state untouched."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -224,6 +236,7 @@ def convert_with_report(
     include_patch_embed: bool = False,
     image_size: Optional[int] = None,
     comparison: Optional[str] = None,
+    seed: Optional[int] = None,
     measure: bool = False,
     **model_kwargs: Any,
 ) -> tuple:
@@ -246,22 +259,23 @@ def convert_with_report(
     else:
         raise BadInputError(f"pool must be one of {sorted(POOLS)} or a callable, got {pool!r}")
 
-    original, name, source = _resolve(model, dict(model_kwargs))
-    not_loaded = _load_weights(original, name, weights) if weights is not None else []
-    original.eval()
-    size = image_size or default_image_size(name)
-    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with _seeded(seed):  # new layers (and a model built from a name) get reproducible weights
+        original, name, source = _resolve(model, dict(model_kwargs))
+        not_loaded = _load_weights(original, name, weights) if weights is not None else []
+        original.eval()
+        size = image_size or default_image_size(name)
+        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
 
-    start = time.perf_counter()
-    gm, record = graph_passes.pipeline(
-        original, example, placement=placement, factory=None if comparison else factory,
-        include_patch_embed=include_patch_embed,
-    )
-    if comparison:  # PAPER.md section 4: a block in front of each max/avg pool, then the pools
-        block = COMPARISON_MODULES[comparison]
-        gm = insert_before_pools(gm, lambda site: block(site.channels), comparison, example_input=example)
-        gm = graph_passes.replace_pools(gm, factory, example_input=example)
-    seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        gm, record = graph_passes.pipeline(
+            original, example, placement=placement, factory=None if comparison else factory,
+            include_patch_embed=include_patch_embed,
+        )
+        if comparison:  # PAPER.md section 4: a block in front of each max/avg pool, then the pools
+            block = COMPARISON_MODULES[comparison]
+            gm = insert_before_pools(gm, lambda site: block(site.channels), comparison, example_input=example)
+            gm = graph_passes.replace_pools(gm, factory, example_input=example)
+        seconds = time.perf_counter() - start
 
     before = {k: v for k, v in original.state_dict().items() if k not in not_loaded}
     after = gm.state_dict()
@@ -326,7 +340,8 @@ def convert(model: Union[str, nn.Module], pool: Union[str, PoolFactory] = "gfgp"
             (``"sigmoid"`` or ``"softplus"``), ``include_patch_embed``, ``image_size`` (of the
             example used for shapes), ``comparison`` (``"nin"``, ``"resnin"`` or ``"se"``: insert
             that block before each max/avg pool, PAPER.md section 4; use with ``pool="skip"`` to
-            keep the pools), and torchvision constructor kwargs.
+            keep the pools), ``seed`` (seed the initial weights of the model and of the new
+            layers; default: torch's global RNG), and torchvision constructor kwargs.
 
     Returns:
         torch.fx.GraphModule in training mode whose unchanged layers keep their qualified names

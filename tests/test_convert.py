@@ -290,3 +290,15 @@ def test_unwritable_out_folder_fails_before_converting(tmp_path):
     blocker.write_text("")
     result = _run("convert", "resnet18", "--out", str(blocker / "m.pt"))
     assert result.exit_code == 2 and "cannot write the folder of --out" in result.output
+
+
+def test_seed_makes_initial_weights_reproducible_without_touching_global_rng():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = convert("resnet18", seed=5, image_size=32).state_dict()
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
+    b = convert("resnet18", seed=5, image_size=32).state_dict()
+    c = convert("resnet18", seed=6, image_size=32).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["layer2.0.pool.conv1.weight"], c["layer2.0.pool.conv1.weight"])

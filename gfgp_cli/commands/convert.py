@@ -21,11 +21,12 @@ _POOLS = ["gfgp", "maxent", "max", "avg", "skip"]
 @click.option("--module", "comparison", type=click.Choice(["nin", "resnin", "se"]), default=None,
               help="Insert this comparison block (GFGP's parameter count) before each max/avg pool, which stays.")
 @click.option("--include-patch-embed", is_flag=True, help="Also convert patch-embedding convs (kernel == stride >= 4).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights (model and new layers).")
 @click.option("--dry-run", is_flag=True, help="Convert and report, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 def convert_cmd(model, out, pool, placement, activation, weights, num_classes, image_size, comparison, include_patch_embed,
-                dry_run, as_json, force):
+                seed, dry_run, as_json, force):
     """Convert MODEL (a torchvision model name) to GFGP pooling and write a checkpoint.
 
     Finds the strided convolutions and pooling layers, splits each strided conv into a stride-1
@@ -47,7 +48,7 @@ def convert_cmd(model, out, pool, placement, activation, weights, num_classes, i
     pool = pool or ("skip" if comparison else "gfgp")
     report = convert_to_file(
         model, out, force=force, dry_run=dry_run, pool=pool, placement=placement, activation=activation,
-        weights=weights, image_size=image_size, comparison=comparison, include_patch_embed=include_patch_embed, **kwargs,
+        weights=weights, image_size=image_size, comparison=comparison, seed=seed, include_patch_embed=include_patch_embed, **kwargs,
     )
     render_conversion(report, out=None if dry_run else out, as_json=as_json)
 
