@@ -13,22 +13,9 @@ from typing import Callable, Dict, Mapping
 
 import torch
 
+from ..devices import resolve_device
+
 __all__ = ["interleaved_medians", "saved_tensor_bytes", "device_sync", "describe_device", "resolve_device"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``torch.device(name)``, with a one-line ValueError for a bad name or a missing CUDA device."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu or cuda (cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} requested but no CUDA device is available; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {name} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported by the benchmarks; use cpu or cuda")
-    return device
 
 
 def device_sync(device: torch.device) -> Callable[[], None]:

@@ -126,7 +126,7 @@ def resolve_settings(family: str = "all", variants: Optional[Union[str, Sequence
     _positive("train-images", values["train_images"], batch)  # at least one batch
     _positive("data-seed", data_seed, 0)
     _positive("threads", threads)
-    from ..train.config import check_device_name
+    from ..devices import check_device_name
 
     check_device_name(device)
     names = tuple(dict.fromkeys(v.name for _, v in pairs))

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..devices import check_device_name
 from ..errors import BadInputError
 
 __all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "resolve_config", "lr_factor", "config_from_dict"]
@@ -160,11 +161,6 @@ def _check(v: Dict[str, Any]) -> None:
     if v.get("save_every_steps", 0) < 0:
         raise BadInputError(f"--save-every-steps must be >= 0, got {v['save_every_steps']!r}")
     check_device_name(v.get("device", "auto"))
-
-
-def check_device_name(device: str) -> None:
-    if device not in ("auto", "cpu", "cuda") and not (str(device).startswith("cuda:") and str(device)[5:].isdigit()):
-        raise BadInputError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def lr_factor(config: TrainConfig, epoch: int) -> float:

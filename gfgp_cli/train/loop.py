@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from .._io import atomic_write_text, ensure_writable_dir
 from ..checkpoint import get_spec, load, read_checkpoint
+from ..devices import resolve_device as _resolve_device
 from ..errors import BadInputError, WorkFailedError
 from .config import RESUME_MUTABLE, TrainConfig, check_device_name, config_from_dict, lr_factor, resolve_config
 from .data import DataBundle, ResumableSampler, SeededSamples, ShardSampler, load_data
@@ -536,19 +537,7 @@ def _wants_cuda(device: str) -> bool:
 
 def resolve_device(device: str, info: DistInfo = DistInfo()) -> torch.device:
     """auto, cpu, cuda or cuda:N as a torch.device (under torchrun, cuda is cuda:LOCAL_RANK)."""
-    check_device_name(device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BadInputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-        if device == "cuda":
-            return torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
-        dev = torch.device(device)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise BadInputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
-        return dev
-    return torch.device("cpu")
+    return _resolve_device(device, info.local_rank if info.enabled else None)
 
 
 def _amp_dtype(device: torch.device, config: TrainConfig, notes: List[str]) -> Optional[torch.dtype]:

@@ -74,8 +74,8 @@ def test_bench_pool_options_change_what_is_run():
     (["--case", "16x256x56:k2:s2"], "case must look like NxCxHxW:kK:sS[:pP]"),
     (["--case", "1x1x4x4:k3:s2:p2"], "padding must be between 0 and half the kernel"),
     (["--case", "1x1x2x2:k5:s1"], "does not fit"),
-    (["--device", "nosuchdevice"], "unknown device 'nosuchdevice'"),
-    (["--device", "meta"], "not supported by the benchmarks"),
+    (["--device", "nosuchdevice"], "--device must be auto, cpu, cuda or cuda:N, got 'nosuchdevice'"),
+    (["--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got 'meta'"),
     pytest.param(["--device", "cuda"], "no CUDA device is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
 ])

@@ -134,7 +134,7 @@ def test_bad_input_exits_2_with_one_line(converted, tmp_path):
         "has no metrics.jsonl": ["plot", tmp_path],
     }
     if not torch.cuda.is_available():
-        cases["no CUDA GPU"] = ["train", converted, "--data", "fake", "--out", out, "--device", "cuda"]
+        cases["no CUDA device is available"] = ["train", converted, "--data", "fake", "--out", out, "--device", "cuda"]
     for needle, args in cases.items():
         line = _one_line_error(_invoke(*args))
         assert needle in line, (needle, line)

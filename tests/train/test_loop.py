@@ -128,7 +128,7 @@ def test_existing_run_needs_resume_or_force_and_is_left_untouched(tmp_path, trai
     (dict(batch_size=4096), "fewer than one batch"),
     (dict(image_size=1), "does not run on 1x1 images"),
     (dict(data="fake:3"), "--num-classes 3"),
-    (dict(device="cuda"), "no CUDA GPU"),
+    (dict(device="cuda"), "no CUDA device is available"),
     (dict(sync_bn=True), "--sync-bn needs CUDA"),
     (dict(amp=True, amp_dtype="fp16"), "fp16 needs CUDA"),
 ])
