@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterator, Optional, Union
 
-__all__ = ["atomic_open", "atomic_write_text", "ensure_writable_dir"]
+__all__ = ["atomic_open", "atomic_write_text", "ensure_writable_dir", "check_output_file"]
 
 
 def _umask() -> int:
@@ -72,3 +72,18 @@ def ensure_writable_dir(path: Union[str, os.PathLike], what: str) -> Path:
     except OSError as e:
         raise BadInputError(f"cannot write {what} {path}: {e.strerror or type(e).__name__}") from e
     return path
+
+
+def check_output_file(path: Union[str, os.PathLike], *, force: bool, what: str, example: str) -> Path:
+    """Check an output file before any work: not a folder, not existing unless ``force``, and a
+    writable folder (created if missing). ``what`` names it in messages ("--out", "the ONNX
+    output"); ``example`` is a file name to suggest when ``path`` is a folder."""
+    from .errors import BadInputError
+
+    out = Path(path)
+    if out.is_dir():
+        raise BadInputError(f"{what} {out} is a folder; give a file path such as {out / example}")
+    if out.exists() and not force:
+        raise BadInputError(f"{what} {out} already exists; pass --force to overwrite it")
+    ensure_writable_dir(out.parent, f"the folder of {what}")
+    return out

@@ -28,7 +28,7 @@ from torch import nn
 
 import graph_passes
 
-from ._io import ensure_writable_dir
+from ._io import check_output_file
 from .errors import BadInputError
 from graph_passes.insert import insert_before_pools
 
@@ -410,12 +410,7 @@ def convert_to_file(model: str, out: Optional[Union[str, Path]], *, force: bool 
     if not dry_run:
         if out is None:
             raise BadInputError("give the checkpoint path with --out PATH (or use --dry-run)")
-        out = Path(out)
-        if out.is_dir():
-            raise BadInputError(f"--out {out} is a folder; give a file path such as {out / 'model.pt'}")
-        if out.exists() and not force:
-            raise BadInputError(f"{out} already exists; pass --force to overwrite it")
-        ensure_writable_dir(out.parent, "the folder of --out")
+        out = check_output_file(out, force=force, what="--out", example="model.pt")
     gm, report = convert_with_report(model, measure=True, **options)
     if not dry_run:
         save(gm, out)

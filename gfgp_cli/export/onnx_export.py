@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
-from .._io import atomic_open, ensure_writable_dir
+from .._io import atomic_open, check_output_file
 from ..errors import BadInputError, WorkFailedError
 from .maxent_function import DOMAIN, DOMAIN_VERSION, MIN_OPSET, maxent_pool2d_function
 
@@ -201,13 +201,7 @@ def export_checkpoint(checkpoint: Union[str, os.PathLike], path: Union[str, os.P
 def _check_output_path(path, force: bool) -> Path:
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise BadInputError(f"the ONNX output path must be a file path, got {path!r}")
-    out = Path(path)
-    if out.is_dir():
-        raise BadInputError(f"ONNX output {out} is a folder; give a file path such as {out / 'model.onnx'}")
-    if out.exists() and not force:
-        raise BadInputError(f"ONNX output {out} already exists; pass --force (force=True) to overwrite it")
-    ensure_writable_dir(out.parent, "the folder of the ONNX output")
-    return out
+    return check_output_file(path, force=force, what="the ONNX output", example="model.onnx")
 
 
 def _check_opset(opset: Optional[int]) -> Optional[int]:
