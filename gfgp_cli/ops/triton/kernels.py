@@ -86,6 +86,31 @@ def _window_max(x_base, lam, i, j, mask, H, W, sxh, sxw, SH, SW, PH, PW,
 
 
 @triton.jit
+def _window_sums(x_base, lam, m, y, i, j, mask, H, W, sxh, sxw, SH, SW, PH, PW,
+                 KH: tl.constexpr, KW: tl.constexpr, CENTRED: tl.constexpr, BLOCK: tl.constexpr):
+    """(S, T) over each lane's window with e = exp(lam x - m), padded positions excluded:
+    S = sum e (1 on masked lanes, so callers may divide by it) and T = sum e x, or with
+    ``CENTRED`` T = sum e (x - y)^2 (``y`` is ignored otherwise)."""
+    s = tl.full([BLOCK], 0.0, tl.float32)
+    t = tl.full([BLOCK], 0.0, tl.float32)
+    for a in tl.static_range(KH):
+        r = i * SH - PH + a
+        row_ok = mask & (r >= 0) & (r < H)
+        for b in tl.static_range(KW):
+            col = j * SW - PW + b
+            ok = row_ok & (col >= 0) & (col < W)
+            xv = tl.load(x_base + r * sxh + col * sxw, mask=ok, other=0.0).to(tl.float32)
+            e = tl.exp(tl.where(ok, lam * xv - m, float("-inf")))  # padded: exp(-inf) = 0
+            s += e
+            if CENTRED:
+                d = xv - y
+                t += e * d * d
+            else:
+                t += e * xv
+    return tl.where(mask, s, 1.0), t
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, lam_ptr, y_ptr, total, C, H, W, OH, OW,
     sxn, sxc, sxh, sxw, sln, slc, slh, slw, syn, syc, syh, syw,
@@ -98,19 +123,7 @@ def _forward_kernel(
     lam = tl.load(lam_ptr + n * sln + c * slc + i * slh + j * slw, mask=mask, other=0.0).to(tl.float32)
     x_base = x_ptr + n * sxn + c * sxc
     m = _window_max(x_base, lam, i, j, mask, H, W, sxh, sxw, SH, SW, PH, PW, KH, KW, BLOCK)
-    s = tl.full([BLOCK], 0.0, tl.float32)
-    acc = tl.full([BLOCK], 0.0, tl.float32)
-    for a in tl.static_range(KH):
-        r = i * SH - PH + a
-        row_ok = mask & (r >= 0) & (r < H)
-        for b in tl.static_range(KW):
-            col = j * SW - PW + b
-            ok = row_ok & (col >= 0) & (col < W)
-            xv = tl.load(x_base + r * sxh + col * sxw, mask=ok, other=0.0).to(tl.float32)
-            e = tl.exp(tl.where(ok, lam * xv - m, float("-inf")))  # padded: exp(-inf) = 0
-            s += e
-            acc += e * xv
-    s = tl.where(mask, s, 1.0)
+    s, acc = _window_sums(x_base, lam, m, m, i, j, mask, H, W, sxh, sxw, SH, SW, PH, PW, KH, KW, False, BLOCK)
     tl.store(y_ptr + n * syn + c * syc + i * syh + j * syw, (acc / s).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -130,20 +143,7 @@ def _window_stats_kernel(
     g = tl.load(g_ptr + n * sgn + c * sgc + i * sgh + j * sgw, mask=mask, other=0.0).to(tl.float32)
     x_base = x_ptr + n * sxn + c * sxc
     m = _window_max(x_base, lam, i, j, mask, H, W, sxh, sxw, SH, SW, PH, PW, KH, KW, BLOCK)
-    s = tl.full([BLOCK], 0.0, tl.float32)
-    v = tl.full([BLOCK], 0.0, tl.float32)
-    for a in tl.static_range(KH):
-        r = i * SH - PH + a
-        row_ok = mask & (r >= 0) & (r < H)
-        for b in tl.static_range(KW):
-            col = j * SW - PW + b
-            ok = row_ok & (col >= 0) & (col < W)
-            xv = tl.load(x_base + r * sxh + col * sxw, mask=ok, other=0.0).to(tl.float32)
-            e = tl.exp(tl.where(ok, lam * xv - m, float("-inf")))  # padded: exp(-inf) = 0
-            d = xv - y
-            s += e
-            v += e * d * d
-    s = tl.where(mask, s, 1.0)
+    s, v = _window_sums(x_base, lam, m, y, i, j, mask, H, W, sxh, sxw, SH, SW, PH, PW, KH, KW, True, BLOCK)
     o = n * son + c * soc + i * soh + j * sow
     tl.store(lse_ptr + o, m + tl.log(s), mask=mask)
     tl.store(glam_ptr + o, g * v / s, mask=mask)
