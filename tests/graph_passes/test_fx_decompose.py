@@ -74,31 +74,26 @@ def test_top_level_conv_gets_root_pool_and_names_do_not_collide():
     assert list(skip_pools(gm)) == ["pool", "pool1"]
 
 
+class _SharedStridedConv(nn.Module):
+    """One strided conv module called twice in a row."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.conv(x))
+
+
 def test_shared_conv_called_twice_is_decomposed_at_both_calls():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, stride=2, padding=1)
-
-        def forward(self, x):
-            return self.conv(self.conv(x))
-
-    model = M()
+    model = _SharedStridedConv()
     gm = _decomposed(model)
     assert len(skip_pools(gm)) == 2
     assert_same_function(model, gm, [16, 15, 9])
 
 
 def test_partial_site_list_for_shared_conv_is_refused():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, stride=2, padding=1)
-
-        def forward(self, x):
-            return self.conv(self.conv(x))
-
-    gm = gp.trace(M())
+    gm = gp.trace(_SharedStridedConv())
     sites = gp.find_sites(gm, torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="called 2 times"):
         gp.decompose(gm, sites[:1])

@@ -56,6 +56,12 @@ def tiny_spec():
 
 
 @pytest.fixture
+def fail_at():
+    """fail_at(at, how): identity until training forward ``at``, then "kill" or "nan" (tiny_run.FailAt)."""
+    return tiny_run.FailAt
+
+
+@pytest.fixture
 def train_tiny():
     """train_tiny(out, model=None, data="digits", **flags): gfgp_cli.train.train on the tiny model."""
     return tiny_run.train_tiny

@@ -49,25 +49,9 @@ def test_epoch_boundary_resume_equals_an_uninterrupted_run(tmp_path, train_tiny,
                                            "epoch_time_s": resumed.final["epoch_time_s"]}
 
 
-class _DivergesAt(torch.nn.Module):
-    """Passes its input through until training forward number ``at``, then returns NaN (a stand-in
-    for a run that diverges, at a known step)."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at, self.calls = at, 0
-
-    def forward(self, x):
-        if self.training:
-            self.calls += 1
-            if self.calls >= self.at:
-                return x * float("nan")
-        return x
-
-
-def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, train_tiny, tiny_model):
+def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, train_tiny, tiny_model, fail_at):
     run = tmp_path / "run"
-    model = torch.nn.Sequential(tiny_model(), _DivergesAt(30))  # step 30 = epoch 2, step 8
+    model = torch.nn.Sequential(tiny_model(), fail_at(30, "nan"))  # step 30 = epoch 2, step 8
     with pytest.raises(WorkFailedError, match=r"diverged: the loss became nan at epoch 2 step 8") as info:
         train_tiny(run, model=model, epochs=3, save_every_steps=3)
     assert "last.pt keeps the last good state" in str(info.value)

@@ -46,18 +46,22 @@ def train_tiny(out, model=None, data="digits", dropout: float = 0.2, **flags):
                  **{**FAST, **flags})
 
 
-class KillAt(nn.Module):
-    """Identity, except that training forward number ``at`` SIGKILLs the process."""
+class FailAt(nn.Module):
+    """Identity until training forward number ``at``; from then on ``how``: "kill" SIGKILLs the
+    process, "nan" returns NaN (a run that diverges at a known step). No parameters, so the
+    model's state_dict is unchanged."""
 
-    def __init__(self, at: int) -> None:
+    def __init__(self, at: int, how: str) -> None:
         super().__init__()
-        self.at, self.calls = at, 0
+        self.at, self.how, self.calls = at, how, 0
 
     def forward(self, x):
         if self.training:
             self.calls += 1
-            if self.calls == self.at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if self.calls >= self.at:
+                if self.how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return x * float("nan")
         return x
 
 
@@ -65,6 +69,6 @@ if __name__ == "__main__":
     out, flags, rest = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
     model = tiny_model(dropout=flags.pop("dropout", 0.2))
     if "--kill-at" in rest:
-        model.append(KillAt(int(rest[rest.index("--kill-at") + 1])))  # no parameters: same state_dict
+        model.append(FailAt(int(rest[rest.index("--kill-at") + 1]), "kill"))
     result = train_tiny(out, model=model, resume="--resume" in rest, **flags)
     print(json.dumps({"epochs": result.epochs, "interrupted": result.interrupted, "final": result.final}))
