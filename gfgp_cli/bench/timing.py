@@ -78,4 +78,7 @@ def describe_device(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     import platform
 
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    from ..cpu_memory import allocator_description
+
+    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
+            f"(torch {torch.__version__}); {allocator_description()}")

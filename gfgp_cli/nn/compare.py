@@ -16,6 +16,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from .pooling import global_avg_pool
+
 __all__ = ["NiNBlock", "ResNiNBlock", "SEBlock", "COMPARISON_MODULES"]
 
 
@@ -59,7 +61,7 @@ class SEBlock(_MLP):
     """Squeeze-and-excitation with GFGP's MLP: ``x * sigmoid(mlp(GAP(x)))``. Tensor[N, C, H, W] -> same."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.mlp(x.mean(dim=(2, 3), keepdim=True)).sigmoid()
+        return x * self.mlp(global_avg_pool(x)).sigmoid()
 
 
 # Mapping from the name used by `gfgp convert --module` to the block class.

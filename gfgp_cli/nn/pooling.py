@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..ops import check_pool_geometry, maxent_pool2d
 
-__all__ = ["GFGPPool2d", "MaxEntPool2d"]
+__all__ = ["GFGPPool2d", "MaxEntPool2d", "global_avg_pool"]
 
 _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
 
@@ -18,6 +18,17 @@ def _activation(name: str) -> nn.Module:
     if name not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
     return _ACTIVATIONS[name]()
+
+
+def global_avg_pool(x: Tensor) -> Tensor:
+    """Tensor[N, C, 1, 1]: the mean of each plane, as ``x.mean((2, 3), keepdim=True)``.
+
+    Written as sum / (H W) because autograd's backward of ``sum`` is a broadcast view of the
+    N x C gradient, which is then added in place to the pooling's gradient, while ``mean``'s
+    backward writes a new full-size tensor first (one extra pass over the largest maps, and on
+    the CPU a page fault per 4 KiB of it).
+    """
+    return x.sum(dim=(2, 3), keepdim=True).div(x.shape[2] * x.shape[3])
 
 
 class _MaxEntPoolBase(nn.Module):
@@ -112,7 +123,7 @@ class GFGPPool2d(_MaxEntPoolBase):
                 "estimator works on 1x1 maps and needs at least 2 samples per device; use a batch "
                 "size >= 2 (or SyncBatchNorm across devices), or call model.eval() for inference"
             )
-        g = x.mean(dim=(2, 3), keepdim=True)  # GAP
+        g = global_avg_pool(x)
         g = self.relu(self.bn1(self.conv1(g)))
         return self.act(self.bn2(self.conv2(g)))
 
