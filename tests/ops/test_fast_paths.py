@@ -30,6 +30,10 @@ GEOMETRIES = {
     "2x2s3-gaps-ceil": (8, 7, 2, 3, 0, True),
     "rect-3x2-s2x1-p1x0": (9, 6, (3, 2), (2, 1), (1, 0), True),
     "5x5s2p2": (9, 9, 5, 2, 2, False),
+    # Narrow maps: the NCHW CPU kernel handles several output rows per block (about 64 windows),
+    # so these have several blocks, the last one partial, with windows overlapping across blocks.
+    "narrow-2x2s2-blocks": (40, 10, 2, 2, 0, False),
+    "narrow-3x3s2p1-ceil-blocks": (31, 12, 3, 2, 1, True),
 }
 LAM_SHAPES = ["scalar", "1111", "1C11", "NC11", "N111", "NCHW"]
 # Tolerance relative to the largest magnitude of the compared tensor.

@@ -83,14 +83,14 @@ void gather_cols(const T* __restrict__ src, const T* __restrict__ lr, T* __restr
 }
 
 template <typename T>
-void gather_row(const T* xp, const T* lamrow, const Geo& g, int64_t i, T* zb, T* xb) {
+void gather_row(const T* xp, const T* lamrow, const Geo& g, int64_t i, T* zb, T* xb, int64_t qs) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   for (int64_t a = 0; a < g.KH; ++a) {
     const int64_t r = i * g.SH + a - g.PH;
     const bool row_ok = r >= 0 && r < g.H;
     for (int64_t b = 0; b < g.KW; ++b) {
-      T* z = zb + (a * g.KW + b) * g.OW;
-      T* xv = xb + (a * g.KW + b) * g.OW;
+      T* z = zb + (a * g.KW + b) * qs;
+      T* xv = xb + (a * g.KW + b) * qs;
       int64_t j0 = 0, j1 = 0;
       if (row_ok) inner_range(b - g.PW, g.SW, g.W, g.OW, j0, j1);
       std::fill(z, z + j0, neg_inf);
@@ -134,12 +134,12 @@ void scatter_phases(T* __restrict__ row, const T* __restrict__ ph, int64_t nt, i
 }
 
 template <typename T>
-void scatter_row(T* row, const T* eb, const Geo& g, T* ph) {
+void scatter_row(T* row, const T* eb, const Geo& g, T* ph, int64_t qs) {
   const int64_t sw = g.SW, nt = g.OW + (g.KW - 1) / sw + 1;  // t = j + u < OW + ceil(KW / SW)
   std::fill(ph, ph + sw * nt, T(0));
   for (int64_t b = 0; b < g.KW; ++b) {
     T* p = ph + (b % sw) * nt + b / sw;  // P_phi[j + u] += eb[b][j]
-    const T* e = eb + b * g.OW;
+    const T* e = eb + b * qs;
     for (int64_t j = 0; j < g.OW; ++j) p[j] += e[j];
   }
   if (sw == 1)
@@ -150,17 +150,17 @@ void scatter_row(T* row, const T* eb, const Geo& g, T* ph) {
     scatter_phases<T, 0>(row, ph, nt, g.W, g.PW, sw);
 }
 
-// e (in place of zb) and S for one gathered row; returns through s.
+// e (in place of zb) and S for OW gathered windows (window offset q at zb + q * qs); returns through s.
 template <typename T>
-void weights_row(int64_t K, int64_t OW, T* __restrict__ zb, T* __restrict__ m, T* __restrict__ s) {
+void weights_row(int64_t K, int64_t OW, int64_t qs, T* __restrict__ zb, T* __restrict__ m, T* __restrict__ s) {
   std::copy(zb, zb + OW, m);
   for (int64_t q = 1; q < K; ++q) {
-    const T* z = zb + q * OW;
+    const T* z = zb + q * qs;
     for (int64_t j = 0; j < OW; ++j) m[j] = z[j] > m[j] ? z[j] : m[j];
   }
   std::fill(s, s + OW, T(0));
   for (int64_t q = 0; q < K; ++q) {
-    T* z = zb + q * OW;
+    T* z = zb + q * qs;
     for (int64_t j = 0; j < OW; ++j) {
       z[j] = exp_nonpos(z[j] - m[j]);
       s[j] += z[j];
@@ -174,25 +174,43 @@ void lam_row(const T* lam, const int64_t* ls, int64_t n, int64_t c, int64_t i, i
   for (int64_t j = 0; j < OW; ++j) out[j] = base[j * ls[3]];
 }
 
+// Output rows per block: narrow maps (deep layers, OW of 7 or 14) are processed several rows at a
+// time, their windows side by side in one vector of about kMinBlock, so the loops stay vectorised.
+constexpr int64_t kMinBlock = 64;
+inline int64_t rows_per_block(const Geo& g) {
+  return std::max<int64_t>(1, std::min<int64_t>(g.OH, (kMinBlock + g.OW - 1) / g.OW));
+}
+
+// Gather the windows of output rows [i, i + R) of one plane: row r's windows at [r OW, (r+1) OW)
+// of each window offset's vector (stride qs), lam likewise in lr.
+template <typename T>
+void gather_block(const T* xp, const T* lam, const int64_t* ls, const Geo& g, int64_t n, int64_t c, int64_t i,
+                  int64_t R, int64_t qs, T* zb, T* xb, T* lr) {
+  for (int64_t r = 0; r < R; ++r) {
+    lam_row(lam, ls, n, c, i + r, g.OW, lr + r * g.OW);
+    gather_row(xp, lr + r * g.OW, g, i + r, zb + r * g.OW, xb + r * g.OW, qs);
+  }
+}
+
 template <typename T>
 void forward_nchw(const T* x, const T* lam, T* y, const Geo& g, const int64_t* ls, int64_t t0, int64_t t1) {
-  const int64_t K = g.KH * g.KW;
-  std::vector<T> buf((2 * K + 4) * g.OW);
-  T *zb = buf.data(), *xb = zb + K * g.OW, *m = xb + K * g.OW, *s = m + g.OW, *acc = s + g.OW, *lr = acc + g.OW;
+  const int64_t K = g.KH * g.KW, RB = rows_per_block(g), qs = RB * g.OW;
+  std::vector<T> buf((2 * K + 4) * qs);
+  T *zb = buf.data(), *xb = zb + K * qs, *m = xb + K * qs, *s = m + qs, *acc = s + qs, *lr = acc + qs;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / g.C, c = t % g.C;
     const T* xp = x + t * g.H * g.W;
     T* yp = y + t * g.OH * g.OW;
-    for (int64_t i = 0; i < g.OH; ++i) {
-      lam_row(lam, ls, n, c, i, g.OW, lr);
-      gather_row(xp, lr, g, i, zb, xb);
-      weights_row(K, g.OW, zb, m, s);
-      std::fill(acc, acc + g.OW, T(0));
+    for (int64_t i = 0; i < g.OH; i += RB) {
+      const int64_t R = std::min(RB, g.OH - i), len = R * g.OW;
+      gather_block(xp, lam, ls, g, n, c, i, R, qs, zb, xb, lr);
+      weights_row(K, len, qs, zb, m, s);
+      std::fill(acc, acc + len, T(0));
       for (int64_t q = 0; q < K; ++q) {
-        const T *e = zb + q * g.OW, *xv = xb + q * g.OW;
-        for (int64_t j = 0; j < g.OW; ++j) acc[j] += e[j] * xv[j];
+        const T *e = zb + q * qs, *xv = xb + q * qs;
+        for (int64_t j = 0; j < len; ++j) acc[j] += e[j] * xv[j];
       }
-      for (int64_t j = 0; j < g.OW; ++j) yp[i * g.OW + j] = acc[j] / s[j];
+      for (int64_t j = 0; j < len; ++j) yp[i * g.OW + j] = acc[j] / s[j];
     }
   }
 }
@@ -201,11 +219,11 @@ void forward_nchw(const T* x, const T* lam, T* y, const Geo& g, const int64_t* l
 template <typename T>
 void backward_nchw(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* gl, const Geo& g, const int64_t* ls,
                    const int64_t* gs, bool per_window, int64_t t0, int64_t t1) {
-  const int64_t K = g.KH * g.KW;
+  const int64_t K = g.KH * g.KW, RB = rows_per_block(g), qs = RB * g.OW;
   const int64_t nph = g.SW * (g.OW + (g.KW - 1) / g.SW + 1);  // scatter_row's phase sums
-  std::vector<T> buf((2 * K + 6) * g.OW + nph);
-  T *zb = buf.data(), *xb = zb + K * g.OW, *m = xb + K * g.OW, *s = m + g.OW, *v = s + g.OW, *lr = v + g.OW,
-    *gp = lr + g.OW, *vcol = gp + g.OW, *ph = vcol + g.OW;
+  std::vector<T> buf((2 * K + 6) * qs + nph);
+  T *zb = buf.data(), *xb = zb + K * qs, *m = xb + K * qs, *s = m + qs, *v = s + qs, *lr = v + qs,
+    *gp = lr + qs, *vcol = gp + qs, *ph = vcol + qs;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / g.C, c = t % g.C;
     const T* xp = x + t * g.H * g.W;
@@ -213,37 +231,40 @@ void backward_nchw(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
     const T* gyp = gy + t * g.OH * g.OW;
     T* gxp = gx + t * g.H * g.W;
     std::fill(gxp, gxp + g.H * g.W, T(0));
-    std::fill(vcol, vcol + g.OW, T(0));  // per-column sums of dL/dlam (vectorised; summed at the end)
-    for (int64_t i = 0; i < g.OH; ++i) {
-      lam_row(lam, ls, n, c, i, g.OW, lr);
-      gather_row(xp, lr, g, i, zb, xb);
-      weights_row(K, g.OW, zb, m, s);
+    std::fill(vcol, vcol + qs, T(0));  // per-column sums of dL/dlam (vectorised; summed at the end)
+    for (int64_t i = 0; i < g.OH; i += RB) {
+      const int64_t R = std::min(RB, g.OH - i), len = R * g.OW;
+      gather_block(xp, lam, ls, g, n, c, i, R, qs, zb, xb, lr);
+      weights_row(K, len, qs, zb, m, s);
       const T* yr = yp + i * g.OW;
-      for (int64_t j = 0; j < g.OW; ++j) gp[j] = gyp[i * g.OW + j] / s[j];  // g / S
-      std::fill(v, v + g.OW, T(0));
+      for (int64_t j = 0; j < len; ++j) gp[j] = gyp[i * g.OW + j] / s[j];  // g / S
+      std::fill(v, v + len, T(0));
       for (int64_t q = 0; q < K; ++q) {
-        T *e = zb + q * g.OW, *xv = xb + q * g.OW;
-        for (int64_t j = 0; j < g.OW; ++j) {
+        T *e = zb + q * qs, *xv = xb + q * qs;
+        for (int64_t j = 0; j < len; ++j) {
           const T d = xv[j] - yr[j];       // x_i - y (padded: e = 0, so no contribution)
           const T w = gp[j] * e[j];        // g p_i
           v[j] += w * d * d;
           e[j] = w * (T(1) + lr[j] * d);   // dL/dx_i from this window, scattered below
         }
       }
-      for (int64_t a = 0; a < g.KH; ++a) {
-        const int64_t r = i * g.SH + a - g.PH;
-        if (r >= 0 && r < g.H) scatter_row(gxp + r * g.W, zb + a * g.KW * g.OW, g, ph);
-      }
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t a = 0; a < g.KH; ++a) {
+          const int64_t row = (i + r) * g.SH + a - g.PH;
+          if (row >= 0 && row < g.H) scatter_row(gxp + row * g.W, zb + a * g.KW * qs + r * g.OW, g, ph, qs);
+        }
       if (per_window) {
-        T* out = gl + n * gs[0] + c * gs[1] + i * gs[2];
-        for (int64_t j = 0; j < g.OW; ++j) out[j * gs[3]] = v[j];
+        for (int64_t r = 0; r < R; ++r) {
+          T* out = gl + n * gs[0] + c * gs[1] + (i + r) * gs[2];
+          for (int64_t j = 0; j < g.OW; ++j) out[j * gs[3]] = v[r * g.OW + j];
+        }
       } else {
-        for (int64_t j = 0; j < g.OW; ++j) vcol[j] += v[j];
+        for (int64_t j = 0; j < len; ++j) vcol[j] += v[j];
       }
     }
     if (!per_window) {
       double plane = 0.0;
-      for (int64_t j = 0; j < g.OW; ++j) plane += vcol[j];
+      for (int64_t j = 0; j < qs; ++j) plane += vcol[j];
       gl[t] = static_cast<T>(plane);
     }
   }
