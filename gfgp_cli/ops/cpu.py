@@ -216,7 +216,7 @@ def forward(x: Tensor, lam: Tensor, kernel_size: List[int], stride: List[int], p
     """y = sum_i p_i x_i per window; Tensor[N, C, out_h, out_w] in x's dtype and memory format."""
     geo, out_hw = _geometry(x, kernel_size, stride, padding, ceil_mode)
     xk, lamk, ls, nhwc, fmt = _prepare(x, lam, out_hw)
-    y = torch.empty((x.shape[0], x.shape[1], *out_hw), dtype=xk.dtype).contiguous(memory_format=fmt)
+    y = torch.empty((x.shape[0], x.shape[1], *out_hw), dtype=xk.dtype, memory_format=fmt)
     fn = _fn("forward", xk.dtype)
     args = (xk.data_ptr(), lamk.data_ptr(), y.data_ptr(), geo.data_ptr(), ls.data_ptr(), int(nhwc))
     ntasks = _library().gfgp_maxent_num_tasks(geo.data_ptr(), int(nhwc))
@@ -236,7 +236,7 @@ def backward(grad: Tensor, x: Tensor, lam: Tensor, out: Tensor, kernel_size: Lis
     n, c = x.shape[:2]
     per_window = lam.shape[2:] != (1, 1)
     if per_window:
-        gl = torch.empty((n, c, *out_hw), dtype=ct).contiguous(memory_format=fmt)
+        gl = torch.empty((n, c, *out_hw), dtype=ct, memory_format=fmt)
         gs = torch.tensor(gl.stride(), dtype=torch.int64)
     else:
         gl = torch.empty((n, c), dtype=ct)  # one sum per (n, c) plane

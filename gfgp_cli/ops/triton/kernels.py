@@ -201,9 +201,8 @@ def launch_forward(x: Tensor, lam: Tensor, kernel_size: List[int], stride: List[
     out_hw = _out_shape(x, kernel_size, stride, padding, ceil_mode)
     cl = _is_channels_last(x)
     x = x if cl else x.contiguous()
-    y = torch.empty((n, c, *out_hw), dtype=x.dtype, device=x.device)
-    if cl:
-        y = y.contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    y = torch.empty((n, c, *out_hw), dtype=x.dtype, device=x.device, memory_format=fmt)
     total = y.numel()
     if total == 0:
         return y
