@@ -5,9 +5,13 @@ materialises the k*k weights of every window several times). It has no PyTorch h
 compiled with the system C++ compiler (``$CXX``, default ``g++``) in about a second, the first
 time it is needed, into a cache directory (``$GFGP_CACHE_DIR``, else ``$XDG_CACHE_HOME/gfgp``,
 else ``~/.cache/gfgp``) under a name that hashes the source, the flags, the compiler and the
-CPU, so a rebuild happens only when one of them changes; it is loaded with ctypes. Work is split
-into tasks, (n, c) planes for NCHW input and (n, channel block) for channels_last input, run on
-``torch.get_num_threads()`` threads (ctypes releases the GIL during the call).
+CPU, so a rebuild happens only when one of them changes; it is loaded with ctypes (which releases
+the GIL during the call). Work is split into tasks, (n, c) planes for NCHW input and (n, channel
+block) for channels_last input, run with OpenMP on ``torch.get_num_threads()`` threads. The
+library links ``libgomp.so.1``, which PyTorch's Linux wheels have already loaded, so the kernel
+runs on PyTorch's own thread pool (a separate pool would compete with PyTorch's workers, which
+spin for a while after each op: that cost about 3 ms per call). A compiler without OpenMP gives
+a serial build (:func:`has_openmp` tells).
 
 If the library cannot be built or loaded (no compiler, say), :func:`build_error` reports it and
 the op runs the reference path, after one warning line (:mod:`gfgp_cli.ops.dispatch`).
@@ -26,28 +30,24 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .geometry import pool_output_size
 
-__all__ = ["forward", "backward", "unsupported", "build_error", "library_path"]
+__all__ = ["forward", "backward", "unsupported", "build_error", "library_path", "has_openmp"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "maxent_pool_cpu.cpp"
 # -ffp-contract=off: lam * x is rounded before the window maximum is subtracted, so the maximum
 # position gets exactly exp(0) = 1, as in the reference path.
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
-# Below this many output elements one thread does the whole call (thread hand-off costs more).
-_PARALLEL_MIN_OUTPUTS = 1 << 14
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _lib_error: Optional[str] = None
-_pool: Optional[Tuple[int, int, ThreadPoolExecutor]] = None  # (pid, workers, executor)
 
 
 def _cache_dir() -> Path:
@@ -92,7 +92,12 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *_compiler_flags(), str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        # With OpenMP if the compiler has it; else a serial build (every call on the calling thread).
+        for extra in (["-fopenmp"], []):
+            proc = subprocess.run([cxx, *_compiler_flags(), *extra, str(_SOURCE), "-o", tmp], capture_output=True,
+                                  text=True)
+            if proc.returncode == 0:
+                break
         if proc.returncode != 0:
             first = (proc.stderr.strip().splitlines() or ["unknown error"])[0]
             raise RuntimeError(f"{cxx} failed: {first}")
@@ -103,15 +108,15 @@ def _build(target: Path) -> None:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gfgp_maxent_num_tasks.argtypes = [p, c_int]
-    lib.gfgp_maxent_num_tasks.restype = i64
+    p, c_int = ctypes.c_void_p, ctypes.c_int
+    lib.gfgp_maxent_has_openmp.argtypes = []
+    lib.gfgp_maxent_has_openmp.restype = c_int
     for suffix in ("f32", "f64"):
         fwd = getattr(lib, f"gfgp_maxent_forward_{suffix}")
-        fwd.argtypes = [p, p, p, p, p, c_int, i64, i64]
+        fwd.argtypes = [p, p, p, p, p, c_int, c_int]
         fwd.restype = None
         bwd = getattr(lib, f"gfgp_maxent_backward_{suffix}")
-        bwd.argtypes = [p, p, p, p, p, p, p, p, p, c_int, c_int, i64, i64]
+        bwd.argtypes = [p, p, p, p, p, p, p, p, p, c_int, c_int, c_int]
         bwd.restype = None
 
 
@@ -144,31 +149,10 @@ def build_error() -> Optional[str]:
     return None if _library() is not None else f"the CPU kernel could not be built: {_lib_error}"
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool
-    pid = os.getpid()
-    with _lock:
-        # A pool inherited through fork has no threads: make a new one in the child.
-        if _pool is None or _pool[0] != pid or _pool[1] != workers:
-            _pool = (pid, workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gfgp-maxent"))
-        return _pool[2]
-
-
-def _run_tasks(call: Callable[[int, int], None], ntasks: int, outputs: int) -> None:
-    """Run ``call(t0, t1)`` over [0, ntasks) on ``torch.get_num_threads()`` threads.
-
-    The range is cut into a few chunks per thread, taken from the pool's queue as threads come
-    free: a thread that the OS delays (a busy machine) leaves its share to the others.
-    """
-    workers = min(torch.get_num_threads(), ntasks)
-    if workers <= 1 or outputs < _PARALLEL_MIN_OUTPUTS:
-        call(0, ntasks)
-        return
-    chunks = min(ntasks, 4 * workers)
-    bounds = [ntasks * k // chunks for k in range(chunks + 1)]
-    pool = _executor(workers)
-    for future in [pool.submit(call, bounds[k], bounds[k + 1]) for k in range(chunks)]:
-        future.result()
+def has_openmp() -> bool:
+    """Whether the loaded kernel library runs its tasks on OpenMP threads (False: serial build)."""
+    lib = _library()
+    return lib is not None and bool(lib.gfgp_maxent_has_openmp())
 
 
 def _is_nhwc(x: Tensor) -> bool:
@@ -219,8 +203,7 @@ def forward(x: Tensor, lam: Tensor, kernel_size: List[int], stride: List[int], p
     y = torch.empty((x.shape[0], x.shape[1], *out_hw), dtype=xk.dtype, memory_format=fmt)
     fn = _fn("forward", xk.dtype)
     args = (xk.data_ptr(), lamk.data_ptr(), y.data_ptr(), geo.data_ptr(), ls.data_ptr(), int(nhwc))
-    ntasks = _library().gfgp_maxent_num_tasks(geo.data_ptr(), int(nhwc))
-    _run_tasks(lambda t0, t1: fn(*args, t0, t1), ntasks, y.numel())
+    fn(*args, torch.get_num_threads())
     return y.to(x.dtype)
 
 
@@ -244,8 +227,7 @@ def backward(grad: Tensor, x: Tensor, lam: Tensor, out: Tensor, kernel_size: Lis
     fn = _fn("backward", ct)
     args = (xk.data_ptr(), lamk.data_ptr(), yk.data_ptr(), gk.data_ptr(), gx.data_ptr(), gl.data_ptr(),
             geo.data_ptr(), ls.data_ptr(), gs.data_ptr(), int(per_window), int(nhwc))
-    ntasks = _library().gfgp_maxent_num_tasks(geo.data_ptr(), int(nhwc))
-    _run_tasks(lambda t0, t1: fn(*args, t0, t1), ntasks, yk.numel())
+    fn(*args, torch.get_num_threads())
     if not per_window:
         gl = gl.reshape(n, c, 1, 1)
         dims = [d for d in range(2) if lam.shape[d] == 1]

@@ -145,6 +145,20 @@ def test_fast_path_result_does_not_depend_on_thread_count(impl):
             assert torch.equal(a, b)
 
 
+def test_cpu_kernel_runs_on_pytorchs_openmp_pool():
+    """The kernel's OpenMP threads are PyTorch's: one libgomp in the process, and it follows set_num_threads."""
+    if cpu.build_error() is not None:
+        pytest.skip(cpu.build_error())
+    if not cpu.has_openmp():
+        pytest.skip("the C++ compiler here has no OpenMP: the kernel was built serial")
+    try:
+        with open("/proc/self/maps") as f:
+            gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    except OSError:
+        pytest.skip("no /proc/self/maps on this platform")
+    assert len(gomp) == 1, f"more than one OpenMP runtime loaded: {sorted(gomp)}"
+
+
 # ------------------------------------------------------------------------------- adversarial
 
 

@@ -1,8 +1,11 @@
 // Fused max-entropy pooling on the CPU (PAPER.md section 1): one pass over the input per direction.
 //
 // Plain C++ with no PyTorch headers, compiled at run time by gfgp_cli/ops/cpu.py (g++, cached by
-// source hash) and called through ctypes; the caller splits the work into tasks and runs task
-// ranges on its threads (ctypes releases the GIL), so no OpenMP runtime meets PyTorch's own.
+// source hash) and called through ctypes (which releases the GIL). Work is split into tasks and
+// run with OpenMP on the number of threads the caller passes (torch.get_num_threads()). The
+// library links libgomp.so.1 by soname, so in a process where PyTorch has loaded its libgomp it
+// runs on PyTorch's own OpenMP thread pool: no second pool competes with PyTorch's spinning
+// workers. Built without OpenMP (a compiler without it), every call runs on the calling thread.
 //
 // Geometry array `geo` (int64): N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, CB (NHWC channel block).
 // lam is read as Tensor[N, C, OH, OW] through strides `ls` (0 where lam broadcasts).
@@ -12,6 +15,10 @@
 // Per window (stable for every finite input: m is the true window maximum of lam * x):
 //   e_i = exp(lam x_i - m),  S = sum e_i,  y = sum e_i x_i / S
 //   dL/dx_i += g e_i / S (1 + lam (x_i - y)),   dL/dlam += g sum_i e_i / S (x_i - y)^2
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -428,29 +435,61 @@ int64_t num_tasks(const Geo& g, int nhwc) {
   return nhwc ? g.N * ((g.C + g.CB - 1) / g.CB) : g.N * g.C;
 }
 
+// Below this many output elements one thread does the whole call (waking threads costs more).
+constexpr int64_t kParallelMinOutputs = 1 << 14;
+
+// body(t0, t1) over [0, ntasks): a few chunks per thread, handed out dynamically, so a thread the
+// OS delays (a busy machine) leaves its share to the others.
+template <typename F>
+void parallel_tasks(int64_t ntasks, int64_t outputs, int threads, F&& body) {
+  const int64_t workers = std::min<int64_t>(threads, ntasks);
+#ifdef _OPENMP
+  if (workers > 1 && outputs >= kParallelMinOutputs) {
+    const int64_t chunks = std::min<int64_t>(ntasks, 4 * workers);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(workers))
+    for (int64_t k = 0; k < chunks; ++k) body(ntasks * k / chunks, ntasks * (k + 1) / chunks);
+    return;
+  }
+#endif
+  (void)workers;
+  (void)outputs;
+  body(0, ntasks);
+}
+
 }  // namespace
 
 extern "C" {
 
-int64_t gfgp_maxent_num_tasks(const int64_t* geo, int nhwc) { return num_tasks(Geo(geo), nhwc); }
+// 1 if this build runs tasks on OpenMP threads, 0 if every call runs on the calling thread.
+int gfgp_maxent_has_openmp() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 #define GFGP_DEFINE(T, SUFFIX)                                                                                 \
   void gfgp_maxent_forward_##SUFFIX(const T* x, const T* lam, T* y, const int64_t* geo, const int64_t* ls,     \
-                                    int nhwc, int64_t t0, int64_t t1) {                                        \
+                                    int nhwc, int threads) {                                                   \
     const Geo g(geo);                                                                                          \
-    if (nhwc)                                                                                                  \
-      forward_nhwc<T>(x, lam, y, g, ls, t0, t1);                                                               \
-    else                                                                                                       \
-      forward_nchw<T>(x, lam, y, g, ls, t0, t1);                                                               \
+    parallel_tasks(num_tasks(g, nhwc), g.N * g.C * g.OH * g.OW, threads, [&](int64_t t0, int64_t t1) {         \
+      if (nhwc)                                                                                                \
+        forward_nhwc<T>(x, lam, y, g, ls, t0, t1);                                                             \
+      else                                                                                                     \
+        forward_nchw<T>(x, lam, y, g, ls, t0, t1);                                                             \
+    });                                                                                                        \
   }                                                                                                            \
   void gfgp_maxent_backward_##SUFFIX(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* gl,          \
                                      const int64_t* geo, const int64_t* ls, const int64_t* gs, int per_window, \
-                                     int nhwc, int64_t t0, int64_t t1) {                                       \
+                                     int nhwc, int threads) {                                                  \
     const Geo g(geo);                                                                                          \
-    if (nhwc)                                                                                                  \
-      backward_nhwc<T>(x, lam, y, gy, gx, gl, g, ls, gs, per_window != 0, t0, t1);                             \
-    else                                                                                                       \
-      backward_nchw<T>(x, lam, y, gy, gx, gl, g, ls, gs, per_window != 0, t0, t1);                             \
+    parallel_tasks(num_tasks(g, nhwc), g.N * g.C * g.OH * g.OW, threads, [&](int64_t t0, int64_t t1) {         \
+      if (nhwc)                                                                                                \
+        backward_nhwc<T>(x, lam, y, gy, gx, gl, g, ls, gs, per_window != 0, t0, t1);                           \
+      else                                                                                                     \
+        backward_nchw<T>(x, lam, y, gy, gx, gl, g, ls, gs, per_window != 0, t0, t1);                           \
+    });                                                                                                        \
   }
 
 GFGP_DEFINE(float, f32)
