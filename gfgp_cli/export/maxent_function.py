@@ -20,8 +20,9 @@ The body is the op's definition (PAPER.md section 1), computed the way the refer
    Xw is Tensor[N, C, kh*kw, out_h, out_w], an exact copy; a tap in the padding reads a clamped
    real position instead (no ``Pad`` copy of the input);
 3. the validity of each tap comes from the same index arithmetic: padded taps get
-   ``lam * x = -inf`` and so weight exactly 0 (an ``If`` skips this full-size ``Add`` for pools
-   that have no padded tap, the common case);
+   ``lam * x = -inf`` and so weight exactly 0 (a broadcast ``Add`` of 0 or -inf; an ``If`` that
+   skipped it for pools without padded taps cost more in onnxruntime than the ``Add``: the
+   branch's output is copied);
 4. ``m`` = the window's true maximum of ``lam * x`` over valid taps (each window has at least
    one), ``e = exp(lam x - m)`` (never overflows, and the window sum is >= 1: no 0/0), and
    ``y = sum(e x) / sum(e)``.
@@ -145,16 +146,7 @@ def maxent_pool2d_function(opset: int) -> FunctionProto:
     neg_inf = b("CastLike", b("Constant", value=helper.make_tensor("neg_inf", TensorProto.FLOAT, [], [float("-inf")])), "X")
     zero_t = b("CastLike", b("Constant", value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])), "X")
     mask_bias = b("Where", valid, zero_t, neg_inf)  # Tensor[K, out_h, out_w]: 0 or -inf
-    # Most pools (no padding, no ceil-mode overhang) have no padded tap: skip the full-size Add.
-    has_padded_tap = b("Not", b("Cast", b("ReduceMin", b("Cast", valid, to=i64), keepdims=0), to=TensorProto.BOOL))
-    z_masked = f"{z}_masked"
-    then_branch = helper.make_graph(
-        [helper.make_node("Add", [z, mask_bias], [z_masked])], "padded_taps", [], [helper.make_value_info(z_masked, onnx.TypeProto())]
-    )
-    else_branch = helper.make_graph(
-        [helper.make_node("Identity", [z], [f"{z}_kept"])], "no_padded_tap", [], [helper.make_value_info(f"{z}_kept", onnx.TypeProto())]
-    )
-    z = b("If", has_padded_tap, then_branch=then_branch, else_branch=else_branch)
+    z = b("Add", z, mask_bias)
 
     # --- 4. softmax(lam x) weighted mean, shifted by the window max over valid taps
     m = b("ReduceMax", z, axis2, keepdims=1)
