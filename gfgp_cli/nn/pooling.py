@@ -26,8 +26,11 @@ def global_avg_pool(x: Tensor) -> Tensor:
     Written as sum / (H W) because autograd's backward of ``sum`` is a broadcast view of the
     N x C gradient, which is then added in place to the pooling's gradient, while ``mean``'s
     backward writes a new full-size tensor first (one extra pass over the largest maps, and on
-    the CPU a page fault per 4 KiB of it).
+    the CPU a page fault per 4 KiB of it). float16 and bfloat16 keep ``mean``, which divides
+    before rounding to the half type (a float16 sum of a large map overflows to inf).
     """
+    if isinstance(x, torch.fx.Proxy) or x.dtype in (torch.float16, torch.bfloat16):
+        return x.mean(dim=(2, 3), keepdim=True)
     return x.sum(dim=(2, 3), keepdim=True).div(x.shape[2] * x.shape[3])
 
 

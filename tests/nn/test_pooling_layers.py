@@ -84,6 +84,22 @@ def test_gfgp_half_precision_and_autocast():
     torch.testing.assert_close(y.float(), pool(x), atol=0.05, rtol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_global_avg_pool_is_the_plane_mean_without_overflow(dtype):
+    """GFGP's GAP equals mean((2, 3)) in every dtype, also where a float16 sum would overflow."""
+    from gfgp_cli.nn.pooling import global_avg_pool
+
+    x = (torch.rand(2, 3, 64, 64, dtype=torch.float64) * 4 + 28)  # float16 sum ~ 123000 > 65504
+    expected = x.mean(dim=(2, 3), keepdim=True)
+    got = global_avg_pool(x.to(dtype))
+    assert got.dtype == dtype and got.shape == (2, 3, 1, 1)
+    torch.testing.assert_close(got.double(), expected, rtol={torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 1e-6), atol=0)
+    # backward: every position gets 1 / (H W) of the plane's gradient
+    xg = x.to(dtype).requires_grad_()
+    global_avg_pool(xg).sum().backward()
+    torch.testing.assert_close(xg.grad.double(), torch.full_like(x, 1 / 4096))
+
+
 def test_wrong_channels_is_clear():
     with pytest.raises(ValueError, match=r"GFGPPool2d expects input \[N, 4, H, W\], got \(2, 3, 8, 8\)"):
         GFGPPool2d(4, 2)(torch.randn(2, 3, 8, 8))
