@@ -16,23 +16,30 @@ The body is the op's definition (PAPER.md section 1), computed the way the refer
 
 1. output size by PyTorch's rule (``pool_output_size``; ceil mode drops a last window that would
    start in the end padding);
-2. the windows are gathered explicitly ("unfold" as one ``Gather`` of flat indices into X):
-   Xw is Tensor[N, C, kh*kw, out_h, out_w], an exact copy; a tap in the padding reads a clamped
-   real position instead (no ``Pad`` copy of the input);
-3. the validity of each tap comes from the same index arithmetic: padded taps get
-   ``lam * x = -inf`` and so weight exactly 0 (a broadcast ``Add`` of 0 or -inf; an ``If`` that
-   skipped it for pools without padded taps cost more in onnxruntime than the ``Add``: the
-   branch's output is copied);
-4. ``m`` = the window's true maximum of ``lam * x`` over valid taps (each window has at least
+2. the windows, laid out tap-major, by one of two branches of an ``If``:
+
+   - a 2x2/2 pool without padding on a map of even height and width, with lam of shape
+     [., ., 1, 1] (GFGP's pools, mostly): ``SpaceToDepth`` makes Tensor[N, 4, C, out_h, out_w]
+     (no index arithmetic, no padded tap; 1.5x faster in onnxruntime than the gather branch on
+     ResNet's 8x64x224x224 stem pool: 49.6 vs 73.6 ms);
+   - every other pool: the windows are gathered explicitly ("unfold" as one ``Gather`` of flat
+     indices into X): Xw is Tensor[N, C, kh*kw, out_h, out_w], an exact copy; a tap in the
+     padding reads a clamped real position instead (no ``Pad`` copy of the input), and the
+     validity of each tap comes from the same index arithmetic: padded taps get
+     ``lam * x = -inf`` and so weight exactly 0 (a broadcast ``Add`` of 0 or -inf);
+
+3. ``m`` = the window's true maximum of ``lam * x`` over valid taps (each window has at least
    one), ``e = exp(lam x - m)`` (never overflows, and the window sum is >= 1: no 0/0), and
    ``y = sum(e x) / sum(e)``.
 
-Because lam multiplies the gathered windows, every lam shape, including one lam per output
-window, gets its own per-window shift. Why ``Gather`` and not the faster unfold by a depthwise
-``Conv`` with one-hot kernels: that is exact on the CPU, but onnxruntime's CUDA provider runs fp32
-convolutions in TF32 by default (``use_tf32``), which would round the selected values; the
-tap-major layout [N, C, K, oh, ow] also keeps every broadcast and reduction on long contiguous
-spans, which measured faster in onnxruntime than reshaping X into [N, C, oh, kh, ow, kw].
+The ``If`` wraps the whole computation, so what it hands out is the output, not a full-size
+intermediate (onnxruntime copies a branch's outputs: an earlier ``If`` around the padding mask
+cost more than the mask). Because lam multiplies the gathered windows, every lam shape, including
+one lam per output window, gets its own per-window shift. Why ``Gather`` and not the faster
+unfold by a depthwise ``Conv`` with one-hot kernels: that is exact on the CPU, but onnxruntime's
+CUDA provider runs fp32 convolutions in TF32 by default (``use_tf32``), which would round the
+selected values; reshaping X into [N, C, oh, kh, ow, kw], with or without a ``Transpose`` to
+tap-major, and K strided ``Slice``s measured slower in onnxruntime than the ``Gather``.
 """
 
 from __future__ import annotations
@@ -61,13 +68,14 @@ _DOC = (
 class _Body:
     """Collects the nodes of a function body and hands out fresh value names."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
         self.nodes: List[onnx.NodeProto] = []
         self._count = 0
+        self._prefix = prefix  # keeps the names of a branch's values apart from the outer body's
 
     def __call__(self, op_type: str, *inputs: str, **attrs) -> str:
         self._count += 1
-        out = f"{op_type.lower()}_{self._count}"
+        out = f"{self._prefix}{op_type.lower()}_{self._count}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
         return out
 
@@ -80,11 +88,15 @@ class _Body:
     def ref(self, name: str, ref_name: str, attr_type: int) -> str:
         """A Constant whose value is the function attribute ``ref_name``."""
         self._count += 1
-        out = f"{name}_{self._count}"
+        out = f"{self._prefix}{name}_{self._count}"
         node = helper.make_node("Constant", [], [out])
         node.attribute.append(helper.make_attribute_ref(name, attr_type, ref_attr_name=ref_name))
         self.nodes.append(node)
         return out
+
+    def graph(self, name: str, output: str) -> onnx.GraphProto:
+        """These nodes as the body of an ``If`` branch with one output (outer values in scope)."""
+        return helper.make_graph(self.nodes, name, [], [helper.make_value_info(output, onnx.TypeProto())])
 
 
 def maxent_pool2d_function(opset: int) -> FunctionProto:
@@ -112,7 +124,59 @@ def maxent_pool2d_function(opset: int) -> FunctionProto:
     starts_in_end_pad = b("Cast", b("GreaterOrEqual", last_start, b("Add", hw, p_begin)), to=i64)
     out = b("Sub", out, b("Mul", starts_in_end_pad, ceil))  # [out_h, out_w]
 
-    # --- 2. gather the windows from X by flat index: Xw is Tensor[N, C, kh*kw, out_h, out_w]
+    # --- 2. the windows, then 3. and 4.: a 2x2/2 pool without padding on a map of even height and
+    # width with lam of shape [., ., 1, 1] (GFGP's pools, mostly) takes SpaceToDepth, measured 1.5x
+    # faster in onnxruntime; the others take the general gather path.
+    is_fast = b("Cast", b("ReduceMin", b("Cast", b("Concat",
+        b("Equal", b("Concat", k, s, axis=0), b.ints(2, 2, 2, 2)),
+        b("Equal", pads, b.ints(0, 0, 0, 0)),
+        b("Equal", b("Mod", hw, b.ints(2, 2)), b.ints(0, 0)),
+        b("Equal", b("Shape", "LAM", start=2), b.ints(1, 1)), axis=0), to=i64), keepdims=0), to=TensorProto.BOOL)
+    fast = _Body("s2d_")
+    general = _Body("unfold_")
+    y_fast = _space_to_depth_path(fast)
+    y_general = _gather_path(general, k, s, p_begin, hw, out, zero, one, zero1, one1)
+    b.nodes.append(helper.make_node("If", [is_fast], ["Y"], then_branch=fast.graph("space_to_depth", y_fast),
+                                    else_branch=general.graph("gather", y_general)))
+
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        inputs=["X", "LAM"],
+        outputs=["Y"],
+        nodes=b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["kernel_shape", "strides"],
+        attribute_protos=[helper.make_attribute("pads", [0, 0, 0, 0]), helper.make_attribute("ceil_mode", 0)],
+        doc_string=_DOC,
+    )
+
+
+def _space_to_depth_path(b: _Body) -> str:
+    """Y for 2x2/2, no padding, even H and W, one lam per (sample, channel) at most: SpaceToDepth lays the four taps of every window out
+    as Tensor[N, 4, C, out_h, out_w] (tap (a, b) at channel block 2 a + b), with no index
+    arithmetic and no padded tap; then the softmax(lam x)-weighted mean over the tap axis."""
+    xs = b("SpaceToDepth", "X", blocksize=2)  # Tensor[N, 4 C, H / 2, W / 2]
+    # The sizes come from xs itself, not from the outer body's out: shape inference visits this
+    # branch for every static input shape, also those (odd sizes) that take the other branch.
+    shape = b("Concat", b("Shape", xs, start=0, end=1), b.ints(4, -1), b("Shape", xs, start=2), axis=0)
+    xw = b("Reshape", xs, shape)  # [N, 4, C, H / 2, W / 2]
+    axis1 = b.ints(1)
+    # LAM is [., ., 1, 1] on this branch; the ReduceMax (an identity then) keeps shape inference
+    # from failing on a per-window LAM of a static shape that takes the other branch.
+    lam = b("ReduceMax", "LAM", b.ints(2, 3), keepdims=1)
+    z = b("Mul", xw, b("Unsqueeze", lam, axis1))
+    m = b("ReduceMax", z, axis1, keepdims=1)
+    e = b("Exp", b("Sub", z, m))
+    num = b("ReduceSum", b("Mul", e, xw), axis1, keepdims=0)
+    den = b("ReduceSum", e, axis1, keepdims=0)  # >= 1
+    return b("Div", num, den)
+
+
+def _gather_path(b: _Body, k: str, s: str, p_begin: str, hw: str, out: str, zero: str, one: str, zero1: str,
+                 one1: str) -> str:
+    """Y for any geometry: the windows gathered from X by flat index as Tensor[N, C, kh*kw, out_h,
+    out_w], padded taps masked to lam x = -inf, then the softmax(lam x)-weighted mean."""
     def scalar(vec: str, i: str) -> str:
         return b("Gather", vec, i)
 
@@ -153,19 +217,7 @@ def maxent_pool2d_function(opset: int) -> FunctionProto:
     e = b("Exp", b("Sub", z, m))  # padded taps: exp(-inf) = 0
     num = b("ReduceSum", b("Mul", e, xw), axis2, keepdims=0)
     den = b("ReduceSum", e, axis2, keepdims=0)  # >= 1
-    b.nodes.append(helper.make_node("Div", [num, den], ["Y"]))
-
-    return helper.make_function(
-        DOMAIN,
-        OP_TYPE,
-        inputs=["X", "LAM"],
-        outputs=["Y"],
-        nodes=b.nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=["kernel_shape", "strides"],
-        attribute_protos=[helper.make_attribute("pads", [0, 0, 0, 0]), helper.make_attribute("ceil_mode", 0)],
-        doc_string=_DOC,
-    )
+    return b("Div", num, den)
 
 
 def make_maxent_node(

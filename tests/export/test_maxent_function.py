@@ -136,6 +136,20 @@ def test_body_is_standard_ops_at_the_model_opset(opset):
     check_against_torch(x, lam, (3, 3), (2, 2), (1, 1), True, opset=opset)
 
 
+@pytest.mark.parametrize("lam_kind", LAM_KINDS)
+@pytest.mark.parametrize("hw", [(8, 10), (8, 9), (7, 10)], ids=["even", "odd-w", "odd-h"])
+@pytest.mark.parametrize("ceil_mode", [False, True], ids=["floor", "ceil"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_2x2_stride_2_space_to_depth_branch_and_its_neighbours(hw, lam_kind, ceil_mode, dtype):
+    """2x2/2 with no padding on an even map and lam [., ., 1, 1] runs the body's SpaceToDepth
+    branch; an odd side or a per-window lam runs the gather branch: both against torch."""
+    g = torch.Generator().manual_seed(1)
+    x = ((torch.rand(2, 3, *hw, generator=g, dtype=torch.float64) * 2 - 1) * 1e4).to(dtype)
+    out_hw = tuple(pool_output_size(s, 2, 2, 0, ceil_mode) for s in hw)
+    lam = make_lam(lam_kind, 2, 3, out_hw, 100.0, g, dtype)
+    check_against_torch(x, lam, (2, 2), (2, 2), (0, 0), ceil_mode)
+
+
 def test_attribute_defaults_no_padding_floor_mode():
     # pads and ceil_mode may be left out of a hand-written node (function attribute defaults).
     node = helper.make_node(OP_TYPE, ["x", "lam"], ["y"], domain=DOMAIN, kernel_shape=[2, 2], strides=[2, 2])
