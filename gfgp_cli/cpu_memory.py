@@ -13,7 +13,9 @@ freed blocks stay in the heap and the next step reuses them (what jemalloc or tc
 design). The price is memory: the process keeps what it used until it exits instead of handing
 it back between steps, and blocks of different sizes fragment the heap somewhat (peak resident
 memory of ``gfgp bench model resnet50``: 3.12 GiB instead of 2.75 GiB, +13%). It leaves the allocator alone where the user chose one
-(``LD_PRELOAD``, ``MALLOC_*_`` or ``GLIBC_TUNABLES`` malloc settings) and where the C library is
+(a jemalloc, tcmalloc or mimalloc ``LD_PRELOAD``; ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or ``MALLOC_MMAP_MAX_``; malloc settings in
+``GLIBC_TUNABLES``) and where the C library is
 not glibc. ``gfgp --release-cpu-memory ...`` keeps glibc's defaults.
 """
 
@@ -28,7 +30,10 @@ __all__ = ["reuse_freed_memory", "allocator_description"]
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
-_THRESHOLD = 2**31 - 1  # mallopt takes an int: blocks up to 2 GiB come from (and return to) the heap
+# mallopt takes an int: blocks up to 2 GiB come from (and return to) the heap. glibc before 2.35
+# refuses an mmap threshold above 32 MiB (its dynamic maximum on 64-bit): then 32 MiB, which
+# still keeps most activations of a CPU training step in the heap.
+_THRESHOLDS = (2**31 - 1, 32 * 2**20)
 _ENV_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 _state: Optional[str] = None  # what reuse_freed_memory() found or did, once it ran
@@ -61,13 +66,16 @@ def reuse_freed_memory() -> str:
     elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         _state = "the C library's default allocator (not glibc: freed memory is not tuned)"
     else:
+        _state = "glibc malloc defaults (mallopt refused the thresholds)"
         try:
             libc = ctypes.CDLL(None)
-            ok = libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD) == 1
+            for threshold in _THRESHOLDS:
+                if libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, threshold) == 1:
+                    size = "2 GiB" if threshold > 2**30 else f"{threshold // 2**20} MiB"
+                    _state = f"glibc malloc, freed memory kept for reuse (mmap and trim thresholds {size})"
+                    break
         except (OSError, AttributeError):
-            ok = False
-        _state = ("glibc malloc, freed memory kept for reuse (mmap and trim thresholds 2 GiB)" if ok
-                  else "glibc malloc defaults (mallopt refused the thresholds)")
+            pass
     return _state
 
 

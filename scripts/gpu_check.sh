@@ -12,8 +12,8 @@
 #        default python3, which must have torch with CUDA, triton, onnx, onnxruntime, click, rich,
 #        pytest and hypothesis; gfgp itself is taken from this checkout through PYTHONPATH).
 set -uo pipefail
+OUT_DIR="$(realpath -m "${1:-gpu-out}")"  # relative to the caller's directory
 cd "$(dirname "$0")/.."
-OUT_DIR="${1:-gpu-out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -5,13 +5,15 @@ materialises the k*k weights of every window several times). It has no PyTorch h
 compiled with the system C++ compiler (``$CXX``, default ``g++``) in about a second, the first
 time it is needed, into a cache directory (``$GFGP_CACHE_DIR``, else ``$XDG_CACHE_HOME/gfgp``,
 else ``~/.cache/gfgp``) under a name that hashes the source, the flags, the compiler and the
-CPU, so a rebuild happens only when one of them changes; it is loaded with ctypes (which releases
+CPU, so a rebuild happens only when one of them changes (not when the compiler is upgraded or
+gains OpenMP: delete the cache directory then); it is loaded with ctypes (which releases
 the GIL during the call). Work is split into tasks, (n, c) planes for NCHW input and (n, channel
-block) for channels_last input, run with OpenMP on ``torch.get_num_threads()`` threads. The
-library links ``libgomp.so.1``, which PyTorch's Linux wheels have already loaded, so the kernel
-runs on PyTorch's own thread pool (a separate pool would compete with PyTorch's workers, which
-spin for a while after each op: that cost about 3 ms per call). A compiler without OpenMP gives
-a serial build (:func:`has_openmp` tells).
+block) for channels_last input, run with OpenMP on ``torch.get_num_threads()`` threads. Built
+with g++, the library links ``libgomp.so.1``, which PyTorch's Linux wheels have already loaded,
+so the kernel runs on PyTorch's own thread pool: a separate pool would compete with PyTorch's
+workers, which spin for a while after each op (that cost about 3 ms per call). ``CXX=clang++``
+links LLVM's libomp instead, a second pool. A compiler without OpenMP gives a serial build
+(:func:`has_openmp` tells).
 
 If the library cannot be built or loaded (no compiler, say), :func:`build_error` reports it and
 the op runs the reference path, after one warning line (:mod:`gfgp_cli.ops.dispatch`).

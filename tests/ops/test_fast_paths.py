@@ -145,6 +145,24 @@ def test_fast_path_result_does_not_depend_on_thread_count(impl):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("impl", fast_paths())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4), (1, 2, 4, 1), (1, 2, 1, 4)],
+                         ids=["no-sample", "no-channel", "zero-width-out", "zero-height-out"])
+def test_fast_path_handles_empty_tensors(impl, shape, channels_last):
+    """The custom op itself (maxent_pool2d refuses an empty output size earlier) on empty shapes:
+    empty output, zero gradients, no crash (a zero output width once divided by zero in C++)."""
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xr, lam = x.clone().requires_grad_(), torch.ones(1, 1, 1, 1, requires_grad=True)
+    with use_implementation(impl):
+        y = torch.ops.gfgp.maxent_pool2d(xr, lam, [2, 2], [2, 2], [0, 0], False)
+    assert y.shape == (*shape[:2], shape[2] // 2, shape[3] // 2)
+    y.sum().backward()
+    assert xr.grad.shape == x.shape and not xr.grad.any() and lam.grad.item() == 0.0
+
+
 def test_cpu_kernel_runs_on_pytorchs_openmp_pool():
     """The kernel's OpenMP runtime is the libgomp PyTorch ships (so one thread pool, not two)."""
     import ctypes

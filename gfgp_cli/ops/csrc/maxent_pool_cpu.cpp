@@ -185,6 +185,7 @@ void lam_row(const T* lam, const int64_t* ls, int64_t n, int64_t c, int64_t i, i
 // time, their windows side by side in one vector of about kMinBlock, so the loops stay vectorised.
 constexpr int64_t kMinBlock = 64;
 inline int64_t rows_per_block(const Geo& g) {
+  if (g.OW <= 0) return 1;  // an empty output: the loops below do nothing
   return std::max<int64_t>(1, std::min<int64_t>(g.OH, (kMinBlock + g.OW - 1) / g.OW));
 }
 
