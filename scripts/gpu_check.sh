@@ -19,10 +19,10 @@ mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 failed=0
 
-step() {  # step NAME COMMAND...: run, stdout in OUT_DIR/NAME.out, stderr in NAME.err
-  local name="$1"; shift
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, stdout in OUT_DIR/NAME.out, stderr in NAME.err
+  local name="$1" limit="$2"; shift 2
   echo "== $name: $*" >&2
-  if ! "$@" >"$OUT_DIR/$name.out" 2>"$OUT_DIR/$name.err"; then
+  if ! timeout "$limit" "$@" >"$OUT_DIR/$name.out" 2>"$OUT_DIR/$name.err"; then
     echo "== $name FAILED (see $OUT_DIR/$name.err)" >&2
     failed=$((failed + 1))
   fi
@@ -30,9 +30,10 @@ step() {  # step NAME COMMAND...: run, stdout in OUT_DIR/NAME.out, stderr in NAM
 
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" \
   || { echo "gpu_check: no CUDA device visible to $PY" >&2; exit 2; }
-step pytest-gpu "$PY" -m pytest -q -m gpu -p no:cacheprovider
-step bench-pool-fp32 "$PY" -m gfgp_cli bench pool --device cuda --json
-step bench-pool-bf16 "$PY" -m gfgp_cli bench pool --device cuda --dtype bfloat16 --json
-step bench-model-resnet50 "$PY" -m gfgp_cli bench model resnet50 --device cuda --batch-size 64 --json
+# Limits (seconds) keep the whole script inside one 10-minute device call even if a step hangs.
+step pytest-gpu 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider
+step bench-pool-fp32 90 "$PY" -m gfgp_cli bench pool --device cuda --json
+step bench-pool-bf16 90 "$PY" -m gfgp_cli bench pool --device cuda --dtype bfloat16 --json
+step bench-model-resnet50 120 "$PY" -m gfgp_cli bench model resnet50 --device cuda --batch-size 64 --json
 tail -n 3 "$OUT_DIR/pytest-gpu.out" >&2
 exit "$failed"
