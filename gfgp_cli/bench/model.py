@@ -41,11 +41,13 @@ def bench_model(
     repeats: int = 5,
     pool: str = "gfgp",
     seed: int = 0,
+    channels_last: bool = False,
 ) -> dict:
     """Training-step time and MACs of ``convert(model, pool)`` and of the original; a JSON-able dict.
 
     Rows: the original model, then the converted one, each with parameters, MACs per image and
-    the median step time; ratios are converted / original.
+    the median step time; ratios are converted / original. ``channels_last`` puts both models and
+    the batch in channels_last memory format (as ``gfgp train --channels-last``).
     """
     import torchvision
 
@@ -65,10 +67,11 @@ def bench_model(
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
     macs = {name: _macs(m.eval(), example) for name, m in models.items()}
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch_size, 3, size, size, generator=gen).to(dev)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch_size, 3, size, size, generator=gen).to(dev).contiguous(memory_format=memory_format)
     num_classes = original(example).shape[1]
     y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
-    steps = {name: _train_step(m.to(dev).train(), x, y) for name, m in models.items()}
+    steps = {name: _train_step(m.to(dev, memory_format=memory_format).train(), x, y) for name, m in models.items()}
     times = interleaved_medians(steps, repeats, warmup=2, sync=device_sync(dev))
 
     base = model
@@ -83,5 +86,5 @@ def bench_model(
         })
     return {
         "model": model, "pool": report.pool, "batch_size": batch_size, "image_size": size, "repeats": repeats,
-        "device": describe_device(dev), "rows": rows,
+        "memory_format": "channels_last" if channels_last else "contiguous", "device": describe_device(dev), "rows": rows,
     }

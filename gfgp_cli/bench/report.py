@@ -53,7 +53,8 @@ def print_model_report(result: dict, as_json: bool) -> None:
          f"{r['macs_ratio']:.2f}", f"{r['time_ratio']:.2f}", f"{r['time_per_macs_ratio']:.2f}")
         for r in result["rows"]
     ]
+    layout = ", channels_last" if result.get("memory_format") == "channels_last" else ""
     print_table(f"{result['model']} training step (forward+backward+SGD), batch {result['batch_size']}, "
-                f"{result['image_size']}px, median of {result['repeats']} ({result['device']})",
+                f"{result['image_size']}px{layout}, median of {result['repeats']} ({result['device']})",
                 columns, rows, justify_right=columns[1:])
     out.print("ratios are converted / original")

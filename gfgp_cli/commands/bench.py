@@ -59,8 +59,9 @@ def bench_pool_command(device, repeats, dtype, cases, channels_last, reference, 
               help="Input height and width [default: the model's, 224; inception_v3 299].")
 @click.option("--device", default="cpu", show_default=True, help="Device to run on, e.g. cpu or cuda.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed steps per model.")
+@click.option("--channels-last", is_flag=True, help="Both models and the batch in channels_last memory format.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def bench_model_command(model, batch_size, image_size, device, repeats, as_json) -> None:
+def bench_model_command(model, batch_size, image_size, device, repeats, channels_last, as_json) -> None:
     """Time a training step of MODEL converted to GFGP against the original torchvision MODEL.
 
     Step = forward + backward + SGD step on one random batch; medians of interleaved runs. Also
@@ -71,11 +72,13 @@ def bench_model_command(model, batch_size, image_size, device, repeats, as_json)
       gfgp bench model resnet50
       gfgp bench model resnet50 --device cuda --batch-size 64 --json
       gfgp bench model resnet18 --batch-size 4 --image-size 112 --repeats 3
+      gfgp bench model resnet50 --channels-last
     """
     from ..bench.model import bench_model
     from ..bench.report import print_model_report
 
-    result = bench_model(model, batch_size=batch_size, image_size=image_size, device=device, repeats=repeats)
+    result = bench_model(model, batch_size=batch_size, image_size=image_size, device=device, repeats=repeats,
+                         channels_last=channels_last)
     print_model_report(result, as_json)
 
 

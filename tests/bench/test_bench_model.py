@@ -50,6 +50,29 @@ def test_bench_model_table(result, capsys):
         assert text in out
 
 
+def test_bench_model_channels_last_runs_both_models_in_that_format(monkeypatch):
+    from gfgp_cli.bench import model as bench_model_module
+
+    formats = []
+    step = bench_model_module._train_step
+
+    def spy(model, x, y):  # record the layout each model's parameters and the batch are in
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        formats.append((conv.weight.is_contiguous(memory_format=torch.channels_last),
+                        x.is_contiguous(memory_format=torch.channels_last)))
+        return step(model, x, y)
+
+    monkeypatch.setattr(bench_model_module, "_train_step", spy)
+    run = CliRunner().invoke(cli, [*ARGS, "--channels-last", "--json"], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.output)["memory_format"] == "channels_last"
+    assert formats == [(True, True), (True, True)]
+
+
+def test_bench_model_default_is_contiguous(result):
+    assert result["memory_format"] == "contiguous"
+
+
 @pytest.mark.parametrize("args,message", [
     (["bench", "model", "resnet5O"], "unknown model 'resnet5O'; did you mean resnet50?"),
     (["bench", "model", "resnet18", "--batch-size", "1"], "--batch-size"),
