@@ -69,17 +69,23 @@ def _unravel(idx, C, D2, D3, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _window_tap(x_base, i, j, a, b, mask, H, W, sxh, sxw, SH, SW, PH, PW):
+    """(x, valid) at tap (a, b) of each lane's window: x as float32 (0 where not valid); a tap is
+    valid on an unmasked lane inside the input (padded positions take part in nothing)."""
+    r = i * SH - PH + a
+    col = j * SW - PW + b
+    ok = mask & (r >= 0) & (r < H) & (col >= 0) & (col < W)
+    return tl.load(x_base + r * sxh + col * sxw, mask=ok, other=0.0).to(tl.float32), ok
+
+
+@triton.jit
 def _window_max(x_base, lam, i, j, mask, H, W, sxh, sxw, SH, SW, PH, PW,
                 KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr):
     """The maximum of lam * x over the valid positions of each lane's window (0 on masked lanes)."""
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     for a in tl.static_range(KH):
-        r = i * SH - PH + a
-        row_ok = mask & (r >= 0) & (r < H)
         for b in tl.static_range(KW):
-            col = j * SW - PW + b
-            ok = row_ok & (col >= 0) & (col < W)
-            xv = tl.load(x_base + r * sxh + col * sxw, mask=ok, other=0.0).to(tl.float32)
+            xv, ok = _window_tap(x_base, i, j, a, b, mask, H, W, sxh, sxw, SH, SW, PH, PW)
             m = tl.maximum(m, tl.where(ok, lam * xv, float("-inf")))
     # Every window has a valid position (padding <= kernel / 2); masked lanes get a finite 0.
     return tl.where(mask, m, 0.0)
@@ -94,12 +100,8 @@ def _window_sums(x_base, lam, m, y, i, j, mask, H, W, sxh, sxw, SH, SW, PH, PW,
     s = tl.full([BLOCK], 0.0, tl.float32)
     t = tl.full([BLOCK], 0.0, tl.float32)
     for a in tl.static_range(KH):
-        r = i * SH - PH + a
-        row_ok = mask & (r >= 0) & (r < H)
         for b in tl.static_range(KW):
-            col = j * SW - PW + b
-            ok = row_ok & (col >= 0) & (col < W)
-            xv = tl.load(x_base + r * sxh + col * sxw, mask=ok, other=0.0).to(tl.float32)
+            xv, ok = _window_tap(x_base, i, j, a, b, mask, H, W, sxh, sxw, SH, SW, PH, PW)
             e = tl.exp(tl.where(ok, lam * xv - m, float("-inf")))  # padded: exp(-inf) = 0
             s += e
             if CENTRED:
@@ -111,16 +113,23 @@ def _window_sums(x_base, lam, m, y, i, j, mask, H, W, sxh, sxw, SH, SW, PH, PW,
 
 
 @triton.jit
+def _window_lanes(lam_ptr, total, C, OH, OW, sln, slc, slh, slw, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's lanes over the output windows: (mask, n, c, i, j, lam as float32)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < total
+    n, c, i, j = _unravel(idx, C, OH, OW, CHANNELS_LAST)
+    lam = tl.load(lam_ptr + n * sln + c * slc + i * slh + j * slw, mask=mask, other=0.0).to(tl.float32)
+    return mask, n, c, i, j, lam
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, lam_ptr, y_ptr, total, C, H, W, OH, OW,
     sxn, sxc, sxh, sxw, sln, slc, slh, slw, syn, syc, syh, syw,
     SH, SW, PH, PW,
     KH: tl.constexpr, KW: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < total
-    n, c, i, j = _unravel(idx, C, OH, OW, CHANNELS_LAST)
-    lam = tl.load(lam_ptr + n * sln + c * slc + i * slh + j * slw, mask=mask, other=0.0).to(tl.float32)
+    mask, n, c, i, j, lam = _window_lanes(lam_ptr, total, C, OH, OW, sln, slc, slh, slw, CHANNELS_LAST, BLOCK)
     x_base = x_ptr + n * sxn + c * sxc
     m = _window_max(x_base, lam, i, j, mask, H, W, sxh, sxw, SH, SW, PH, PW, KH, KW, BLOCK)
     s, acc = _window_sums(x_base, lam, m, m, i, j, mask, H, W, sxh, sxw, SH, SW, PH, PW, KH, KW, False, BLOCK)
@@ -135,10 +144,7 @@ def _window_stats_kernel(
     KH: tl.constexpr, KW: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """lse = m + log(S) and dL/dlam = g / S * sum e (x - y)^2 per window (lse, glam: float32, strides so*)."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < total
-    n, c, i, j = _unravel(idx, C, OH, OW, CHANNELS_LAST)
-    lam = tl.load(lam_ptr + n * sln + c * slc + i * slh + j * slw, mask=mask, other=0.0).to(tl.float32)
+    mask, n, c, i, j, lam = _window_lanes(lam_ptr, total, C, OH, OW, sln, slc, slh, slw, CHANNELS_LAST, BLOCK)
     y = tl.load(y_ptr + n * syn + c * syc + i * syh + j * syw, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + n * sgn + c * sgc + i * sgh + j * sgw, mask=mask, other=0.0).to(tl.float32)
     x_base = x_ptr + n * sxn + c * sxc
