@@ -1,7 +1,9 @@
 """gfgp: Global Feature Guided Local Pooling (Kobayashi, ICCV 2019) for any torchvision CNN.
 
-The public names of DESIGN.md are imported lazily (PEP 562), so that ``gfgp --help`` does not
-pay for importing torch.
+The public names (docs/architecture.md) are imported lazily (PEP 562), so that ``gfgp --help``
+does not pay for importing torch. No submodule may share a public name: importing a submodule
+sets the package attribute of its name, which would shadow the function (``gfgp_cli.convert`` is
+the function; the module that defines it is ``gfgp_cli.conversion``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ _EXPORTS = {
     "maxent_pool2d": ".ops",
     "GFGPPool2d": ".nn",
     "MaxEntPool2d": ".nn",
-    "convert": ".convert",
+    "convert": ".conversion",
+    "ConversionSpec": ".spec",
     "save": ".checkpoint",
     "load": ".checkpoint",
     "export_onnx": ".export",

@@ -1,14 +1,16 @@
-"""gfgp checkpoints: data, not code (DESIGN.md).
+"""gfgp checkpoints: data, not code (docs/architecture.md).
 
 A checkpoint is a dict of tensors and plain values::
 
-    {"format": "gfgp", "version": 1, "spec": {...conversion spec, primitives only...},
+    {"format": "gfgp", "version": 2, "spec": {...ConversionSpec.to_dict()...},
      "state_dict": {...}, ...training state (optimizer, scheduler, epoch, RNG) for runs...}
 
-It loads with ``torch.load(path, weights_only=True)``; :func:`load` rebuilds the model by
-replaying the conversion recorded in ``spec`` and loads the weights strictly. Writes are atomic
-(temporary file in the same folder, fsync, ``os.replace``), so a crash leaves either the old file
-or the new one, never a broken one.
+It loads with ``torch.load(path, weights_only=True)``. This module is the checkpoint layer: it
+writes (:func:`write_checkpoint`, :func:`save`), reads (:func:`read_checkpoint`, which turns the
+plain spec into a :class:`~gfgp_cli.spec.ConversionSpec`) and replays (:func:`rebuild`,
+:func:`load`: the conversion the spec records is run again and the weights are loaded strictly).
+Writes are atomic (temporary file in the same folder, fsync, ``os.replace``), so a crash leaves
+either the old file or the new one, never a broken one.
 """
 
 from __future__ import annotations
@@ -21,42 +23,36 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from ._io import atomic_open
+from ._io import atomic_open, check_output_file
+from .conversion import ConversionReport, PoolFactory, convert_with_report
 from .errors import BadInputError
+from .spec import ConversionSpec, ModuleSource, TorchvisionSource, attach_spec, spec_of
 
-__all__ = ["FORMAT", "VERSION", "save", "load", "read_checkpoint", "write_checkpoint", "get_spec", "set_spec"]
+__all__ = ["FORMAT", "VERSION", "save", "load", "rebuild", "read_checkpoint", "write_checkpoint", "convert_to_file"]
 
 FORMAT = "gfgp"
-# version 1: first format (spec + state_dict [+ training state]).
-VERSION = 1
+# version 1: first format (spec + state_dict [+ training state]); the spec a plain dict.
+# version 2: the spec is ConversionSpec.to_dict() (it carries its own version; see gfgp_cli.spec).
+# Older code refuses a newer file ("newer than this gfgp understands; upgrade gfgp").
+VERSION = 2
 
 PathLike = Union[str, os.PathLike]
 
 
-def get_spec(model: nn.Module) -> Dict[str, Any]:
-    """The conversion spec recorded on a model converted by :func:`gfgp_cli.convert`."""
-    spec = getattr(model, "meta", {}).get("gfgp_spec") if hasattr(model, "meta") else None
-    if spec is None:
-        raise BadInputError(
-            f"{type(model).__name__} was not made by gfgp_cli.convert, so it has no conversion spec to save; "
-            "convert it first (gfgp_cli.convert(model))"
-        )
-    return spec
+def write_checkpoint(path: PathLike, spec: ConversionSpec, state_dict: Dict[str, Any], **extra: Any) -> Path:
+    """Atomically write a checkpoint: ``spec``, ``state_dict`` and ``extra`` plain entries.
 
-
-def set_spec(model: nn.Module, spec: Dict[str, Any]) -> None:
-    """Record the conversion spec on a converted model (a GraphModule's ``meta`` dict)."""
-    model.meta["gfgp_spec"] = spec
-
-
-def write_checkpoint(path: PathLike, payload: Dict[str, Any]) -> Path:
-    """Atomically write ``payload`` (plus format and version keys) to ``path``.
-
-    The parent folder is created if missing; see :func:`gfgp_cli._io.atomic_open`.
+    The one writer of checkpoints (and of the spec's plain form). The parent folder is created if
+    missing; see :func:`gfgp_cli._io.atomic_open`.
     """
+    if not isinstance(spec, ConversionSpec):
+        raise TypeError(f"write_checkpoint expects a ConversionSpec, got {type(spec).__name__}")
+    reserved = {"format", "version", "spec", "state_dict"} & set(extra)
+    if reserved:
+        raise ValueError(f"extra checkpoint entries may not be named {sorted(reserved)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": FORMAT, "version": VERSION, **payload}
+    data = {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(), "state_dict": state_dict, **extra}
     with atomic_open(path, "wb") as f:
         torch.save(data, f)
     return path
@@ -65,7 +61,8 @@ def write_checkpoint(path: PathLike, payload: Dict[str, Any]) -> Path:
 def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """Load a gfgp checkpoint safely (``weights_only=True``; never falls back to unsafe pickle).
 
-    Raises BadInputError (exit 2) with a one-line message for a missing file, a folder, a
+    The one reader of checkpoints: every format version loads, and ``data["spec"]`` is returned
+    as a :class:`~gfgp_cli.spec.ConversionSpec`. Raises BadInputError (exit 2) with a one-line message for a missing file, a folder, a
     truncated or corrupt file, a pickle that would run code, or a file that is not gfgp's.
     """
     path = Path(path)
@@ -97,28 +94,79 @@ def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     for key in ("spec", "state_dict"):
         if not isinstance(data.get(key), dict):
             raise BadInputError(f"{path} is not a complete gfgp checkpoint: its '{key}' entry is missing")
+    try:
+        data["spec"] = ConversionSpec.from_dict(data["spec"])
+    except BadInputError as e:
+        raise BadInputError(f"{path}: {e}") from e
     return data
 
 
 def save(model: nn.Module, path: PathLike, **extra: Any) -> Path:
     """Save a converted model as a gfgp checkpoint (spec + state_dict [+ ``extra`` entries])."""
-    return write_checkpoint(path, {"spec": get_spec(model), "state_dict": model.state_dict(), **extra})
+    return write_checkpoint(path, spec_of(model), model.state_dict(), **extra)
+
+
+def rebuild(spec: ConversionSpec, module: Optional[nn.Module] = None, pool: Optional[PoolFactory] = None) -> nn.Module:
+    """Replay the conversion ``spec`` records; returns the converted model (fresh weights).
+
+    ``module`` is required for a spec converted from a user's own ``nn.Module`` (the spec records
+    the conversion, not the user's code), and ``pool`` for one converted with a callable pool.
+    The replay must find the same sites as the recorded conversion (a different torchvision, or
+    a different module, would silently give a different model).
+    """
+    source = spec.source
+    if spec.replayable_pool:
+        if pool is not None:
+            raise BadInputError(f"this checkpoint was converted with pool {spec.pool!r}; do not pass pool=")
+        pool_arg: Any = spec.pool
+    elif pool is None:
+        raise BadInputError(
+            f"this checkpoint was converted with your own pool factory {spec.pool_name or '(unnamed)'}; "
+            "pass it: gfgp_cli.load(path, pool=factory)"
+        )
+    else:
+        pool_arg = pool
+    options: Dict[str, Any] = dict(
+        pool=pool_arg, placement=spec.placement, activation=spec.activation, include_patch_embed=spec.include_patch_embed,
+        image_size=spec.image_size, in_channels=spec.in_channels, comparison=spec.comparison,
+        weights=None,  # the checkpoint's state_dict holds the weights
+    )
+    if isinstance(source, TorchvisionSource):
+        if module is not None:
+            raise BadInputError("this checkpoint names a torchvision model; do not pass a module")
+        gm, _ = convert_with_report(source.name, **options, **source.kwargs)
+    elif isinstance(source, ModuleSource):
+        if module is None:
+            raise BadInputError(
+                f"this checkpoint was converted from your own module {source.qualname}; "
+                "pass an instance of it: gfgp_cli.load(path, module=MyModel())"
+            )
+        gm, _ = convert_with_report(module, **options)
+    else:  # a source kind this code reads but cannot build (kept for kinds added later)
+        raise BadInputError(f"cannot rebuild a model from a {type(source).__name__}")
+    replayed = spec_of(gm)
+    if replayed.sites != spec.sites:
+        raise BadInputError(
+            "replaying the conversion gave different pooling sites than the checkpoint records "
+            f"(checkpoint made with torchvision {spec.torchvision_version}, this is {replayed.torchvision_version}); "
+            "re-convert the model with this version"
+        )
+    # The recorded spec, not the replay's: it knows where the weights came from.
+    return attach_spec(gm, spec)
 
 
 def load(path: Union[PathLike, Dict[str, Any]], module: Optional[nn.Module] = None,
-         map_location: Union[str, torch.device] = "cpu") -> nn.Module:
+         map_location: Union[str, torch.device] = "cpu", pool: Optional[PoolFactory] = None) -> nn.Module:
     """Rebuild a converted model from its checkpoint and load its weights strictly (eval mode).
 
     ``path`` is a checkpoint file, or a checkpoint already read by :func:`read_checkpoint` (so a
     caller that also needs the training state reads the file once). ``module`` is required for
-    models converted from a user's own ``nn.Module`` (the spec records the conversion, not the
-    user's code); for torchvision models the spec names the model.
+    models converted from a user's own ``nn.Module``, ``pool`` for models converted with a
+    callable pool (see :func:`rebuild`); for torchvision models the spec names the model.
     """
-    from .convert import build_from_spec
-
     data = path if isinstance(path, dict) else read_checkpoint(path, map_location=map_location)
     path = "the checkpoint" if isinstance(path, dict) else path
-    model = build_from_spec(data["spec"], module=module)
+    model = rebuild(data["spec"], module=module, pool=pool)
     try:
         model.load_state_dict(data["state_dict"], strict=True)
     except RuntimeError as e:
@@ -126,3 +174,20 @@ def load(path: Union[PathLike, Dict[str, Any]], module: Optional[nn.Module] = No
             f"the weights in {path} do not fit the model its spec rebuilds ({' '.join(str(e).split())[:200]})"
         ) from e
     return model.eval()
+
+
+def convert_to_file(model: str, out: Optional[PathLike], *, force: bool = False, dry_run: bool = False,
+                    **options: Any) -> ConversionReport:
+    """``gfgp convert``: convert a model, measure it, and write its checkpoint.
+
+    The output path is checked before any work (an existing file needs ``force``; its folder is
+    created if missing). ``dry_run`` converts and reports without writing.
+    """
+    if not dry_run:
+        if out is None:
+            raise BadInputError("give the checkpoint path with --out PATH (or use --dry-run)")
+        out = check_output_file(out, force=force, what="--out", example="model.pt")
+    gm, report = convert_with_report(model, measure=True, **options)
+    if not dry_run:
+        save(gm, out)
+    return report

@@ -1,12 +1,13 @@
 """Generic torch.fx passes that move a CNN's downsampling into replaceable pooling layers.
 
-GraphModule in, GraphModule out; read top to bottom::
+Each pass takes a GraphModule and returns it (with a typed record where it makes one); read top
+to bottom::
 
     gm = trace(model)                           # qualnames preserved, eval-mode control flow
     sites = find_sites(gm, example_input)       # strided convs and max/avg pools (Site)
     gm = decompose(gm, sites)                   # conv(stride=s) -> conv(stride=1); SkipPool2d(s)
-    gm = move_pools(gm, placement="exact")      # pools past BN/activations/1x1 convs/joins
-    gm = replace_pools(gm, factory, find_sites(gm, example_input))  # pool -> factory(site)
+    gm, placed = move_pools(gm, placement="exact")  # pools past BN/activations/1x1 convs/joins
+    gm, replaced = replace_pools(gm, factory, find_sites(gm, example_input))  # pool -> factory(site)
 
 or ``gm, report = pipeline(model, example_input, "paper", factory)``. The package knows nothing
 of any particular pooling layer: callers pass a factory and register their layer types as trace
@@ -14,15 +15,17 @@ leaves with :func:`register_leaf_module`.
 """
 
 from .decompose import decompose, stride1_conv
-from .move import PLACED_POOLS, PLACEMENTS, PlacedPool, move_pools
+from .insert import Inserted, insert_before_pools
+from .move import PLACEMENTS, Moved, PlacedPool, move_pools
 from .pipeline import Report, pipeline
-from .replace import REPLACED_SITES, PoolFactory, replace_pools
+from .replace import PoolFactory, Replaced, replace_pools
 from .sites import Site, find_sites, is_strided_conv, pool_kind
 from .skip_pool import SkipPool2d
-from .trace import LeafTracer, TraceError, register_leaf_module, trace
+from .trace import LeafTracer, TraceError, register_leaf_module, trace, untraced_state_keys
 
 __all__ = [
     "trace",
+    "untraced_state_keys",
     "TraceError",
     "LeafTracer",
     "register_leaf_module",
@@ -34,12 +37,14 @@ __all__ = [
     "decompose",
     "stride1_conv",
     "move_pools",
+    "Moved",
     "PlacedPool",
     "PLACEMENTS",
-    "PLACED_POOLS",
     "replace_pools",
+    "Replaced",
     "PoolFactory",
-    "REPLACED_SITES",
+    "insert_before_pools",
+    "Inserted",
     "pipeline",
     "Report",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -11,10 +12,16 @@ from torch.fx import GraphModule
 from ._util import finish, free_name, owner_of
 from .sites import Site, find_sites
 
-__all__ = ["insert_before_pools", "INSERTED_MODULES"]
+__all__ = ["insert_before_pools", "Inserted"]
 
-#: Key of ``gm.meta`` under which :func:`insert_before_pools` lists the qualnames it added.
-INSERTED_MODULES = "inserted_modules"
+
+
+class Inserted(NamedTuple):
+    """What :func:`insert_before_pools` returns: the graph module and the qualnames it added."""
+
+    graph_module: GraphModule
+    inserted: list[str]
+
 
 
 def insert_before_pools(
@@ -24,7 +31,7 @@ def insert_before_pools(
     sites: Iterable[Site] | None = None,
     example_input: torch.Tensor | None = None,
     kinds: tuple[str, ...] = ("max_pool", "avg_pool"),
-) -> GraphModule:
+) -> Inserted:
     """Feed every converting pool site of the given ``kinds`` through ``factory(site)`` first.
 
     The pool itself is unchanged; only its input is rerouted through the new module, which must
@@ -56,5 +63,4 @@ def insert_before_pools(
         new.meta.update({k: v for k, v in node.meta.items() if k == "nn_module_stack"})
         node.replace_input_with(source, new)
         added.append(qualname)
-    gm.meta[INSERTED_MODULES] = added
-    return finish(gm)
+    return Inserted(finish(gm), added)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 from torch.fx import GraphModule, Node
@@ -12,13 +12,10 @@ from ._util import finish, free_name, node_label, owner_of, set_submodule
 from .commute import Rule, rule, size_classes
 from .skip_pool import SkipPool2d
 
-__all__ = ["move_pools", "PlacedPool", "PLACEMENTS", "PLACED_POOLS"]
+__all__ = ["move_pools", "Moved", "PlacedPool", "PLACEMENTS"]
 
 #: Accepted ``placement`` values, see :func:`move_pools`.
-PLACEMENTS = ("exact", "paper", "local")
-
-#: Key of ``gm.meta`` under which :func:`move_pools` leaves its record (a list of PlacedPool).
-PLACED_POOLS = "placed_pools"
+PLACEMENTS = ("paper", "exact", "local")
 
 
 @dataclass(frozen=True)
@@ -44,12 +41,19 @@ class PlacedPool:
     moved: bool
 
 
+class Moved(NamedTuple):
+    """What :func:`move_pools` returns: the graph module and where each skip pool went."""
+
+    graph_module: GraphModule
+    placed: list[PlacedPool]
+
+
 # ---------------------------------------------------------------------------------------------
 # The pass
 # ---------------------------------------------------------------------------------------------
 
 
-def move_pools(gm: GraphModule, placement: str = "exact") -> GraphModule:
+def move_pools(gm: GraphModule, placement: str = "exact") -> Moved:
     """Move every ``SkipPool2d`` forward to where the placement puts it; record where they went.
 
     Invariant (``"exact"`` and ``"local"``): the eval-mode output is unchanged for every input
@@ -102,8 +106,9 @@ def move_pools(gm: GraphModule, placement: str = "exact") -> GraphModule:
     away are removed first, and new names are given in graph order, so names are deterministic.
     Pools that do not move keep their names.
 
-    The record, a list of :class:`PlacedPool` in graph order, is left in
-    ``gm.meta["placed_pools"]`` (plain dataclasses of strings and ints).
+    Returns:
+        :class:`Moved` ``(graph_module, placed)``: ``gm`` transformed in place, and a
+        :class:`PlacedPool` per remaining skip pool, in graph order (plain strings and ints).
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
@@ -121,8 +126,7 @@ def move_pools(gm: GraphModule, placement: str = "exact") -> GraphModule:
     if placement != "local" and sources:
         deferred = _deferred_nodes(gm, modules, order, sources, stride_of, allow_paper=placement == "paper")
     placed = _rewrite(gm, order, sources, deferred, stride_of, source_label)
-    gm.meta[PLACED_POOLS] = placed
-    return finish(gm)
+    return Moved(finish(gm), placed)
 
 
 def _deferred_nodes(

@@ -11,10 +11,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .decompose import decompose
-from .move import PLACED_POOLS, PlacedPool, move_pools
+from .move import PlacedPool, move_pools
 from .replace import PoolFactory, replace_pools
 from .sites import Site, find_sites
-from .trace import trace
+from .trace import trace, untraced_state_keys
 
 __all__ = ["pipeline", "Report"]
 
@@ -67,12 +67,11 @@ def pipeline(
     Parameters); a GraphModule argument is transformed in place.
     """
     gm = model_or_gm if isinstance(model_or_gm, GraphModule) else trace(model_or_gm)
+    untraced = [] if gm is model_or_gm else untraced_state_keys(model_or_gm, gm)
     sites = find_sites(gm, example_input, include_patch_embed)
     gm = decompose(gm, sites)
-    gm = move_pools(gm, placement)
-    placed = list(gm.meta[PLACED_POOLS])
+    gm, placed = move_pools(gm, placement)
     replaced: list[Site] = []
     if factory is not None:
-        gm = replace_pools(gm, factory, find_sites(gm, example_input, include_patch_embed))
-        replaced = list(gm.meta["replaced_sites"])
-    return gm, Report(sites, placed, replaced, list(gm.meta.get("untraced_state_keys", [])))
+        gm, replaced = replace_pools(gm, factory, find_sites(gm, example_input, include_patch_embed))
+    return gm, Report(sites, placed, replaced, untraced)

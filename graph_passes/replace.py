@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -11,13 +12,19 @@ from torch.fx import GraphModule
 from ._util import _get, finish, free_name, owner_of, parent_path, set_submodule
 from .sites import Site, find_sites
 
-__all__ = ["replace_pools", "PoolFactory", "REPLACED_SITES"]
+__all__ = ["replace_pools", "Replaced", "PoolFactory"]
 
 #: ``factory(site)`` returns the module to use at ``site``, or None to leave the site as it is.
 PoolFactory = Callable[[Site], "nn.Module | None"]
 
-#: Key of ``gm.meta`` under which :func:`replace_pools` lists the sites it replaced.
-REPLACED_SITES = "replaced_sites"
+
+
+class Replaced(NamedTuple):
+    """What :func:`replace_pools` returns: the graph module and the sites that got a module."""
+
+    graph_module: GraphModule
+    replaced: list[Site]
+
 
 _POOL_KINDS = ("max_pool", "avg_pool", "skip")
 
@@ -27,7 +34,7 @@ def replace_pools(
     factory: PoolFactory,
     sites: Iterable[Site] | None = None,
     example_input: torch.Tensor | None = None,
-) -> GraphModule:
+) -> Replaced:
     """Replace every converting pool site by ``factory(site)``.
 
     Sites: every ``SkipPool2d`` and every max/avg pool site with ``convert=True`` (module or
@@ -54,7 +61,9 @@ def replace_pools(
         layer2_0_pool = layer2.0.pool(relu_2)  ->    layer2_0_pool = layer2.0.pool(relu_2)
           # SkipPool2d(stride=2)                       # GFGPPool2d(512, kernel_size=2, stride=2, ceil_mode=True)
 
-    The sites that got a module are listed in ``gm.meta["replaced_sites"]``.
+    Returns:
+        :class:`Replaced` ``(graph_module, replaced)``: ``gm`` transformed in place, and the
+        sites that got a module, in the order of ``sites``.
     """
     if sites is None:
         sites = find_sites(gm, example_input)
@@ -95,5 +104,4 @@ def replace_pools(
         else:
             raise ValueError(f"site {site.qualname!r}: cannot replace node {node.format_node()}")
         replaced.append(site)
-    gm.meta[REPLACED_SITES] = replaced
-    return finish(gm)
+    return Replaced(finish(gm), replaced)

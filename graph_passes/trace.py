@@ -9,7 +9,7 @@ from torch.fx import GraphModule, Tracer
 
 from .skip_pool import SkipPool2d
 
-__all__ = ["TraceError", "LeafTracer", "register_leaf_module", "trace"]
+__all__ = ["TraceError", "LeafTracer", "register_leaf_module", "trace", "untraced_state_keys"]
 
 
 class TraceError(ValueError):
@@ -93,8 +93,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = ()) -> Gra
     - Python control flow that reads ``self.training`` is resolved as in eval mode (the model is
       put in eval mode while tracing, then every module's flag is restored). Submodules used only
       in training, such as the auxiliary classifiers of GoogLeNet and Inception-v3, are therefore
-      not part of the graph; their ``state_dict`` keys are listed in
-      ``gm.meta["untraced_state_keys"]``.
+      not part of the graph; :func:`untraced_state_keys` lists their ``state_dict`` keys.
     - Leaf modules are shared with ``model`` (the ``torch.fx`` convention); the passes never
       modify them in place, they install new modules instead.
     - A ``GraphModule`` is traced again, which is harmless and makes registered leaves whole.
@@ -127,8 +126,16 @@ def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = ()) -> Gra
         orig = _maybe_submodule(model, name)
         if orig is not None:
             sub.training = orig.training
-    gm.meta["untraced_state_keys"] = sorted(set(model.state_dict()) - set(gm.state_dict()))
     return gm
+
+
+def untraced_state_keys(model: nn.Module, gm: GraphModule) -> list[str]:
+    """``state_dict`` keys of ``model`` that its trace ``gm`` does not use, sorted.
+
+    These belong to submodules that run only in training mode (auxiliary classifiers), which
+    :func:`trace` resolves away; loading ``model``'s weights into ``gm`` must skip them.
+    """
+    return sorted(set(model.state_dict()) - set(gm.state_dict()))
 
 
 def _maybe_submodule(model: nn.Module, qualname: str) -> nn.Module | None:

@@ -13,6 +13,7 @@ from torch import nn
 import gfgp_cli
 from gfgp_cli import GFGPPool2d, MaxEntPool2d, convert
 from gfgp_cli.checkpoint import read_checkpoint
+from gfgp_cli.spec import spec_of
 from gfgp_cli.cli import cli
 
 
@@ -144,7 +145,7 @@ def test_user_module_checkpoint_needs_the_module(tmp_path):
 
 
 def test_local_weights_file_is_reused_and_reported(tmp_path):
-    from gfgp_cli.convert import convert_with_report
+    from gfgp_cli.conversion import convert_with_report
 
     torch.manual_seed(1)
     src = torchvision.models.resnet18()
@@ -169,7 +170,7 @@ def test_cli_convert_writes_checkpoint_and_prints_table(tmp_path):
     assert result.exit_code == 0, result.output
     assert "layer2.0.conv1" in result.output and "converted" in result.output and "MACs @64" in result.output
     assert "not output-preserving, by design" in result.output  # resnet18's paper layout passes 3x3 convs
-    assert read_checkpoint(out)["spec"]["pool"] == "gfgp"
+    assert read_checkpoint(out)["spec"].pool == "gfgp"
     again = _run("convert", "resnet18", "--out", str(out))
     assert again.exit_code == 2 and "already exists; pass --force" in again.output
     assert _run("convert", "resnet18", "--out", str(out), "--force", "--image-size", "64").exit_code == 0
@@ -268,14 +269,14 @@ def test_weights_with_other_num_classes_keep_a_fresh_classifier_and_record_new_p
     src = torchvision.models.resnet18()
     torch.save(src.state_dict(), tmp_path / "w.pt")
     model = convert("resnet18", weights=str(tmp_path / "w.pt"), num_classes=7)
-    spec = model.meta["gfgp_spec"]
-    assert spec["weights"] == str(tmp_path / "w.pt")
-    assert {"fc.weight", "fc.bias"} <= set(spec["new_parameters"])
+    spec = spec_of(model)
+    assert spec.weights == str(tmp_path / "w.pt")
+    assert {"fc.weight", "fc.bias"} <= set(spec.new_parameters)
     assert all(k.startswith(("fc.", "pool.", "maxpool.", "layer2.0.pool", "layer3.0.pool", "layer4.0.pool"))
-               for k in spec["new_parameters"])
+               for k in spec.new_parameters)
     assert torch.equal(model.state_dict()["conv1.weight"], src.conv1.weight)
     path = gfgp_cli.save(model, tmp_path / "m.pt")
-    assert gfgp_cli.load(path).meta["gfgp_spec"]["new_parameters"] == spec["new_parameters"]
+    assert spec_of(gfgp_cli.load(path)) == spec
 
 
 def test_garbage_file_is_called_corrupt_not_unsafe(tmp_path):

@@ -51,7 +51,7 @@ def bench_model(
     """
     import torchvision
 
-    from ..convert import _macs, convert_with_report, default_image_size
+    from ..conversion import _macs, convert_with_report, default_image_size
 
     if batch_size < 2:
         raise ValueError(f"batch-size must be >= 2 (BatchNorm in training mode needs more than one sample), got {batch_size}")

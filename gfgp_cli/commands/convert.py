@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import click
 
-_POOLS = ["gfgp", "maxent", "max", "avg", "skip"]
+from .. import choices
 
 
 @click.command("convert")
 @click.argument("model")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Checkpoint to write (its folder is created).")
-@click.option("--pool", type=click.Choice(_POOLS), default=None, help="Pooling that replaces the downsampling sites [default: gfgp; skip with --module].")
-@click.option("--placement", type=click.Choice(["paper", "exact", "local"]), default="paper", show_default=True,
+@click.option("--pool", type=click.Choice(choices.POOLS), default=None,
+              help=f"Pooling that replaces the downsampling sites [default: {choices.DEFAULT_POOL}; skip with --module].")
+@click.option("--placement", type=click.Choice(choices.PLACEMENTS), default=choices.DEFAULT_PLACEMENT, show_default=True,
               help="paper: official layouts; exact: move pools only where the output is unchanged; local: no moves.")
-@click.option("--activation", type=click.Choice(["sigmoid", "softplus"]), default="sigmoid", show_default=True,
+@click.option("--activation", type=click.Choice(choices.ACTIVATIONS), default=choices.DEFAULT_ACTIVATION, show_default=True,
               help="Activation that bounds lam (gfgp and maxent pools).")
 @click.option("--weights", default=None, help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...; downloads) or a local state_dict file.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier outputs (torchvision constructor argument).")
 @click.option("--image-size", type=click.IntRange(min=8), default=None, help="Input size of the example used for shapes and MACs [default: 224; inception_v3 299].")
-@click.option("--module", "comparison", type=click.Choice(["nin", "resnin", "se"]), default=None,
+@click.option("--module", "comparison", type=click.Choice(choices.COMPARISON_MODULES), default=None,
               help="Insert this comparison block (GFGP's parameter count) before each max/avg pool, which stays.")
 @click.option("--include-patch-embed", is_flag=True, help="Also convert patch-embedding convs (kernel == stride >= 4).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights (model and new layers).")
@@ -41,11 +42,11 @@ def convert_cmd(model, out, pool, placement, activation, weights, num_classes, i
       gfgp convert resnet18 --placement exact --dry-run --json
       gfgp convert vgg16_bn --module se --out vgg-se.pt
     """
-    from ..convert import convert_to_file
+    from ..checkpoint import convert_to_file
     from ..reports import render_conversion
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    pool = pool or ("skip" if comparison else "gfgp")
+    pool = pool or ("skip" if comparison else choices.DEFAULT_POOL)
     report = convert_to_file(
         model, out, force=force, dry_run=dry_run, pool=pool, placement=placement, activation=activation,
         weights=weights, image_size=image_size, comparison=comparison, seed=seed, include_patch_embed=include_patch_embed, **kwargs,

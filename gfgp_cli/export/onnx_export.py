@@ -18,11 +18,14 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Union
 
 from .._io import atomic_open, check_output_file
 from ..errors import BadInputError, WorkFailedError
 from .maxent_function import DOMAIN, DOMAIN_VERSION, MIN_OPSET, maxent_pool2d_function
+
+if TYPE_CHECKING:
+    from ..spec import ConversionSpec
 
 __all__ = ["ExportReport", "export_onnx", "export_checkpoint", "RTOL", "DEFAULT_IMAGE_SIZE", "supported_opsets"]
 
@@ -216,28 +219,32 @@ def _check_opset(opset: Optional[int]) -> Optional[int]:
     return opset
 
 
-def _spec(model) -> Dict[str, Any]:
-    meta = getattr(model, "meta", None)
-    spec = meta.get("gfgp_spec") if isinstance(meta, dict) else None
-    return spec if isinstance(spec, dict) else {}
+def _spec(model) -> Optional[ConversionSpec]:
+    """The model's conversion spec, or None for a model gfgp_cli.convert did not make."""
+    from ..spec import spec_of
+
+    try:
+        return spec_of(model)
+    except BadInputError:
+        return None
 
 
 def _image_size(model, image_size: Optional[int]) -> int:
     if image_size is None:
-        recorded = _spec(model).get("image_size")
-        image_size = recorded if isinstance(recorded, int) and recorded > 0 else DEFAULT_IMAGE_SIZE
+        spec = _spec(model)
+        image_size = spec.image_size if spec is not None else DEFAULT_IMAGE_SIZE
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise BadInputError(f"image size must be a positive int, got {image_size!r}")
     return image_size
 
 
 def _in_channels(model) -> int:
-    """Input channels: the spec's ``in_channels`` if recorded, else the first Conv2d's."""
+    """Input channels: the spec's ``in_channels``, else (a model gfgp did not convert) the first Conv2d's."""
     from torch import nn
 
-    recorded = _spec(model).get("in_channels")
-    if isinstance(recorded, int) and recorded > 0:
-        return recorded
+    spec = _spec(model)
+    if spec is not None:
+        return spec.in_channels
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return conv.in_channels if conv is not None else 3
 

@@ -110,7 +110,7 @@ def resolve_settings(family: str = "all", variants: Optional[Union[str, Sequence
     """Check every option (one-line BadInputError) and fill in the full or --quick defaults;
     returns the settings and the ``(family, Variant)`` pairs to run."""
     if family not in FAMILY_CHOICES:
-        from ..convert import _unknown
+        from ..choices import unknown as _unknown
 
         raise _unknown("family", str(family), list(FAMILY_CHOICES))
     families = ("vgg", "resnet") if family == "all" else (family,)

@@ -72,7 +72,7 @@ def resolve_variants(families: Sequence[str], names: Optional[Sequence[str]]) ->
     Unknown names are an error (with a "did you mean" hint); so is a name that applies to none of
     ``families`` (the comparison blocks are VGG-only).
     """
-    from ..convert import _unknown
+    from ..choices import unknown as _unknown
     from ..errors import BadInputError
 
     if names is None:
@@ -94,7 +94,7 @@ def resolve_variants(families: Sequence[str], names: Optional[Sequence[str]]) ->
 def convert_variant(model: nn.Module, variant: Variant, image_size: int):
     """``(converted GraphModule, ConversionReport)``: ``model`` converted the variant's way with the
     paper's placement; the report has parameters and MACs at ``image_size``."""
-    from ..convert import convert_with_report
+    from ..conversion import convert_with_report
 
     return convert_with_report(model, variant.pool, "paper", activation=variant.activation,
                                comparison=variant.comparison, image_size=image_size, measure=True)

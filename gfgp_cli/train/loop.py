@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .._io import atomic_write_text, ensure_writable_dir
-from ..checkpoint import get_spec, load, read_checkpoint
+from ..checkpoint import load, read_checkpoint
+from ..spec import ConversionSpec, TorchvisionSource, spec_of
 from ..devices import resolve_device as _resolve_device
 from ..errors import BadInputError, WorkFailedError
 from .config import RESUME_MUTABLE, TrainConfig, check_device_name, config_from_dict, lr_factor, resolve_config
@@ -41,7 +42,6 @@ __all__ = ["train", "main", "train_one_epoch", "evaluate", "evaluate_checkpoint"
 
 # Files a run writes; a folder holding any of them is an existing run.
 RUN_FILES = (LAST, BEST, "config.json", "metrics.csv", "metrics.jsonl")
-DEFAULT_IMAGE_SIZE = 224
 
 
 @dataclass
@@ -150,7 +150,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, data_loader: DataLoader, de
 
 
 def train(checkpoint: str, data: str, out: str, *, recipe: Optional[str] = None, resume: bool = False,
-          force: bool = False, model: Optional[nn.Module] = None, spec: Optional[Dict[str, Any]] = None,
+          force: bool = False, model: Optional[nn.Module] = None, spec: Optional[ConversionSpec] = None,
           **flags: Any) -> TrainResult:
     """Train the model of a gfgp checkpoint (``gfgp train``); ``flags`` are TrainConfig fields,
     ``None`` meaning "not given" (the recipe's value).
@@ -182,14 +182,14 @@ def train(checkpoint: str, data: str, out: str, *, recipe: Optional[str] = None,
             )
         if model is None:
             model = load(checkpoint)
-            spec = get_spec(model)
+            spec = spec_of(model)
         elif spec is None:
             raise TypeError("train(model=...) needs the model's conversion spec (spec=...)")
         config, notes = resolve_config(checkpoint, data, out, recipe or _default_recipe(spec), **flags)
     return main(config, model, spec, state=state, force=force, notes=notes)
 
 
-def main(config: TrainConfig, model: nn.Module, spec: Dict[str, Any], *, state: Optional[Dict[str, Any]] = None,
+def main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, *, state: Optional[Dict[str, Any]] = None,
          force: bool = False, notes: Optional[List[str]] = None) -> TrainResult:
     """Run the training a resolved ``config`` describes, from scratch or from ``state`` (a
     ``last.pt`` checkpoint). Joins torchrun's process group when launched by it."""
@@ -204,7 +204,7 @@ def main(config: TrainConfig, model: nn.Module, spec: Dict[str, Any], *, state: 
         cleanup_distributed(info)
 
 
-def _main(config: TrainConfig, model: nn.Module, spec: Dict[str, Any], state: Optional[Dict[str, Any]], force: bool,
+def _main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, state: Optional[Dict[str, Any]], force: bool,
           notes: List[str], info: DistInfo) -> TrainResult:
     run_dir = Path(config.out)
     device = resolve_device(config.device, info)
@@ -280,8 +280,8 @@ def _main(config: TrainConfig, model: nn.Module, spec: Dict[str, Any], state: Op
         # call save at the same points); rank 0 writes.
         per_rank = all_gather_object({"rng": capture_rng(), "meters": epoch_meters.state()}, info)
         if info.is_main:
-            save_run_checkpoint(run_dir, {
-                "spec": spec, "state_dict": model_without_ddp.state_dict(), "config": config.to_dict(),
+            save_run_checkpoint(run_dir, spec, model_without_ddp.state_dict(), {
+                "config": config.to_dict(),
                 "epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "rng": [r["rng"] for r in per_rank], "meters": [r["meters"] for r in per_rank],
@@ -393,7 +393,7 @@ def load_trained(checkpoint, module: Optional[nn.Module] = None) -> Tuple[nn.Mod
     data = read_checkpoint(checkpoint)
     config = data.get("config")
     model = load(data, module=module)
-    return model, get_spec(model), config.get("image_size") if isinstance(config, dict) else None
+    return model, spec_of(model), config.get("image_size") if isinstance(config, dict) else None
 
 
 def _rebuild(state: Dict[str, Any], module: Optional[nn.Module]) -> nn.Module:
@@ -431,31 +431,19 @@ def _resume_config(saved: TrainConfig, data: str, recipe: Optional[str], flags: 
     return config, notes
 
 
-def _default_recipe(spec: Dict[str, Any]) -> str:
+def _default_recipe(spec: ConversionSpec) -> str:
     """finetune for models converted with pretrained weights; else paper-vgg for VGG models and
-    paper-resnet for the rest (PAPER.md section 5)."""
-    if spec.get("weights"):
+    paper-resnet for the rest (docs/method.md section 5)."""
+    if spec.weights:
         return "finetune"
-    source = spec.get("source") if isinstance(spec.get("source"), dict) else {}
-    name = str(source.get("name") or "").lower()
+    name = spec.source.name.lower() if isinstance(spec.source, TorchvisionSource) else ""
     return "paper-vgg" if name.startswith("vgg") else "paper-resnet"
 
 
-def _spec_image_size(spec: Dict[str, Any]) -> Optional[int]:
-    """The input size a conversion spec records, if any (an int or an (H, W)/(C, H, W) tuple)."""
-    for key in ("image_size", "input_size"):
-        value = spec.get(key) if isinstance(spec, dict) else None
-        if isinstance(value, int) and value > 0:
-            return value
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
-            return int(value[-1])
-    return None
-
-
-def prepare_data(model: nn.Module, spec: Dict[str, Any], data: str, image_size: Optional[int], device: torch.device,
+def prepare_data(model: nn.Module, spec: ConversionSpec, data: str, image_size: Optional[int], device: torch.device,
              download: bool) -> Tuple[DataBundle, int]:
     """Resolve the image size, load SPEC's data and check the classifier fits its classes."""
-    size = image_size or _spec_image_size(spec) or DEFAULT_IMAGE_SIZE
+    size = image_size or spec.image_size
     outputs = _num_outputs(model, size, device)
     bundle = load_data(data, size, num_classes=outputs, download=download)
     if bundle.num_classes != outputs:
@@ -502,7 +490,7 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, notes: List[str], force
     atomic_write_text(run_dir / "config.json", text)
 
 
-def _param_groups(model: nn.Module, spec: Dict[str, Any], config: TrainConfig, notes: List[str]) -> List[Dict[str, Any]]:
+def _param_groups(model: nn.Module, spec: ConversionSpec, config: TrainConfig, notes: List[str]) -> List[Dict[str, Any]]:
     """One group, or for ``backbone_lr_scale != 1`` the new layers at lr and the reused layers at
     lr * backbone_lr_scale. New layers: the parameters the conversion spec records as not coming
     from the pretrained weights (new pooling layers, a classifier rebuilt for other classes);
@@ -512,7 +500,7 @@ def _param_groups(model: nn.Module, spec: Dict[str, Any], config: TrainConfig, n
         return [{"params": params, "lr": config.lr, "name": "all"}]
     from ..nn import GFGPPool2d, MaxEntPool2d
 
-    recorded = spec.get("new_parameters")
+    recorded = spec.new_parameters
     if recorded is not None:
         named = dict(model.named_parameters())
         new_ids = {id(named[k]) for k in recorded if k in named}

@@ -26,6 +26,7 @@ from typing import Any, Dict
 import torch
 
 from ..checkpoint import write_checkpoint
+from ..spec import ConversionSpec
 
 __all__ = ["capture_rng", "restore_rng", "save_run_checkpoint", "promote_to_best", "LAST", "BEST"]
 
@@ -60,9 +61,9 @@ def restore_rng(state: Dict[str, Any]) -> None:
         np.random.set_state((s["kind"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))
 
 
-def save_run_checkpoint(run_dir: Path, payload: Dict[str, Any]) -> Path:
-    """Atomically write ``payload`` to RUN_DIR/last.pt."""
-    return write_checkpoint(Path(run_dir) / LAST, payload)
+def save_run_checkpoint(run_dir: Path, spec: ConversionSpec, state_dict: Dict[str, Any], training: Dict[str, Any]) -> Path:
+    """Atomically write the model (``spec``, ``state_dict``) and its ``training`` state to RUN_DIR/last.pt."""
+    return write_checkpoint(Path(run_dir) / LAST, spec, state_dict, **training)
 
 
 def promote_to_best(run_dir: Path) -> Path:
@@ -78,5 +79,7 @@ def promote_to_best(run_dir: Path) -> Path:
     except OSError:
         from ..checkpoint import read_checkpoint
 
-        write_checkpoint(best, {k: v for k, v in read_checkpoint(last).items() if k not in ("format", "version")})
+        data = read_checkpoint(last)
+        rest = {k: v for k, v in data.items() if k not in ("format", "version", "spec", "state_dict")}
+        write_checkpoint(best, data["spec"], data["state_dict"], **rest)
     return best

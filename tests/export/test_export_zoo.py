@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from gfgp_cli import GFGPPool2d, MaxEntPool2d, export_onnx
-from gfgp_cli.convert import convert, list_model_names
+from gfgp_cli.conversion import convert, list_model_names
 
 pytestmark = pytest.mark.zoo
 

@@ -11,11 +11,15 @@ from graph_passes.testing import assert_same_function, randomize_norms, skip_poo
 EVEN_ODD = [16, 15, (12, 17)]
 
 
-def _moved(model, placement, size=16, channels=3):
+def _moved_with_record(model, placement, size=16, channels=3) -> gp.Moved:
     model = randomize_norms(model).eval()
     gm = gp.trace(model)
     gm = gp.decompose(gm, gp.find_sites(gm, torch.randn(1, channels, size, size)))
     return gp.move_pools(gm, placement)
+
+
+def _moved(model, placement, size=16, channels=3):
+    return _moved_with_record(model, placement, size, channels).graph_module
 
 
 def _module_after(gm, pool_name):
@@ -80,10 +84,9 @@ class Net(nn.Module):
 @pytest.mark.parametrize("placement", ["exact", "paper"])
 def test_bottleneck_pools_merge_at_the_add_and_land_after_the_final_relu(placement):
     model = Net(Bottleneck())
-    gm = _moved(model, placement)
+    gm, (placed,) = _moved_with_record(model, placement)
     assert skip_pools(gm) == {"block.pool": ("block_relu_2", (2, 2))}
     assert_same_function(model, gm, EVEN_ODD)
-    (placed,) = gm.meta["placed_pools"]
     assert placed == gp.PlacedPool("block.pool", (2, 2), "block.relu", "block_relu_2",
                                    ("block.conv2", "block.downsample.0"), True)
 
@@ -159,9 +162,8 @@ class ConcatBlock(nn.Module):
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_concat_of_equal_sized_branches_merges_into_one_pool(shuffle):
     model = nn.Sequential(nn.Conv2d(3, 4, 1), ConcatBlock(shuffle), nn.Conv2d(10, 2, 3))
-    gm = _moved(model, "exact")
+    gm, (placed,) = _moved_with_record(model, "exact")
     assert skip_pools(gm) == {"1.pool": ("cat", (2, 2))}
-    (placed,) = gm.meta["placed_pools"]
     assert placed.sources == ("1.a.0", "1.b.2") and placed.after == "1.cat"
     assert_same_function(model, gm, EVEN_ODD)
 
@@ -256,8 +258,7 @@ class ScaledBlock(nn.Module):
 @pytest.mark.parametrize("shape", [(4, 1, 1), (1, 4, 1, 1), (1,), ()])
 def test_constants_of_spatial_size_one_are_passed(shape):
     model = nn.Sequential(ScaledBlock(shape), nn.Conv2d(4, 2, 3))
-    gm = _moved(model, "exact")
-    (placed,) = gm.meta["placed_pools"]
+    gm, (placed,) = _moved_with_record(model, "exact")
     assert placed.moved and placed.after == "0.add"
     assert_same_function(model, gm, EVEN_ODD)
 
@@ -386,7 +387,7 @@ def test_pool_whose_input_has_other_users_does_not_move():
     gm = gp.trace(M().eval())
     reference = gp.trace(M().eval())
     reference.load_state_dict(gm.state_dict())
-    gm = gp.move_pools(gm, "exact")
+    gm, _ = gp.move_pools(gm, "exact")
     assert skip_pools(gm) == {"pool": ("conv", (2, 2))}
     x = torch.randn(2, 3, 9, 9)
     torch.testing.assert_close(gm(x), reference(x))
@@ -436,13 +437,13 @@ def test_pool_lands_before_the_output_and_reshapes():
 
 def test_local_moves_nothing_and_records_every_pool():
     model = Net(Bottleneck())
-    gm = _moved(model, "local")
+    gm, placed = _moved_with_record(model, "local")
     assert skip_pools(gm) == {
         "block.pool": ("block_conv2", (2, 2)),
         "block.downsample.pool": ("block_downsample_0", (2, 2)),
     }
-    assert [p.moved for p in gm.meta["placed_pools"]] == [False, False]
-    assert gm.meta["placed_pools"][0].sources == ("block.conv2",)
+    assert [p.moved for p in placed] == [False, False]
+    assert placed[0].sources == ("block.conv2",)
     assert_same_function(model, gm, EVEN_ODD)
 
 
@@ -462,4 +463,5 @@ def test_unknown_placement_is_refused():
 def test_graph_without_pools_is_unchanged():
     gm = gp.trace(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()))
     code = gm.code
-    assert gp.move_pools(gm, "paper").code == code and gm.meta["placed_pools"] == []
+    moved, placed = gp.move_pools(gm, "paper")
+    assert moved is gm and gm.code == code and placed == []

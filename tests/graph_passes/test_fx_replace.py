@@ -150,7 +150,10 @@ def test_stale_site_list_is_refused():
         gp.replace_pools(gm, equivalent_pool, [site])
 
 
-def test_replaced_sites_are_recorded_on_the_graph():
+def test_replaced_sites_are_returned_with_the_graph():
     gm = gp.trace(nn.Sequential(nn.MaxPool2d(2)))
-    gp.replace_pools(gm, equivalent_pool, example_input=torch.randn(1, 1, 4, 4))
-    assert [s.qualname for s in gm.meta["replaced_sites"]] == ["0"]
+    result, replaced = gp.replace_pools(gm, equivalent_pool, example_input=torch.randn(1, 1, 4, 4))
+    assert result is gm and [s.qualname for s in replaced] == ["0"]
+    # a site the factory keeps (returns None for) is not in the record
+    gm = gp.trace(nn.Sequential(nn.MaxPool2d(2)))
+    assert gp.replace_pools(gm, lambda site: None, example_input=torch.randn(1, 1, 4, 4)).replaced == []

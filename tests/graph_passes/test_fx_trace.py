@@ -14,7 +14,7 @@ def test_resnet18_keeps_qualnames_and_state_dict_keys():
     gm = gp.trace(model)
     assert set(gm.state_dict()) == set(model.state_dict())
     gm.load_state_dict(model.state_dict(), strict=True)
-    assert gm.meta["untraced_state_keys"] == []
+    assert gp.untraced_state_keys(model, gm) == []
     assert_same_function(model, gm, [64])
 
 
@@ -45,7 +45,7 @@ def test_traces_eval_mode_control_flow_and_restores_training_flags():
     gm = gp.trace(model)
     assert model.training and not model.body.training and model.aux.training
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["body"]
-    assert gm.meta["untraced_state_keys"] == ["aux.bias", "aux.weight"]
+    assert gp.untraced_state_keys(model, gm) == ["aux.bias", "aux.weight"]
 
 
 class _Custom(nn.Module):

@@ -52,7 +52,7 @@ def tiny_model():
 
 @pytest.fixture
 def tiny_spec():
-    return dict(tiny_run.TINY_SPEC)
+    return tiny_run.TINY_SPEC
 
 
 @pytest.fixture

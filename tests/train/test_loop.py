@@ -182,7 +182,7 @@ def test_pretrained_spec_defaults_to_finetune_with_recorded_new_parameters_at_fu
     model = tiny_model()
     names = [k for k, _ in model.named_parameters()]
     new = names[-2:]  # the classifier: as if rebuilt with --num-classes
-    spec = {**tiny_spec, "weights": "pretrained.pt", "new_parameters": new}
+    spec = tiny_spec.replace(weights="pretrained.pt", new_parameters=tuple(new))
     train("tiny.pt", "digits", str(tmp_path / "ft"), model=model, spec=spec, image_size=8, batch_size=64,
                    seed=0, epochs=1)
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["recipe"] == "finetune"

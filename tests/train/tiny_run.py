@@ -22,8 +22,12 @@ import torch
 from torch import nn
 
 from gfgp_cli.nn import GFGPPool2d
+from gfgp_cli.spec import ConversionSpec, ModuleSource
 
-TINY_SPEC = {"source": {"kind": "test", "name": "tiny"}}
+# The tiny network is built here, not by gfgp_cli.convert; this spec stands for "a user's module
+# with GFGP pools, at 8x8" (what the training code reads: image size, no weights, no sites).
+TINY_SPEC = ConversionSpec(source=ModuleSource("tiny_run.tiny_model"), pool="gfgp", placement="local",
+                           activation="sigmoid", image_size=8, sites=(), torchvision_version="none")
 
 # Small, fast runs: 8x8 digits, 64-image batches (22 steps per epoch).
 FAST = dict(image_size=8, batch_size=64, lr=0.05, seed=0)
@@ -42,7 +46,7 @@ def train_tiny(out, model=None, data="digits", dropout: float = 0.2, **flags):
     """gfgp_cli.train.train on the tiny model with the FAST defaults (flags override them)."""
     from gfgp_cli.train import train
 
-    return train("tiny.pt", data, str(out), model=model or tiny_model(dropout=dropout), spec=dict(TINY_SPEC),
+    return train("tiny.pt", data, str(out), model=model or tiny_model(dropout=dropout), spec=TINY_SPEC,
                  **{**FAST, **flags})
 
 

@@ -1,41 +1,40 @@
 """Convert a model to GFGP pooling: resolve the model, run the graph passes, record a spec.
 
-``convert`` reads top to bottom as the pipeline of DESIGN.md::
+``convert`` reads top to bottom as the pipeline of docs/architecture.md::
 
     model  = build the torchvision model (or deep-copy the user's module), load --weights
     gm     = graph_passes.trace(model)
     sites  = graph_passes.find_sites(gm, example)                 # strided convs, max/avg pools
     gm     = graph_passes.decompose(gm, sites)                   # conv(stride s) -> conv(1); skip(s)
-    gm     = graph_passes.move_pools(gm, placement)              # local | exact | paper
-    gm     = graph_passes.replace_pools(gm, POOLS[pool](...))    # skip/max/avg pools -> GFGP
+    gm, placed   = graph_passes.move_pools(gm, placement)        # local | exact | paper
+    gm, replaced = graph_passes.replace_pools(gm, POOLS[pool](...))  # skip/max/avg pools -> GFGP
 
-The spec recorded on the result (``gm.meta["gfgp_spec"]``) holds only primitives, so a
-checkpoint can rebuild the model by replaying this function (:func:`build_from_spec`).
+The :class:`~gfgp_cli.spec.ConversionSpec` attached to the result (:func:`gfgp_cli.spec.spec_of`)
+records the conversion, so :mod:`gfgp_cli.checkpoint` can rebuild the model by replaying this
+function. This module does not know about files: saving and loading live in the checkpoint layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 import graph_passes
 
-from ._io import check_output_file
+from . import choices
 from .errors import BadInputError
-from graph_passes.insert import insert_before_pools
-
 from .nn import COMPARISON_MODULES, GFGPPool2d, MaxEntPool2d
+from .spec import CUSTOM_POOL, ConversionSpec, ModuleSource, Source, TorchvisionSource, attach_spec
 
-__all__ = ["convert", "convert_with_report", "build_from_spec", "register_pool", "POOLS", "ConversionReport",
-           "list_model_names", "default_image_size"]
+__all__ = ["convert", "convert_with_report", "register_pool", "POOLS", "ConversionReport",
+           "list_model_names", "default_image_size", "EXACT_TOLERANCE"]
 
 PoolFactory = Callable[[graph_passes.Site], Optional[nn.Module]]
 
@@ -88,8 +87,6 @@ def _skip(activation: str = "sigmoid") -> PoolFactory:
     return lambda site: None  # keep skip pools and the model's own max/avg pools: the decomposition only
 
 
-PLACEMENTS = ("paper", "exact", "local")
-
 # The layout check calls a conversion exact when its skip-pool version differs from the original
 # by at most this fraction of the original output's largest magnitude (float32 rounding).
 EXACT_TOLERANCE = 1e-4
@@ -104,12 +101,6 @@ def list_model_names() -> List[str]:
 
 def default_image_size(name: Optional[str]) -> int:
     return _IMAGE_SIZE.get(name or "", 224)
-
-
-def _unknown(kind: str, name: str, choices: List[str]) -> BadInputError:
-    close = difflib.get_close_matches(name, choices, n=1)
-    hint = f"; did you mean {close[0]}?" if close else f"; choose one of: {', '.join(choices[:12])}{' ...' if len(choices) > 12 else ''}"
-    return BadInputError(f"unknown {kind} {name!r}{hint}")
 
 
 @dataclass
@@ -142,7 +133,7 @@ def _build_torchvision(name: str, kwargs: Dict[str, Any]) -> nn.Module:
 
     names = list_model_names()
     if name not in names:
-        raise _unknown("model", name, names)
+        raise choices.unknown("model", name, names)
     try:
         return torchvision.models.get_model(name, weights=None, **kwargs)
     except (TypeError, ValueError) as e:
@@ -176,7 +167,7 @@ def _load_weights(model: nn.Module, name: Optional[str], weights: str) -> List[s
         members = [m.name for m in enum] + ["DEFAULT"]
         key = weights.split(".")[-1]
         if key not in members:
-            raise _unknown(f"weights for {name}", key, members)
+            raise choices.unknown(f"weights for {name}", key, members)
         state = enum[key].get_state_dict(progress=True)  # downloads when the user has internet
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -215,47 +206,52 @@ def _macs(model: nn.Module, example: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
-def _resolve(model: Union[str, nn.Module], model_kwargs: Dict[str, Any]):
+def _resolve(model: Union[str, nn.Module], model_kwargs: Dict[str, Any]) -> Tuple[nn.Module, Optional[str], Source]:
+    """``(a fresh model to convert, its torchvision name or None, its source)``."""
     if isinstance(model, str):
-        return _build_torchvision(model, model_kwargs), model, {"kind": "torchvision", "name": model, "kwargs": model_kwargs}
+        return _build_torchvision(model, model_kwargs), model, TorchvisionSource(model, dict(model_kwargs))
     if isinstance(model, nn.Module):
         if model_kwargs:
             raise BadInputError(f"constructor arguments {sorted(model_kwargs)} only apply to torchvision model names")
-        cls = type(model)
-        return copy.deepcopy(model), None, {"kind": "module", "class": f"{cls.__module__}.{cls.__qualname__}"}
+        return copy.deepcopy(model), None, ModuleSource.of(model)
     raise BadInputError(f"model must be a torchvision model name or an nn.Module, got {type(model).__name__}")
 
 
 def convert_with_report(
     model: Union[str, nn.Module],
     pool: Union[str, PoolFactory] = "gfgp",
-    placement: str = "paper",
+    placement: str = choices.DEFAULT_PLACEMENT,
     *,
     weights: Optional[str] = None,
-    activation: str = "sigmoid",
+    activation: str = choices.DEFAULT_ACTIVATION,
     include_patch_embed: bool = False,
     image_size: Optional[int] = None,
+    in_channels: int = 3,
     comparison: Optional[str] = None,
     seed: Optional[int] = None,
     measure: bool = False,
     **model_kwargs: Any,
-) -> tuple:
+) -> Tuple[torch.fx.GraphModule, "ConversionReport"]:
     """:func:`convert`, also returning a :class:`ConversionReport`.
 
     ``measure=True`` adds MACs before/after (torch.utils.flop_counter) and the exactness check:
     the same decomposition and placement with plain skip pools is compared with the original
     model in eval mode (``exact_max_abs_diff``; 0 up to float rounding for ``exact``/``local``).
     """
-    if placement not in PLACEMENTS:
-        raise _unknown("placement", placement, list(PLACEMENTS))
+    if placement not in choices.PLACEMENTS:
+        raise choices.unknown("placement", placement, choices.PLACEMENTS)
+    if activation not in choices.ACTIVATIONS:
+        raise choices.unknown("activation", activation, choices.ACTIVATIONS)
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise BadInputError(f"in_channels must be a positive int, got {in_channels!r}")
     if comparison is not None and comparison not in COMPARISON_MODULES:
-        raise _unknown("comparison module", comparison, sorted(COMPARISON_MODULES))
+        raise choices.unknown("comparison module", comparison, sorted(COMPARISON_MODULES))
     if isinstance(pool, str):
         if pool not in POOLS:
-            raise _unknown("pool", pool, sorted(POOLS))
+            raise choices.unknown("pool", pool, sorted(POOLS))
         factory, pool_name = POOLS[pool](activation), pool
     elif callable(pool):
-        factory, pool_name = pool, getattr(pool, "__name__", "custom")
+        factory, pool_name = pool, getattr(pool, "__name__", type(pool).__name__)
     else:
         raise BadInputError(f"pool must be one of {sorted(POOLS)} or a callable, got {pool!r}")
 
@@ -264,41 +260,41 @@ def convert_with_report(
         not_loaded = _load_weights(original, name, weights) if weights is not None else []
         original.eval()
         size = image_size or default_image_size(name)
-        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        example = torch.randn(2, in_channels, size, size, generator=torch.Generator().manual_seed(0))
 
         start = time.perf_counter()
         gm, record = graph_passes.pipeline(
             original, example, placement=placement, factory=None if comparison else factory,
             include_patch_embed=include_patch_embed,
         )
-        if comparison:  # PAPER.md section 4: a block in front of each max/avg pool, then the pools
+        if comparison:  # docs/method.md section 4: a block in front of each max/avg pool, then the pools
             block = COMPARISON_MODULES[comparison]
-            gm = insert_before_pools(gm, lambda site: block(site.channels), comparison, example_input=example)
-            gm = graph_passes.replace_pools(gm, factory, example_input=example)
+            gm, _ = graph_passes.insert_before_pools(gm, lambda site: block(site.channels), comparison, example_input=example)
+            gm, _ = graph_passes.replace_pools(gm, factory, example_input=example)
         seconds = time.perf_counter() - start
 
     before = {k: v for k, v in original.state_dict().items() if k not in not_loaded}
     after = gm.state_dict()
     new_tensors = [k for k in after if k not in before]
-    spec = {
-        "source": source,
-        "torchvision_version": _torchvision_version(),
-        "pool": pool_name,
-        "placement": placement,
-        "activation": activation,
-        "include_patch_embed": include_patch_embed,
-        "image_size": size,
-        "comparison": comparison,
+    attach_spec(gm, ConversionSpec(
+        source=source,
+        torchvision_version=_torchvision_version(),
+        pool=pool_name if isinstance(pool, str) else CUSTOM_POOL,
+        pool_name=None if isinstance(pool, str) else pool_name,
+        placement=placement,
+        activation=activation,
+        include_patch_embed=include_patch_embed,
+        image_size=size,
+        in_channels=in_channels,
+        comparison=comparison,
         # Where the weights came from, and which parameters did not come from them (finetune
         # recipes train these at the full learning rate); None when trained from scratch.
-        "weights": weights,
-        "new_parameters": [k for k, _ in gm.named_parameters() if k in new_tensors] if weights else None,
-        "sites": [asdict(s) for s in record.sites],
-    }
-    if isinstance(pool, str):
-        gm.meta["gfgp_spec"] = spec
+        weights=weights,
+        new_parameters=tuple(k for k, _ in gm.named_parameters() if k in new_tensors) if weights else None,
+        sites=tuple(record.sites),
+    ))
     report = ConversionReport(
-        model=name or source["class"],
+        model=source.describe(),
         pool=pool_name,
         placement=placement,
         image_size=size,
@@ -326,7 +322,8 @@ def convert_with_report(
     return gm, report
 
 
-def convert(model: Union[str, nn.Module], pool: Union[str, PoolFactory] = "gfgp", placement: str = "paper", **options: Any) -> nn.Module:
+def convert(model: Union[str, nn.Module], pool: Union[str, PoolFactory] = choices.DEFAULT_POOL,
+            placement: str = choices.DEFAULT_PLACEMENT, **options: Any) -> nn.Module:
     """Convert ``model`` so that its downsampling is done by ``pool`` pooling.
 
     Args:
@@ -334,18 +331,20 @@ def convert(model: Union[str, nn.Module], pool: Union[str, PoolFactory] = "gfgp"
             ``num_classes`` go in ``options``) or any traceable ``nn.Module`` (never modified).
         pool: ``"gfgp"`` (default), ``"maxent"`` (learned per-channel lam), ``"max"``,
             ``"avg"``, ``"skip"`` (decomposition only), or a callable ``site -> nn.Module | None``.
-        placement: ``"paper"`` (default; the official layouts of PAPER.md section 3),
+        placement: ``"paper"`` (default; the official layouts of docs/method.md section 3),
             ``"exact"`` (pools move only where the output is unchanged) or ``"local"``.
         options: ``weights`` (torchvision weights name or state_dict file), ``activation``
-            (``"sigmoid"`` or ``"softplus"``), ``include_patch_embed``, ``image_size`` (of the
-            example used for shapes), ``comparison`` (``"nin"``, ``"resnin"`` or ``"se"``: insert
-            that block before each max/avg pool, PAPER.md section 4; use with ``pool="skip"`` to
+            (``"sigmoid"`` or ``"softplus"``), ``include_patch_embed``, ``image_size`` and
+            ``in_channels`` (of the example ``Tensor[2, in_channels, image_size, image_size]``
+            used for shapes; default 224 and 3), ``comparison`` (``"nin"``, ``"resnin"`` or
+            ``"se"``: insert that block before each max/avg pool, docs/method.md section 4; use with ``pool="skip"`` to
             keep the pools), ``seed`` (seed the initial weights of the model and of the new
             layers; default: torch's global RNG), and torchvision constructor kwargs.
 
     Returns:
         torch.fx.GraphModule in training mode whose unchanged layers keep their qualified names
-        (the original state_dict loads into it); ``meta["gfgp_spec"]`` records the conversion.
+        (the original state_dict loads into it); :func:`gfgp_cli.spec.spec_of` gives the
+        :class:`~gfgp_cli.spec.ConversionSpec` that records the conversion.
 
     Examples::
 
@@ -360,58 +359,3 @@ def _torchvision_version() -> str:
     import torchvision
 
     return torchvision.__version__
-
-
-def build_from_spec(spec: Dict[str, Any], module: Optional[nn.Module] = None) -> nn.Module:
-    """Rebuild a converted model from its spec (weights are loaded by the caller)."""
-    try:
-        source = spec["source"]
-        options = dict(
-            weights=None,  # the checkpoint's state_dict holds the weights
-            pool=spec["pool"], placement=spec["placement"], activation=spec.get("activation", "sigmoid"),
-            include_patch_embed=spec.get("include_patch_embed", False), image_size=spec.get("image_size"),
-            comparison=spec.get("comparison"),
-        )
-        kind = source["kind"]
-    except (KeyError, TypeError) as e:
-        raise BadInputError(f"the checkpoint's conversion spec is incomplete (missing {e}); re-convert the model") from e
-    if kind == "torchvision":
-        if module is not None:
-            raise BadInputError("this checkpoint names a torchvision model; do not pass a module")
-        gm, _ = convert_with_report(source["name"], **options, **source.get("kwargs", {}))
-    elif kind == "module":
-        if module is None:
-            raise BadInputError(
-                f"this checkpoint was converted from your own module {source['class']}; "
-                "pass an instance of it: gfgp_cli.load(path, module=MyModel())"
-            )
-        gm, _ = convert_with_report(module, **options)
-    else:
-        raise BadInputError(f"the checkpoint's spec has an unknown source kind {kind!r}")
-    gm.meta["gfgp_spec"].update(weights=spec.get("weights"), new_parameters=spec.get("new_parameters"))
-    if gm.meta["gfgp_spec"]["sites"] != spec.get("sites"):
-        raise BadInputError(
-            "replaying the conversion gave different pooling sites than the checkpoint records "
-            f"(checkpoint made with torchvision {spec.get('torchvision_version')}, this is {_torchvision_version()}); "
-            "re-convert the model with this version"
-        )
-    return gm
-
-
-def convert_to_file(model: str, out: Optional[Union[str, Path]], *, force: bool = False, dry_run: bool = False,
-                    **options: Any) -> ConversionReport:
-    """``gfgp convert``: convert a torchvision model, measure it, and write its checkpoint.
-
-    The output path is checked before any work (an existing file needs ``force``; its folder is
-    created if missing). ``dry_run`` converts and reports without writing.
-    """
-    from .checkpoint import save
-
-    if not dry_run:
-        if out is None:
-            raise BadInputError("give the checkpoint path with --out PATH (or use --dry-run)")
-        out = check_output_file(out, force=force, what="--out", example="model.pt")
-    gm, report = convert_with_report(model, measure=True, **options)
-    if not dry_run:
-        save(gm, out)
-    return report
