@@ -19,6 +19,7 @@ _EXPORTS = {
     "MaxEntPool2d": ".nn",
     "convert": ".conversion",
     "ConversionSpec": ".spec",
+    "spec_of": ".spec",
     "save": ".checkpoint",
     "load": ".checkpoint",
     "export_onnx": ".export",

@@ -17,7 +17,8 @@ from .errors import BadInputError
 
 __all__ = [
     "POOLS", "DEFAULT_POOL", "PLACEMENTS", "DEFAULT_PLACEMENT", "ACTIVATIONS", "DEFAULT_ACTIVATION",
-    "COMPARISON_MODULES", "RECIPES", "STUDY_FAMILIES", "DATA_SPEC_KINDS", "AMP_DTYPES", "unknown",
+    "COMPARISON_MODULES", "RECIPES", "STUDY_FAMILIES", "DATA_SPEC_KINDS", "DATA_SPEC_FORMS", "DATA_SPEC_HELP",
+    "AMP_DTYPES", "DTYPES", "unknown",
 ]
 
 #: Pools a downsampling site can become (``convert(pool=...)``, ``gfgp convert --pool``).
@@ -46,11 +47,18 @@ RECIPES = ("paper-vgg", "paper-resnet", "finetune")
 #: ``gfgp study --family`` values ("all" runs both families).
 STUDY_FAMILIES = ("vgg", "resnet", "all")
 
-#: The named kinds of ``--data SPEC`` (an ImageFolder directory is the one unnamed kind).
+#: The named kinds of ``--data SPEC`` (an ImageFolder directory is the one unnamed kind), and
+#: how each is written.
 DATA_SPEC_KINDS = ("cifar10", "cifar100", "digits", "cluttered", "fake")
+DATA_SPEC_FORMS = ("cifar10:DIR", "cifar100:DIR", "digits", "cluttered[:SEED]", "fake[:N]")
+#: The sentence every --data help and data error uses.
+DATA_SPEC_HELP = f"an ImageFolder DIR (train/ and val/), {', '.join(DATA_SPEC_FORMS[:-1])} or {DATA_SPEC_FORMS[-1]}"
 
 #: ``gfgp train --amp-dtype`` values.
 AMP_DTYPES = ("bf16", "fp16")
+
+#: ``gfgp bench pool --dtype`` values (torch dtype names).
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def unknown(kind: str, name: str, choices: Iterable[str]) -> BadInputError:

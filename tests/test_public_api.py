@@ -28,6 +28,7 @@ DOCUMENTED = {
     "MaxEntPool2d": "gfgp_cli.nn.pooling:MaxEntPool2d",
     "convert": "gfgp_cli.conversion:convert",
     "ConversionSpec": "gfgp_cli.spec:ConversionSpec",
+    "spec_of": "gfgp_cli.spec:spec_of",
     "save": "gfgp_cli.checkpoint:save",
     "load": "gfgp_cli.checkpoint:load",
     "export_onnx": "gfgp_cli.export.onnx_export:export_onnx",

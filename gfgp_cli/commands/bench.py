@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .. import choices
+
 __all__ = ["COMMANDS", "bench"]
 
 
@@ -22,7 +24,7 @@ def bench() -> None:
 @click.option("--device", default="cpu", show_default=True, help="Device to run on, e.g. cpu or cuda.")
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs per contender.")
 @click.option("--dtype", default="float32", show_default=True,
-              type=click.Choice(["float32", "float16", "bfloat16", "float64"]), help="Input dtype.")
+              type=click.Choice(choices.DTYPES), help="Input dtype.")
 @click.option("--case", "cases", multiple=True, metavar="NxCxHxW:kK:sS[:pP]",
               help="Input shape and geometry (repeatable); default: the two reference cases "
                    "16x256x56x56:k2:s2 and 16x64x112x112:k3:s2:p1.")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import click
 
+from .. import choices
+
 __all__ = ["COMMANDS", "study"]
 
 
 @click.command("study")
-@click.option("--family", type=click.Choice(["vgg", "resnet", "all"]), default="all", show_default=True,
+@click.option("--family", type=click.Choice(choices.STUDY_FAMILIES), default="all", show_default=True,
               help="Network family: a small VGG-style or ResNet-style network, or both.")
 @click.option("--variants", default=None,
               help="Comma-separated variants: skip, max, avg, maxent, gfgp, gfgp-softplus, and for vgg nin, resnin, se "

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import click
 
-__all__ = ["COMMANDS", "train", "eval_"]
+from .. import choices
 
-_RECIPES = ["paper-vgg", "paper-resnet", "finetune"]
+__all__ = ["COMMANDS", "train", "eval_"]
 
 
 @click.command("train")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, help="ImageFolder DIR (train/ and val/), cifar10:DIR, cifar100:DIR, digits, cluttered[:SEED] or fake[:N].")
+@click.option("--data", required=True, help=f"The data: {choices.DATA_SPEC_HELP}.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics, config.json).")
-@click.option("--recipe", type=click.Choice(_RECIPES), default=None,
+@click.option("--recipe", type=click.Choice(choices.RECIPES), default=None,
               help="PAPER.md section 5 recipe [default: paper-vgg for VGG models, else paper-resnet].")
 @click.option("--epochs", type=int, default=None, help="Epochs [default: the recipe's].")
 @click.option("--batch-size", type=int, default=None,
@@ -24,7 +24,7 @@ _RECIPES = ["paper-vgg", "paper-resnet", "finetune"]
 @click.option("--accum-steps", type=int, default=None, help="Micro-batches accumulated per optimizer step [default: 1].")
 @click.option("--image-size", type=int, default=None, help="Input height = width [default: the checkpoint's, else 224].")
 @click.option("--amp/--no-amp", default=None, help="Autocast: bf16 (or fp16 with a grad scaler) on CUDA; bf16 on CPU [default: off].")
-@click.option("--amp-dtype", type=click.Choice(["bf16", "fp16"]), default=None, help="Autocast dtype [default: bf16].")
+@click.option("--amp-dtype", type=click.Choice(choices.AMP_DTYPES), default=None, help="Autocast dtype [default: bf16].")
 @click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format [default: off].")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model [default: off].")
 @click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm across processes (CUDA, under torchrun) [default: off].")
@@ -66,7 +66,7 @@ def train(checkpoint, data, out, recipe, resume, force, as_json, compile_, **fla
 
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, help="ImageFolder DIR, cifar10:DIR, cifar100:DIR, digits, cluttered[:SEED] or fake[:N] (its validation set).")
+@click.option("--data", required=True, help=f"The data: {choices.DATA_SPEC_HELP}; its validation set is measured.")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per forward pass.")
 @click.option("--image-size", type=int, default=None, help="Input height = width [default: the checkpoint's, else 224].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from ..choices import DATA_SPEC_HELP
 from ..errors import BadInputError
 
 __all__ = [
@@ -50,7 +51,7 @@ DIGITS_VAL_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
 FAKE_TRAIN, FAKE_VAL = 256, 64
 
-_SPEC_HELP = "give an ImageFolder folder with train/ and val/, cifar10:DIR, cifar100:DIR, digits, cluttered[:SEED] or fake[:N]"
+_SPEC_HELP = f"give {DATA_SPEC_HELP}"
 
 
 @dataclass
