@@ -120,9 +120,9 @@ def test_checkpoint_roundtrip_identical_outputs(tmp_path):
 
 
 class _Tiny(nn.Module):
-    def __init__(self):
+    def __init__(self, in_channels: int = 3):
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(in_channels, 8, 3, stride=2, padding=1)
         self.bn = nn.BatchNorm2d(8)
         self.pool = nn.MaxPool2d(2)
         self.fc = nn.Linear(8, 3)
@@ -132,14 +132,16 @@ class _Tiny(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_user_module_checkpoint_needs_the_module(tmp_path):
-    model = convert(_Tiny(), image_size=32)
+@pytest.mark.parametrize("in_channels", [3, 1])
+def test_user_module_checkpoint_needs_the_module(tmp_path, in_channels):
+    model = convert(_Tiny(in_channels), image_size=32, in_channels=in_channels)
     assert len(_pools(model)) == 2
+    assert spec_of(model).in_channels == in_channels and spec_of(model).source.qualname.endswith("._Tiny")
     path = gfgp_cli.save(model, tmp_path / "tiny.pt")
     with pytest.raises(ValueError, match="converted from your own module .*_Tiny; pass an instance"):
         gfgp_cli.load(path)
-    loaded = gfgp_cli.load(path, module=_Tiny())
-    x = torch.randn(2, 3, 32, 32)
+    loaded = gfgp_cli.load(path, module=_Tiny(in_channels))
+    x = torch.randn(2, in_channels, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
 
