@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type, Union
 
 from torch import nn
+from torch.fx import GraphModule
 
 from graph_passes import Site
 
@@ -261,5 +262,9 @@ def attach_spec(model: nn.Module, spec: ConversionSpec) -> nn.Module:
     """Record ``spec`` on a converted model (a GraphModule); returns the model."""
     if not isinstance(spec, ConversionSpec):
         raise TypeError(f"attach_spec expects a ConversionSpec, got {type(spec).__name__}")
+    if not isinstance(model, GraphModule):
+        raise TypeError(
+            f"attach_spec records the spec on the torch.fx.GraphModule gfgp_cli.convert returns, got {type(model).__name__}"
+        )
     model.meta[_META_KEY] = spec
     return model

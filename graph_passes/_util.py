@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+from collections.abc import Set
 
 import torch
 from torch import nn
@@ -43,6 +44,24 @@ def owner_of(node: Node) -> str:
     return ""
 
 
+def input_node(node: Node) -> Node:
+    """``node.args[0]`` where the caller relies on it being a node (the input of a pool call).
+
+    Narrows the ``Argument`` union of ``Node.args`` for the type checker; a constant there is a
+    graph no pass makes, and raises TypeError.
+    """
+    x = node.args[0]
+    if not isinstance(x, Node):
+        raise TypeError(f"node {node.name!r}: expected a node as its first argument, got {type(x).__name__}")
+    return x
+
+
+def reroute_uses(node: Node, new: Node) -> None:
+    """Make every user of ``node`` read ``new`` instead, except ``new`` itself (which reads
+    ``node``): how a node inserted right after ``node`` takes its place."""
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+
 def node_label(node: Node) -> str:
     """A readable name for a node: the module it calls (``layer2.0.relu``), or for a function or
     method call the owner and the function (``Conv2d_1a_3x3.relu``), else the node's name."""
@@ -59,7 +78,7 @@ def _join(owner: str, name: str) -> str:
     return f"{owner}.{name}" if owner else name
 
 
-def free_name(gm: GraphModule, owner: str, base: str, taken: set[str] = frozenset()) -> str:
+def free_name(gm: GraphModule, owner: str, base: str, taken: Set[str] = frozenset()) -> str:
     """First of ``owner.base``, ``owner.base1``, ``owner.base2``, ... that names nothing yet.
 
     ``owner`` falls back to its parent (and finally to the root) while it is a module that a

@@ -117,8 +117,10 @@ def _size_offset(m: nn.Conv2d) -> tuple[int, int]:
     """Output minus input size of a stride-1 conv: ``2p - d(k-1)`` per dim (0 for 'same')."""
     if m.padding == "same":
         return (0, 0)
-    padding = (0, 0) if m.padding == "valid" else tuple(m.padding)
-    return tuple(2 * p - d * (k - 1) for p, d, k in zip(padding, m.dilation, m.kernel_size))  # type: ignore[return-value]
+    # Conv2d accepts only the strings "same" and "valid": any other string here is "valid".
+    (ph, pw) = (0, 0) if isinstance(m.padding, str) else m.padding
+    (dh, dw), (kh, kw) = m.dilation, m.kernel_size
+    return (2 * ph - dh * (kh - 1), 2 * pw - dw * (kw - 1))
 
 
 def _contains_node(value: Any) -> bool:
@@ -155,9 +157,11 @@ def rule(node: Node, gm: GraphModule, modules: dict[str, nn.Module]) -> Rule | N
     args, kwargs = node.args, node.kwargs
     if node.op == "call_module":
         m = modules[str(node.target)]
-        if len(args) != 1 or kwargs or not isinstance(args[0], Node):
+        if len(args) != 1 or kwargs:
             return None
         (x,) = args
+        if not isinstance(x, Node):
+            return None
         if type(m) in _POINTWISE_MODULES:
             return Rule("exact", (x,))
         if type(m) in _BATCH_NORMS and m.track_running_stats and m.running_mean is not None:
@@ -172,12 +176,13 @@ def rule(node: Node, gm: GraphModule, modules: dict[str, nn.Module]) -> Rule | N
         return None
     target = node.target
     is_fn = node.op == "call_function"
-    unary = isinstance(args[0], Node) and not _contains_node((args[1:], kwargs))
+    # The one tensor operand of a unary op (every other argument a constant), else None.
+    unary = args[0] if isinstance(args[0], Node) and not _contains_node((args[1:], kwargs)) else None
     if (is_fn and target in _POINTWISE_FUNCTIONS) or (not is_fn and target in _POINTWISE_METHODS):
-        return Rule("exact", (args[0],)) if unary else None
+        return Rule("exact", (unary,)) if unary is not None else None
     if is_fn and target in _DROPOUT_FUNCTIONS:
         training = args[2] if len(args) > 2 else kwargs.get("training", True)
-        return Rule("exact", (args[0],)) if unary and training is False else None
+        return Rule("exact", (unary,)) if unary is not None and training is False else None
     if (is_fn and target in _ELEMENTWISE_FUNCTIONS) or (not is_fn and target in _ELEMENTWISE_METHODS):
         operands: list[Node] = []
         ok = True

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ._util import finish, free_name, owner_of, set_submodule
+from ._util import finish, free_name, owner_of, reroute_uses, set_submodule
 from .sites import Site
 from .skip_pool import SkipPool2d
 
@@ -59,6 +59,7 @@ def decompose(gm: GraphModule, sites: Iterable[Site]) -> GraphModule:
     nodes = {n.name: n for n in gm.graph.nodes}
     # Mapping from conv module qualname to the call sites to decompose.
     calls: dict[str, list[Node]] = {}
+    convs: dict[str, nn.Conv2d] = {}
     for site in sites:
         if site.kind != "conv" or not site.convert:
             continue
@@ -68,6 +69,7 @@ def decompose(gm: GraphModule, sites: Iterable[Site]) -> GraphModule:
         conv = gm.get_submodule(site.qualname)
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"site {site.qualname!r} is a {type(conv).__name__}, not an nn.Conv2d")
+        convs[site.qualname] = conv
         calls.setdefault(site.qualname, [])
         if node not in calls[site.qualname]:
             calls[site.qualname].append(node)
@@ -79,13 +81,13 @@ def decompose(gm: GraphModule, sites: Iterable[Site]) -> GraphModule:
                 f"{qualname!r} is called {len(every_call)} times but {len(call_nodes)} of its calls are sites; "
                 "decompose needs all of them (the stride belongs to the shared module)"
             )
-        conv = gm.get_submodule(qualname)
-        stride = tuple(conv.stride)
+        conv = convs[qualname]
+        stride_h, stride_w = conv.stride  # a Conv2d's stride is always a pair
         set_submodule(gm, qualname, stride1_conv(conv))
         for node in call_nodes:
             pool_name = free_name(gm, owner_of(node), "pool")
-            set_submodule(gm, pool_name, SkipPool2d(stride))
+            set_submodule(gm, pool_name, SkipPool2d((stride_h, stride_w)))
             with gm.graph.inserting_after(node):
                 pool = gm.graph.call_module(pool_name, (node,))
-            node.replace_all_uses_with(pool, delete_user_cb=lambda user: user is not pool)
+            reroute_uses(node, pool)
     return finish(gm)

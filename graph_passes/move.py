@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ._util import finish, free_name, node_label, owner_of, set_submodule
+from ._util import finish, free_name, input_node, node_label, owner_of, reroute_uses, set_submodule
 from .commute import Rule, rule, size_classes
 from .skip_pool import SkipPool2d
 
@@ -119,7 +119,7 @@ def move_pools(gm: GraphModule, placement: str = "exact") -> Moved:
         if n.op == "call_module" and isinstance(modules[str(n.target)], SkipPool2d)
         and len(n.args) == 1 and not n.kwargs and isinstance(n.args[0], Node)
     ]
-    source_label = {p: node_label(p.args[0]) if p.args[0].op == "call_module" else str(p.target) for p in sources}
+    source_label = {p: node_label(input_node(p)) if input_node(p).op == "call_module" else str(p.target) for p in sources}
     stride_of = {p: modules[str(p.target)].stride for p in sources}
 
     deferred: set[Node] = set()
@@ -154,10 +154,10 @@ def _deferred_nodes(
     classes = size_classes(gm, rules, modules)
     # A source can dissolve only if it is the single user of its input: otherwise in-place ops on
     # the un-pooled value would be seen by the input's other users.
-    movable = {p for p in sources if len(p.args[0].users) == 1}
+    movable = {p for p in sources if len(input_node(p).users) == 1}
     # A source's input is never deferred: a pending pool arriving there lands before it (the
     # strided op it came from), which keeps every source's key fixed and the loop monotone.
-    deferred = set(rules) - {p.args[0] for p in sources}
+    deferred = set(rules) - {input_node(p) for p in sources}
 
     while True:
         changed = False
@@ -167,12 +167,12 @@ def _deferred_nodes(
         inexact: dict[Node, bool] = {}
         for n in order:
             if n in movable:
-                key[n] = (stride_of[n], classes[n.args[0]])
+                key[n] = (stride_of[n], classes[input_node(n)])
                 srcs[n], inexact[n] = frozenset({n}), False
             elif n in deferred:
                 pending = rules[n].pending
-                keys = {key.get(o) for o in pending}
-                if None in keys or len(keys) != 1:
+                keys = {key[o] for o in pending if o in key}
+                if any(o not in key for o in pending) or len(keys) != 1:
                     deferred.discard(n)
                     changed = True
                     continue
@@ -236,7 +236,7 @@ def _rewrite(
 ) -> list[PlacedPool]:
     """Dissolve the sources whose users are deferred, then pool each deferred value whose users
     are not. Deferred nodes keep their place and now read un-pooled operands."""
-    dissolved = [p for p in sources if p.users and all(u in deferred for u in p.users) and len(p.args[0].users) == 1]
+    dissolved = [p for p in sources if p.users and all(u in deferred for u in p.users) and len(input_node(p).users) == 1]
     # Where pools land: deferred values whose users are not deferred (by rule (2), none of them).
     # Decided before dissolving, which hands a dissolved source's users to its input.
     landings = [m for m in order if m in deferred and m.users and not any(u in deferred for u in m.users)]
@@ -252,21 +252,21 @@ def _rewrite(
 
     for p in dissolved:
         target = str(p.target)
-        p.replace_all_uses_with(p.args[0])
+        p.replace_all_uses_with(input_node(p))
         gm.graph.erase_node(p)
         if not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
             gm.delete_submodule(target)
 
     kept = set(sources) - set(dissolved)
     placed: dict[Node, PlacedPool] = {
-        p: PlacedPool(str(p.target), stride_of[p], node_label(p.args[0]), p.args[0].name, (source_label[p],), False) for p in kept
+        p: PlacedPool(str(p.target), stride_of[p], node_label(input_node(p)), input_node(p).name, (source_label[p],), False) for p in kept
     }
     for m in landings:
         name = free_name(gm, owner_of(m), "pool")
         set_submodule(gm, name, SkipPool2d(stride[m]))
         with gm.graph.inserting_after(m):
             pool = gm.graph.call_module(name, (m,))
-        m.replace_all_uses_with(pool, delete_user_cb=lambda user: user is not pool)
+        reroute_uses(m, pool)
         labels = tuple(source_label[p] for p in sorted(origin[m], key=position.__getitem__))
         placed[pool] = PlacedPool(name, stride[m], node_label(m), m.name, labels, True)
     final_position = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -61,10 +61,11 @@ def pipeline(
 
     ``example_input`` only feeds shape propagation (on the meta device: its size costs nothing);
     any size the model accepts will do. Shapes are propagated twice: once to find the sites,
-    and once after the moves so that each skip pool's site has its channel count. With ``factory=None`` the pools stay ``SkipPool2d`` / max /
-    avg pools, and with ``placement`` "exact" or "local" the result then computes the same
-    function as the model in eval mode. A plain model is not modified (the result shares its
-    Parameters); a GraphModule argument is transformed in place.
+    and once after the moves so that each skip pool's site has its channel count. With
+    ``factory=None`` the pools stay ``SkipPool2d`` / max / avg pools, and with ``placement``
+    "exact" or "local" the result then computes the same function as the model in eval mode.
+    A plain model is not modified (the result shares its Parameters); a GraphModule argument is
+    transformed in place.
     """
     gm = model_or_gm if isinstance(model_or_gm, GraphModule) else trace(model_or_gm)
     untraced = [] if gm is model_or_gm else untraced_state_keys(model_or_gm, gm)

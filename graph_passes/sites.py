@@ -213,7 +213,10 @@ def _pool_site(
 
 
 def _functional_pool_site(node: Node, gm: GraphModule, taken: set[str]) -> Site | None:
-    kind, params = _FUNCTIONAL_POOLS[node.target]
+    target = node.target
+    if isinstance(target, str):  # a call_function node's target is the function itself
+        raise TypeError(f"node {node.name!r}: call_function target is the string {target!r}")
+    kind, params = _FUNCTIONAL_POOLS[target]
     bound = dict(zip(params, node.args))
     bound.update(node.kwargs)
     if node.target is F.max_pool2d_with_indices:

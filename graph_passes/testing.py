@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from ._util import input_node
 from .skip_pool import SkipPool2d
 
 __all__ = ["randomize_norms", "skip_pools", "assert_same_function", "max_relative_error"]
@@ -22,7 +23,8 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            # running_mean and running_var are both set or both None (track_running_stats).
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None:
                 n = m.num_features
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
@@ -34,10 +36,13 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def skip_pools(gm: GraphModule) -> dict[str, tuple[str, tuple[int, int]]]:
     """The skip pools of ``gm`` in graph order: ``{qualname: (name of the pooled node, stride)}``."""
-    found = {}
+    found: dict[str, tuple[str, tuple[int, int]]] = {}
     for n in gm.graph.nodes:
-        if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), SkipPool2d):
-            found[str(n.target)] = (n.args[0].name, gm.get_submodule(str(n.target)).stride)
+        if n.op != "call_module":
+            continue
+        pool = gm.get_submodule(str(n.target))
+        if isinstance(pool, SkipPool2d):
+            found[str(n.target)] = (input_node(n).name, pool.stride)
     return found
 
 

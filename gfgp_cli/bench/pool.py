@@ -145,12 +145,12 @@ def bench_pool(
             grad_out = torch.randn(out_shape, generator=gen).to(dev, torch_dtype).contiguous(
                 memory_format=memory_format)
             uses_lam = {name: name.startswith("maxent") for name in fns}
-            fwd = {name: (lambda f=f: f(x, lam0)) for name, f in fns.items()}
+            fwd = {name: (lambda f=f, x=x, lam0=lam0: f(x, lam0)) for name, f in fns.items()}
             train = {name: _train_step(f, xg, lamg, grad_out, uses_lam[name]) for name, f in fns.items()}
             with torch.no_grad():
                 fwd_t = interleaved_medians(fwd, repeats, sync=sync)
             train_t = interleaved_medians(train, repeats, sync=sync)
-            saved = {name: saved_tensor_bytes(lambda f=f: f(xg, lamg)) for name, f in fns.items()}
+            saved = {name: saved_tensor_bytes(lambda f=f, xg=xg, lamg=lamg: f(xg, lamg)) for name, f in fns.items()}
             for name in fns:
                 rows.append({
                     "case": case.name, "layout": layout, "op": name,

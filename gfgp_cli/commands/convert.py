@@ -16,9 +16,11 @@ from .. import choices
               help="paper: official layouts; exact: move pools only where the output is unchanged; local: no moves.")
 @click.option("--activation", type=click.Choice(choices.ACTIVATIONS), default=choices.DEFAULT_ACTIVATION, show_default=True,
               help="Activation that bounds lam (gfgp and maxent pools).")
-@click.option("--weights", default=None, help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...; downloads) or a local state_dict file.")
+@click.option("--weights", default=None,
+              help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...; downloads) or a local state_dict file.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier outputs (torchvision constructor argument).")
-@click.option("--image-size", type=click.IntRange(min=8), default=None, help="Input size of the example used for shapes and MACs [default: 224; inception_v3 299].")
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="Input size of the example used for shapes and MACs [default: 224; inception_v3 299].")
 @click.option("--module", "comparison", type=click.Choice(choices.COMPARISON_MODULES), default=None,
               help="Insert this comparison block (GFGP's parameter count) before each max/avg pool, which stays.")
 @click.option("--include-patch-embed", is_flag=True, help="Also convert patch-embedding convs (kernel == stride >= 4).")

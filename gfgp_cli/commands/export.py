@@ -14,7 +14,8 @@ __all__ = ["COMMANDS", "export_cmd", "bench_export_command"]
 @click.option("--inline", is_flag=True, help="Inline the gfgp::MaxEntPool2d functions into standard ops (no custom-domain node).")
 @click.option("--static", is_flag=True, help="Fix the batch dimension to 1 instead of leaving it dynamic.")
 @click.option("--image-size", type=int, default=None, help="Height = width of the traced input [default: the checkpoint's, else 224].")
-@click.option("--verify/--no-verify", default=True, show_default=True, help="Compare onnxruntime with PyTorch at two batch sizes; exit 1 on a mismatch.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare onnxruntime with PyTorch at two batch sizes; exit 1 on a mismatch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing ONNX file.")
 def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, verify, as_json, force):

@@ -33,8 +33,10 @@ __all__ = ["COMMANDS", "train", "eval_"]
 @click.option("--threads", type=int, default=None,
               help="torch threads per process [default: torch's]; 1 is often much faster on a busy CPU.")
 @click.option("--seed", type=int, default=None, help="Seed of initial randomness and data order [default: 0].")
-@click.option("--deterministic/--no-deterministic", default=None, help="Deterministic kernels only (exactly repeatable runs) [default: off].")
-@click.option("--save-every-steps", type=int, default=None, help="Also write last.pt every N optimizer steps inside an epoch [default: 0, epoch ends only].")
+@click.option("--deterministic/--no-deterministic", default=None,
+              help="Deterministic kernels only (exactly repeatable runs) [default: off].")
+@click.option("--save-every-steps", type=int, default=None,
+              help="Also write last.pt every N optimizer steps inside an epoch [default: 0, epoch ends only].")
 @click.option("--download/--no-download", default=None, help="Download cifar10/cifar100 if missing [default: off].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where last.pt left it.")
 @click.option("--force", is_flag=True, help="Start over in an --out that already holds a run.")

@@ -13,7 +13,7 @@ _IntOrPair = Union[int, Sequence[int]]
 def _pair(value: _IntOrPair, name: str) -> Tuple[int, int]:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, numbers.Integral):
+    if isinstance(value, (int, numbers.Integral)):
         return int(value), int(value)
     try:
         items = tuple(value)

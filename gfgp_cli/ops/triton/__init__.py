@@ -9,7 +9,7 @@ in one line, and runs the reference path from then on.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -43,7 +43,7 @@ def build_error() -> Optional[str]:
     return None
 
 
-def _build_errors() -> Tuple[type, ...]:
+def _build_errors() -> Tuple[Type[BaseException], ...]:
     """Exceptions that mean 'these kernels cannot be built here', not a bug in the inputs.
 
     Triton's own errors (compilation, ptxas, out of resources) and a failed compiler process
