@@ -66,8 +66,10 @@ def bench_export(
     from torch import nn
 
     from ..checkpoint import load
-    from .onnx_export import _in_channels, _random_input, export_onnx
+    from .checks import resolve_in_channels
+    from .onnx_export import export_onnx
     from .runtime import make_session, run_session
+    from .verify import random_input
 
     for name, value, low in (("batch", batch, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -93,7 +95,7 @@ def bench_export(
     model.eval()
     torch.set_num_threads(threads)
     try:
-        x = _random_input(batch, _in_channels(model), image_size, 0, torch.device("cpu"))
+        x = random_input(batch, resolve_in_channels(model), image_size, 0, torch.device("cpu"))
         feed = [x.numpy()]
 
         def run_torch():

@@ -17,8 +17,8 @@ from torch import nn
 from gfgp_cli import GFGPPool2d, MaxEntPool2d, export_onnx
 from gfgp_cli.errors import BadInputError, WorkFailedError
 from gfgp_cli.export import DOMAIN, OP_TYPE, supported_opsets
-from gfgp_cli.export.onnx_export import RTOL
 from gfgp_cli.export.runtime import make_session, ort_limits, run_session
+from gfgp_cli.export.verify import RTOL
 
 
 def custom_nodes(model: onnx.ModelProto):
@@ -216,9 +216,9 @@ def test_bench_export_times_both_runtimes_on_the_same_input(tiny_model):
 
 
 def test_weights_over_the_single_file_limit_go_to_a_data_file(tiny_model, tmp_path, monkeypatch):
-    from gfgp_cli.export import onnx_export
+    from gfgp_cli.export import proto
 
-    monkeypatch.setattr(onnx_export, "SINGLE_FILE_LIMIT", 1000)  # TinyNet has ~10 kB of weights
+    monkeypatch.setattr(proto, "SINGLE_FILE_LIMIT", 1000)  # TinyNet has ~10 kB of weights
     for inline in (False, True):
         path = tmp_path / f"big-{inline}.onnx"
         report = export_onnx(tiny_model, path, image_size=20, inline=inline)

@@ -1,0 +1,133 @@
+"""Argument and input checks of the ONNX export, run before any work is done.
+
+What the caller passed (model, output path, opset, batch size), what the model is traced at
+(image size and input channels: the caller's, else the model's conversion spec, else a default)
+and whether the model runs at that size. Every failure is a ``BadInputError`` (exit 2).
+
+The spec is read here only, by :func:`_spec` (and its fields by :func:`resolve_image_size` and
+:func:`resolve_in_channels`), so that changing how export reads it changes this one module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from .._io import check_output_file
+from ..errors import BadInputError
+from .maxent_function import MIN_OPSET
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..spec import ConversionSpec
+
+__all__ = [
+    "DEFAULT_IMAGE_SIZE",
+    "check_model",
+    "check_output_path",
+    "check_opset",
+    "check_batch_size",
+    "resolve_image_size",
+    "resolve_in_channels",
+    "check_model_takes",
+    "first_line",
+]
+
+# Image size traced when neither the caller nor the model's spec gives one (torchvision's).
+DEFAULT_IMAGE_SIZE = 224
+
+
+def check_model(model: Any) -> None:
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise BadInputError(f"export_onnx needs an nn.Module, got {type(model).__name__}")
+
+
+def check_output_path(path: Any, force: bool) -> Path:
+    """The output file as a Path: not a folder, not existing unless ``force``, its folder writable."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise BadInputError(f"the ONNX output path must be a file path, got {path!r}")
+    return check_output_file(path, force=force, what="the ONNX output", example="model.onnx")
+
+
+def check_opset(opset: Optional[int], supported: Callable[[], range]) -> Optional[int]:
+    """``opset`` if it is in ``supported()``; None (the exporter's default) passes unchecked.
+
+    ``supported`` is a callable (``supported_opsets``) so that it is only called when an opset
+    is given: it probes the installed onnxruntime.
+    """
+    if opset is None:
+        return None
+    opsets = supported()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in opsets:
+        raise BadInputError(
+            f"opset {opset!r} is not supported: choose one of {opsets.start}..{opsets.stop - 1} "
+            f"(the dynamo exporter starts at {MIN_OPSET}; the installed onnxruntime loads up to {opsets.stop - 1})"
+        )
+    return opset
+
+
+def check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInputError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
+
+
+# --------------------------------------------------------------------------------------------
+# what the model is traced at: the only reads of the conversion spec in export
+
+
+def _spec(model: "nn.Module") -> Optional["ConversionSpec"]:
+    """The model's conversion spec, or None for a model gfgp_cli.convert did not make."""
+    from ..spec import spec_of
+
+    try:
+        return spec_of(model)
+    except BadInputError:
+        return None
+
+
+def resolve_image_size(model: "nn.Module", image_size: Optional[int]) -> int:
+    """H = W of the traced input: ``image_size``, else the spec's, else :data:`DEFAULT_IMAGE_SIZE`."""
+    if image_size is None:
+        spec = _spec(model)
+        image_size = spec.image_size if spec is not None else DEFAULT_IMAGE_SIZE
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise BadInputError(f"image size must be a positive int, got {image_size!r}")
+    return image_size
+
+
+def resolve_in_channels(model: "nn.Module") -> int:
+    """Input channels: the spec's ``in_channels``, else (a model gfgp did not convert) the first Conv2d's."""
+    from torch import nn
+
+    spec = _spec(model)
+    if spec is not None:
+        return spec.in_channels
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
+def check_model_takes(model: "nn.Module", example: "torch.Tensor") -> None:
+    """Run the model once on ``example`` so that a size it cannot take is the user's error
+    (exit 2, naming --image-size), not an exporter failure deep in a trace."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(example)
+    except (ValueError, RuntimeError, IndexError, TypeError) as e:
+        shape = "x".join(str(d) for d in example.shape[1:])
+        raise BadInputError(f"the model cannot take a {shape} input: {first_line(e)}; choose another --image-size") from e
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's text, whitespace collapsed, at most 300 characters (the
+    libraries export calls into raise multi-page messages); its type name when it has no text.
+    Shared by every module of the export that quotes a library's error."""
+    text = str(e).strip()
+    return " ".join(text.splitlines()[0].split())[:300] if text else type(e).__name__

@@ -1,0 +1,175 @@
+"""Post-processing of the exporter's ONNX ModelProto, and writing it.
+
+What happens between ``torch.onnx.export`` and a file onnxruntime loads: the
+``gfgp::MaxEntPool2d`` body attached as a model-local function at the model's opset, an IR
+version the opset needs, the exporter's debug-only node metadata dropped, optionally the
+functions inlined; then the file written atomically (weights beside it when too large for one
+protobuf) and checked by ``onnx.checker``. Also the small readers of a proto (every node, the
+default-domain opset) and the byte count of a model's tensors that the export report gives.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+
+from .._io import atomic_open
+from ..errors import BadInputError, WorkFailedError
+from .checks import first_line
+from .maxent_function import DOMAIN, DOMAIN_VERSION, maxent_pool2d_function
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+__all__ = [
+    "SINGLE_FILE_LIMIT",
+    "complete",
+    "inline_functions",
+    "write",
+    "check_file",
+    "all_nodes",
+    "default_opset",
+    "min_ir_version",
+    "tensor_bytes",
+]
+
+# Above this many bytes of tensors the weights go to an external data file ``<path>.data``:
+# a single-file ONNX model is a protobuf message, limited to 2 GiB.
+SINGLE_FILE_LIMIT = 1_800_000_000
+
+# Node metadata the exporter writes for debugging only: source paths of this machine and FX reprs.
+# (The module names and class hierarchy that make the graph readable are kept.)
+_DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+
+
+# --------------------------------------------------------------------------------------------
+# reading a proto
+
+
+def all_nodes(proto: "onnx.ModelProto") -> Iterator["onnx.NodeProto"]:
+    """Every node of the main graph, its subgraphs and the model's functions."""
+    import onnx
+
+    def walk(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.NodeProto]:
+        for node in nodes:
+            yield node
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g.node)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from walk(g.node)
+
+    yield from walk(proto.graph.node)
+    for function in proto.functions:
+        if function.domain != DOMAIN:
+            yield from walk(function.node)
+
+
+def default_opset(proto: "onnx.ModelProto") -> int:
+    return next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def min_ir_version(opset: int) -> int:
+    """The oldest IR version a model of default-domain ``opset`` may declare."""
+    import onnx
+
+    return onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)])
+
+
+# --------------------------------------------------------------------------------------------
+# completing the exporter's proto
+
+
+def complete(proto: "onnx.ModelProto") -> "onnx.ModelProto":
+    """Attach the MaxEntPool2d body at the model's opset and set an IR version onnxruntime loads."""
+    import onnx
+
+    from .runtime import ort_limits
+
+    opset = default_opset(proto)
+    _strip_debug_metadata(proto)
+    if any(n.domain == DOMAIN for n in all_nodes(proto)):
+        proto.functions.append(maxent_pool2d_function(opset))
+        if not any(o.domain == DOMAIN for o in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    # The exporter writes IR 10 for every opset; newer opsets need newer IR versions.
+    proto.ir_version = max(int(proto.ir_version), min_ir_version(opset))
+    if proto.ir_version > ort_limits()[1]:  # pragma: no cover - excluded by supported_opsets()
+        raise BadInputError(f"opset {opset} needs IR version {proto.ir_version}, newer than onnxruntime loads")
+    return proto
+
+
+def _strip_debug_metadata(proto: "onnx.ModelProto") -> None:
+    for node in all_nodes(proto):
+        kept = [p for p in node.metadata_props if p.key not in _DEBUG_METADATA]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+
+
+def inline_functions(proto: "onnx.ModelProto") -> "onnx.ModelProto":
+    """The same model with the local functions inlined: standard ops only, no gfgp domain."""
+    import onnx.inliner
+
+    proto = onnx.inliner.inline_local_functions(proto)
+    del proto.functions[:]
+    kept = [o for o in proto.opset_import if o.domain != DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    return proto
+
+
+# --------------------------------------------------------------------------------------------
+# writing and checking the file
+
+
+def write(proto: "onnx.ModelProto", out: Path, inline: bool) -> Optional[Path]:
+    """Write ``proto`` (inlined if asked, then checked) to ``out``, atomically.
+
+    Returns the external data file, if the weights are too large for one file (they are written
+    first, then the small model file that refers to them replaces ``out``).
+    """
+    import onnx
+
+    data = None
+    if sum(t.ByteSize() for t in proto.graph.initializer) > SINGLE_FILE_LIMIT:
+        data = out.with_name(out.name + ".data")
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as folder:
+            # Writes the tensors to folder/<data name> and leaves references (and no bytes) in proto.
+            onnx.save_model(proto, os.path.join(folder, out.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+            os.replace(os.path.join(folder, data.name), data)
+    if inline:
+        proto = inline_functions(proto)
+    try:
+        payload = proto.SerializeToString()
+    except ValueError as e:  # pragma: no cover - the weights went to the data file above
+        raise WorkFailedError(f"the ONNX graph is too large to serialise ({first_line(e)})") from e
+    # checked by path, beside its data file: external tensors are checked too
+    with atomic_open(out, "wb", check=check_file) as f:
+        f.write(payload)
+    return data
+
+
+def check_file(path: str) -> None:
+    """``onnx.checker`` with ``full_check`` (shape inference too) on the file at ``path``."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise WorkFailedError(f"the exported model fails onnx.checker: {first_line(e)}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# sizes for the report
+
+
+def tensor_bytes(tensors: Iterable["torch.Tensor"]) -> int:
+    """Bytes of the distinct tensors (shared ones counted once)."""
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
