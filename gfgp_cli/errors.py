@@ -1,4 +1,4 @@
-"""Error types the CLI maps to exit codes (DESIGN.md): bad input -> 2, failed work -> 1."""
+"""Error types the CLI maps to exit codes (docs/architecture.md): bad input -> 2, failed work -> 1."""
 
 __all__ = ["BadInputError", "WorkFailedError"]
 

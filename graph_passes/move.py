@@ -57,7 +57,7 @@ def move_pools(gm: GraphModule, placement: str = "exact") -> Moved:
     """Move every ``SkipPool2d`` forward to where the placement puts it; record where they went.
 
     Invariant (``"exact"`` and ``"local"``): the eval-mode output is unchanged for every input
-    size. ``"paper"`` deliberately changes it (PAPER.md section 3), as described below.
+    size. ``"paper"`` deliberately changes it (docs/method.md section 3), as described below.
 
     Placements:
         ``"local"``: nothing moves.

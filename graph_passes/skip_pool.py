@@ -1,4 +1,4 @@
-"""SkipPool2d: keep the top-left element of every s_h x s_w cell (PAPER.md section 3)."""
+"""SkipPool2d: keep the top-left element of every s_h x s_w cell (docs/method.md section 3)."""
 
 from __future__ import annotations
 

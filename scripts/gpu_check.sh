@@ -2,8 +2,8 @@
 # GPU checks in one call, for a machine with a CUDA GPU (tests here never need one).
 #
 # Runs the gpu-marked tests (Triton kernels against the reference on CUDA, AMP, DDP/NCCL,
-# SyncBatchNorm, ONNX on the CUDA provider), then the benchmarks that issue 6 sets GPU targets
-# for, each as JSON beside a log: bench pool in float32 and bfloat16 (maxent_pool2d's Triton
+# SyncBatchNorm, ONNX on the CUDA provider), then the GPU benchmarks,
+# each as JSON beside a log: bench pool in float32 and bfloat16 (maxent_pool2d's Triton
 # path against F.max_pool2d and the plain PyTorch composite, the reference path), and bench model
 # resnet50 at batch 64. Every step runs even if an earlier one fails; the exit status is the
 # number of failed steps.

@@ -1,4 +1,4 @@
-"""gfgp_cli.convert, checkpoints and `gfgp convert` (PAPER.md section 3; DESIGN.md)."""
+"""gfgp_cli.convert, checkpoints and `gfgp convert` (docs/method.md section 3; docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch import nn
 import gfgp_cli
 from gfgp_cli import GFGPPool2d, MaxEntPool2d, convert
 from gfgp_cli.checkpoint import read_checkpoint
-from gfgp_cli.spec import spec_of
 from gfgp_cli.cli import cli
+from gfgp_cli.spec import spec_of
 
 
 def _pools(model, cls=GFGPPool2d):
@@ -25,11 +25,11 @@ def _geometry(m):
     return (m.num_features, m.kernel_size, m.stride, m.padding)
 
 
-def _extra(c):  # PAPER.md section 2: extra parameters of one GFGP layer
+def _extra(c):  # docs/method.md section 2: extra parameters of one GFGP layer
     return c * c + 4.5 * c
 
 
-# Official layout (PAPER.md section 3): stem 2x2/2 and 3x3/2 pad 1 at 64 channels, then one 2x2/2
+# Official layout (docs/method.md section 3): stem 2x2/2 and 3x3/2 pad 1 at 64 channels, then one 2x2/2
 # after the final ReLU of the first block of layers 2-4.
 def _official(widths):
     return [(64, (2, 2), (2, 2), (0, 0)), (64, (3, 3), (2, 2), (1, 1))] + [(c, (2, 2), (2, 2), (0, 0)) for c in widths]
@@ -52,7 +52,7 @@ def test_official_resnet_layouts(name, widths):
 
 
 def test_paper_parameter_counts_resnet50_and_resnext50():
-    """PAPER.md section 3 measured 25.56M -> 31.09M and 25.03M -> 30.56M on the official code."""
+    """docs/method.md section 3 measured 25.56M -> 31.09M and 25.03M -> 30.56M on the official code."""
     assert round(sum(p.numel() for p in convert("resnet50").parameters()) / 1e6, 2) == 31.09
     assert round(sum(p.numel() for p in convert("resnext50_32x4d").parameters()) / 1e6, 2) == 30.56
 
@@ -245,7 +245,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("comparison,cls", [("nin", "NiNBlock"), ("resnin", "ResNiNBlock"), ("se", "SEBlock")])
 def test_comparison_modules_match_gfgp_parameters_and_sit_before_each_maxpool(comparison, cls):
-    """PAPER.md section 4: same extra parameters as the GFGP conversion; max-pools stay."""
+    """docs/method.md section 4: same extra parameters as the GFGP conversion; max-pools stay."""
     import gfgp_cli.nn as gnn
 
     gfgp = convert("vgg11_bn", image_size=64)

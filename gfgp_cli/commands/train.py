@@ -14,7 +14,7 @@ __all__ = ["COMMANDS", "train", "eval_"]
 @click.option("--data", required=True, help=f"The data: {choices.DATA_SPEC_HELP}.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics, config.json).")
 @click.option("--recipe", type=click.Choice(choices.RECIPES), default=None,
-              help="PAPER.md section 5 recipe [default: paper-vgg for VGG models, else paper-resnet].")
+              help="Training recipe (docs/method.md section 5) [default: paper-vgg for VGG models, else paper-resnet].")
 @click.option("--epochs", type=int, default=None, help="Epochs [default: the recipe's].")
 @click.option("--batch-size", type=int, default=None,
               help="Global batch per optimizer step, over all processes and accumulation steps [default: the recipe's]; "

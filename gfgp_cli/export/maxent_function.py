@@ -11,7 +11,7 @@ FunctionProto made only of standard ONNX ops at the model's opset, so a stock on
 with no plugin. The body is generic in the attributes and in the input size (it reads them at run
 time through attribute references and ``Shape``), so one function serves every pool of a model.
 
-The body is the op's definition (PAPER.md section 1), computed the way the reference kernel in
+The body is the op's definition (docs/method.md section 1), computed the way the reference kernel in
 ``gfgp_cli/ops`` computes it:
 
 1. output size by PyTorch's rule (``pool_output_size``; ceil mode drops a last window that would

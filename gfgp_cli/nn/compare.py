@@ -1,4 +1,4 @@
-"""Comparison modules of the paper (PAPER.md section 4): NiN, ResNiN and SE.
+"""Comparison modules of the paper (docs/method.md section 4): NiN, ResNiN and SE.
 
 They are inserted just before each max-pool of VGG (which stays a max-pool) and are built with
 GFGP's MLP structure (1x1 conv C->h with bias, BN, ReLU, 1x1 conv h->C with bias, BN), so they add

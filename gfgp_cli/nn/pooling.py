@@ -1,4 +1,4 @@
-"""Pooling layers over :func:`gfgp_cli.maxent_pool2d`: GFGP (PAPER.md section 2) and a learned lam."""
+"""Pooling layers over :func:`gfgp_cli.maxent_pool2d`: GFGP (docs/method.md section 2) and a learned lam."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class _MaxEntPoolBase(nn.Module):
 
 
 class GFGPPool2d(_MaxEntPoolBase):
-    """Global Feature Guided max-entropy pooling (Kobayashi, ICCV 2019; PAPER.md section 2).
+    """Global Feature Guided max-entropy pooling (Kobayashi, ICCV 2019; docs/method.md section 2).
 
     lam is estimated from the pooled map itself::
 

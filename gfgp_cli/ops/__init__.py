@@ -1,4 +1,4 @@
-"""The max-entropy pooling op (PAPER.md section 1)."""
+"""The max-entropy pooling op (docs/method.md section 1)."""
 
 from .maxent_pool import check_pool_geometry, maxent_pool2d, pool_output_size
 

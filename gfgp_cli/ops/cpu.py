@@ -211,7 +211,7 @@ def forward(x: Tensor, lam: Tensor, kernel_size: List[int], stride: List[int], p
 
 def backward(grad: Tensor, x: Tensor, lam: Tensor, out: Tensor, kernel_size: List[int], stride: List[int],
              padding: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
-    """(dL/dx in x's dtype and memory format, dL/dlam of lam's shape), PAPER.md section 1."""
+    """(dL/dx in x's dtype and memory format, dL/dlam of lam's shape), docs/method.md section 1."""
     geo, out_hw = _geometry(x, kernel_size, stride, padding, ceil_mode)
     xk, lamk, ls, nhwc, fmt = _prepare(x, lam, out_hw)
     ct = xk.dtype

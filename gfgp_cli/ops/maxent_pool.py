@@ -1,4 +1,4 @@
-"""Max-entropy pooling (PAPER.md section 1): the functional op, its checks and its autograd.
+"""Max-entropy pooling (docs/method.md section 1): the functional op, its checks and its autograd.
 
 For one channel of one sample and one window R of valid (non-padded) positions::
 
@@ -66,7 +66,7 @@ def maxent_pool2d(
 ) -> Tensor:
     """Max-entropy pooling: the softmax(lam * x)-weighted mean of each window.
 
-    Kobayashi, "Global Feature Guided Local Pooling", ICCV 2019 (PAPER.md section 1). lam = 0 is
+    Kobayashi, "Global Feature Guided Local Pooling", ICCV 2019 (docs/method.md section 1). lam = 0 is
     ``F.avg_pool2d(..., count_include_pad=False)``; lam -> +inf approaches ``F.max_pool2d``.
 
     Args:

@@ -68,7 +68,7 @@ def _reduce_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
 
 def forward(x: Tensor, lam: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
             ceil_mode: bool) -> Tensor:
-    """y = sum_i p_i x_i per window (PAPER.md section 1); Tensor[N, C, out_h, out_w], x's dtype."""
+    """y = sum_i p_i x_i per window (docs/method.md section 1); Tensor[N, C, out_h, out_w], x's dtype."""
     windows, mask, _ = _window_views(x, kernel_size, stride, padding, ceil_mode)
     p = _weights(windows, mask, lam)
     # masked positions hold x = 0 (F.pad) and p = 0, so the plain sum is over valid positions.
@@ -77,14 +77,14 @@ def forward(x: Tensor, lam: Tensor, kernel_size: List[int], stride: List[int], p
 
 def backward(grad: Tensor, x: Tensor, lam: Tensor, out: Tensor, kernel_size: List[int], stride: List[int],
              padding: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
-    """(dL/dx, dL/dlam) with the formulas of PAPER.md section 1 (centred variance for lam)."""
+    """(dL/dx, dL/dlam) with the formulas of docs/method.md section 1 (centred variance for lam)."""
     windows, mask, pads = _window_views(x, kernel_size, stride, padding, ceil_mode)
     p = _weights(windows, mask, lam)
     ct = windows.dtype
     g = grad.to(ct)[..., None, None]
     d = windows - out.to(ct)[..., None, None]  # x_i - y
     lam6 = lam.to(ct)[..., None, None]
-    grad_windows = g * p * (1 + lam6 * d)  # dL/dx_i per window, PAPER.md section 1
+    grad_windows = g * p * (1 + lam6 * d)  # dL/dx_i per window, docs/method.md section 1
     grad_lam = (grad.to(ct) * (p * d * d).sum(dim=(-2, -1)))  # centred variance
     # Scatter-add the windows back onto the padded input, then drop the padding.
     n, c, out_h, out_w, kh, kw = grad_windows.shape

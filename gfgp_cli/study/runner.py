@@ -5,8 +5,9 @@ For one seed, every variant starts from the same initial weights of the family's
 layers a variant adds are initialised after them), sees the training images in the same order
 (:class:`~gfgp_cli.train.data.ResumableSampler` seeded by the seed) and trains with the same
 configuration (:func:`~gfgp_cli.train.config.resolve_config` of the study recipe), through the
-training library's own :func:`~gfgp_cli.train.loop.train_one_epoch` and
-:func:`~gfgp_cli.train.loop.evaluate`. What differs between variants is the conversion only.
+training library's own optimizer and schedule (:func:`~gfgp_cli.train.optim.build_optimizer`),
+epoch driver (:func:`~gfgp_cli.train.engine.run_epochs`) and
+:func:`~gfgp_cli.train.evaluation.evaluate`. What differs between variants is the conversion only.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = ["StudySettings", "StudyResult", "run_study", "build_variant", "resolv
 
 FAMILY_CHOICES = ("vgg", "resnet", "all")
 
-# The study recipe: the paper's VGG recipe (PAPER.md section 5: SGD, momentum 0.9, weight decay
+# The study recipe: the paper's VGG recipe (docs/method.md section 5: SGD, momentum 0.9, weight decay
 # 5e-4, learning rate decreasing linearly in log scale) at batch 32 (the lr scales linearly to
 # 0.05) over a few epochs, decaying 100x instead of 1000x: over 3 epochs the paper's 1000x would
 # leave the last epoch at lr 5e-5, where nothing moves. The ResNet recipe's "divide by 10 every
@@ -151,8 +152,8 @@ def run_study(family: str = "all", variants: Optional[Union[str, Sequence[str]]]
     from ..console import err
     from ..datasets import make_cluttered_digits
     from ..train.config import lr_factor, resolve_config
-    from ..train.loop import resolve_device
     from ..train.metrics import Progress
+    from ..train.runtime import resolve_device
     from .report import machine_info, summarize, write_csv, write_outputs
 
     settings, pairs = resolve_settings(family, variants, seeds, epochs, quick, train_images, val_images, data_seed,
@@ -208,9 +209,9 @@ def _run_one(family: str, variant: Variant, seed: int, config, train_set, val_se
              device: torch.device, show, label: str) -> Dict[str, Any]:
     """Convert and train one (family, variant, seed); the row of results.csv."""
     from ..train.data import ResumableSampler, SeededSamples
-    from ..train.config import lr_factor
-    from ..train.loop import NonFiniteLoss, evaluate, train_one_epoch
-    from ..train.metrics import Meters
+    from ..train.engine import InMemoryEpochs, NonFiniteLoss, Trainer, run_epochs
+    from ..train.evaluation import evaluate
+    from ..train.optim import build_optimizer
 
     model, report = build_variant(family, variant, seed, image_size)
     model.to(device)
@@ -218,37 +219,28 @@ def _run_one(family: str, variant: Variant, seed: int, config, train_set, val_se
     torch.manual_seed(seed)
 
     sampler = ResumableSampler(len(train_set), config.batch_size, seed=seed)
+    # Unlike gfgp train's, these loaders have no generator of their own: each epoch draws the
+    # loader's base seed from the global RNG (as the study always has), which keeps a seed's
+    # results what they were.
     loader = DataLoader(SeededSamples(train_set), batch_size=sampler.micro_batch, sampler=sampler, drop_last=True)
     val_loader = DataLoader(val_set, batch_size=256)
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(config, e))
-    steps = sampler.steps_per_epoch
-    times: List[float] = []
+    # No spec: the recipe's backbone_lr_scale is 1, so all parameters form one group.
+    optimizer, scheduler = build_optimizer(model, config)
+    # No val_loader: the study evaluates once, after the last epoch, and times the epochs alone.
+    trainer = Trainer(model, criterion, optimizer, scheduler, loader, sampler, device, config, show, label=label)
+    epochs = InMemoryEpochs()
     diverged = False
-    train_m: Dict[str, float] = {"loss": math.nan, "top1": math.nan}
-    for epoch in range(config.epochs):
-        sampler.set_epoch(epoch)
-        meters = Meters()
-        show.start(f"{label} epoch {epoch + 1}/{config.epochs}", steps)
-        t0 = time.perf_counter()
-        try:
-            train_one_epoch(model, criterion, optimizer, loader, device, epoch, config, steps=steps, meters=meters,
-                            progress=show)
-        except NonFiniteLoss:
-            diverged = True
-            break
-        finally:
-            show.stop()
-        times.append(time.perf_counter() - t0)
-        scheduler.step()
-        train_m = Meters.summary(meters.totals())
+    try:
+        run_epochs(trainer, epochs)
+    except NonFiniteLoss:
+        diverged = True
     val_m = {"loss": math.nan, "top1": math.nan, "top5": math.nan}
     if not diverged:
         t0 = time.perf_counter()
         val_m = evaluate(model, criterion, val_loader, device, config)
         eval_s = time.perf_counter() - t0
+    train_m, times = epochs.train, epochs.times
     return {
         "family": family, "variant": variant.name, "seed": seed, "epochs": config.epochs,
         "top1_error": 100.0 - val_m["top1"], "top5_error": 100.0 - val_m["top5"], "val_loss": val_m["loss"],

@@ -1,4 +1,4 @@
-"""The study's variants: what every downsampling site of a network becomes (PAPER.md sections 1-4).
+"""The study's variants: what every downsampling site of a network becomes (docs/method.md sections 1-4).
 
 Each variant is one call to :func:`gfgp_cli.convert` on the family's native network, with the
 paper's placement, so the study exercises the same conversion path as ``gfgp convert``:
@@ -9,9 +9,9 @@ skip           subsampling everywhere: each site keeps the top-left element of i
 max            max pooling at every site (VGG's own pools; ResNet's strided convs too)
 avg            average pooling at every site (padding excluded)
 maxent         max-entropy pooling with a learned per-channel lam (no global guidance)
-gfgp           GFGP: lam from global features, bounded by a sigmoid (PAPER.md section 2)
+gfgp           GFGP: lam from global features, bounded by a sigmoid (docs/method.md section 2)
 gfgp-softplus  GFGP with a softplus (lam unbounded above)
-nin            VGG only: a NiN block before each max-pool, which stays (PAPER.md section 4)
+nin            VGG only: a NiN block before each max-pool, which stays (docs/method.md section 4)
 resnin         VGG only: a residual NiN block before each max-pool, which stays
 se             VGG only: a squeeze-and-excitation block before each max-pool, which stays
 ============== ===========================================================================

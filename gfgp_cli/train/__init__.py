@@ -3,9 +3,13 @@
 - :mod:`.config`: the frozen :class:`TrainConfig`, the paper's recipes and the LR schedules.
 - :mod:`.data`: ``--data SPEC`` (ImageFolder, CIFAR, scikit-learn digits, FakeData) and the
   resumable, sharded sampler.
-- :mod:`.loop`: :func:`train_one_epoch`, :func:`evaluate`, :func:`main`, :func:`train`,
-  :func:`evaluate_checkpoint`.
-- :mod:`.state`: what a run checkpoint holds so that ``--resume`` is exact.
+- :mod:`.loop`: :func:`train` and :func:`main`, which put the pieces below together.
+- :mod:`.engine`: :func:`train_one_epoch` and the epoch driver (shared with ``gfgp study``).
+- :mod:`.optim`: the optimizer, its parameter groups and the LR schedule.
+- :mod:`.runtime`: signals, seeding, determinism, devices, autocast, model wrappers.
+- :mod:`.evaluation`: :func:`evaluate` and :func:`evaluate_checkpoint` (``gfgp eval``).
+- :mod:`.rundir`: the run folder, the per-epoch checkpoints and metrics, :class:`TrainResult`.
+- :mod:`.state`: what a run checkpoint holds so that ``--resume`` is exact (written and read there only).
 - :mod:`.distributed`: torchrun / DDP plumbing.
 - :mod:`.metrics`: top-k, metrics.csv/jsonl, TensorBoard, progress.
 - :mod:`.plots`: PNG curves and the lam distribution of every GFGP layer.

@@ -1,4 +1,4 @@
-"""Training configuration: the paper's recipes (PAPER.md section 5), overrides and LR schedules.
+"""Training configuration: the paper's recipes (docs/method.md section 5), overrides and LR schedules.
 
 A run is described by one frozen :class:`TrainConfig`. :func:`resolve_config` starts from a recipe
 in :data:`RECIPES`, applies the flags the user gave explicitly (``None`` means "not given"), scales
@@ -21,11 +21,11 @@ __all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "resolve_config", "lr_factor",
 # Mapping from recipe name to its hyper-parameters. `batch_size` is the global batch per optimizer
 # step (all devices and accumulation steps together), as in the paper.
 RECIPES: Dict[str, Dict[str, Any]] = {
-    # PAPER.md section 5, VGG family: SGD, batch 64, momentum 0.9, wd 5e-4,
+    # docs/method.md section 5, VGG family: SGD, batch 64, momentum 0.9, wd 5e-4,
     # lr 0.1 -> 1e-4 linearly in log scale over 20 epochs.
     "paper-vgg": dict(epochs=20, batch_size=64, lr=0.1, momentum=0.9, weight_decay=5e-4,
                       schedule="loglinear", final_lr_ratio=1e-3, step_size=0, gamma=1.0, backbone_lr_scale=1.0),
-    # PAPER.md section 5, ResNet family: SGD, batch 256, momentum 0.9, wd 1e-4,
+    # docs/method.md section 5, ResNet family: SGD, batch 256, momentum 0.9, wd 1e-4,
     # lr 0.1 divided by 10 every 30 epochs, 100 epochs.
     "paper-resnet": dict(epochs=100, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-4,
                          schedule="step", final_lr_ratio=1.0, step_size=30, gamma=0.1, backbone_lr_scale=1.0),
@@ -167,8 +167,8 @@ def lr_factor(config: TrainConfig, epoch: int) -> float:
     """Multiplier of the initial learning rate during 0-based ``epoch``.
 
     - loglinear: ``final_lr_ratio ** (epoch / (epochs - 1))``, i.e. linear in log scale from lr
-      (first epoch) to lr * final_lr_ratio (last epoch); PAPER.md: 0.1 -> 1e-4 over 20 epochs.
-    - step: ``gamma ** (epoch // step_size)``; PAPER.md: divided by 10 every 30 epochs.
+      (first epoch) to lr * final_lr_ratio (last epoch); docs/method.md section 5: 0.1 -> 1e-4 over 20 epochs.
+    - step: ``gamma ** (epoch // step_size)``; docs/method.md section 5: divided by 10 every 30 epochs.
     - cosine: ``r + (1 - r) (1 + cos(pi epoch / epochs)) / 2`` with r = final_lr_ratio.
     - constant: 1.
     """

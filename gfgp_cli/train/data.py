@@ -165,7 +165,8 @@ def _normalize(mean, std):
 
 
 def _fake(image_size: int, num_classes: int) -> DataBundle:
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     tf = T.Compose(_normalize((0.5,) * 3, (0.5,) * 3))
     size = (3, image_size, image_size)
@@ -176,7 +177,8 @@ def _fake(image_size: int, num_classes: int) -> DataBundle:
 
 
 def _cifar(kind: str, root: str, image_size: int, download: bool) -> DataBundle:
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
     resize = [T.Resize(image_size)] if image_size != 32 else []
@@ -196,7 +198,8 @@ def _cifar(kind: str, root: str, image_size: int, download: bool) -> DataBundle:
 
 
 def _image_folder(root: str, image_size: int) -> DataBundle:
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     path = Path(root)
     if not path.exists():

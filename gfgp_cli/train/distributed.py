@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ..errors import BadInputError
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "all_reduce_sum", "all_reduce_max", "all_gather_object",
+__all__ = ["DistInfo", "SINGLE_PROCESS", "init_distributed", "cleanup_distributed", "all_reduce_sum", "all_reduce_max", "all_gather_object",
            "run_on_main"]
 
 T = TypeVar("T")
@@ -38,6 +38,10 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+#: The DistInfo of a run without torchrun (frozen, so safe as a default argument).
+SINGLE_PROCESS = DistInfo()
 
 
 def init_distributed(use_cuda: bool) -> DistInfo:

@@ -2,7 +2,7 @@
 
 Curves come from RUN_DIR/metrics.jsonl: ``loss.png`` (train and val loss), ``accuracy.png``
 (train top-1, val top-1 and top-5) and ``lr.png`` (log scale). Given data, ``lam.png`` shows the
-distribution of lam (PAPER.md section 2: lam = 0 is average pooling, large lam approaches max
+distribution of lam (docs/method.md section 2: lam = 0 is average pooling, large lam approaches max
 pooling) of every max-entropy pooling layer over one batch of validation images. matplotlib is
 used through its object API (no pyplot, no global backend state), rendering with Agg.
 """
@@ -119,7 +119,8 @@ def plot_run(run_dir, out=None, checkpoint=None, data: Optional[str] = None, ima
              batch_size: int = 64, device: str = "cpu") -> List[Path]:
     """Write the run's PNGs to ``out`` (default: RUN_DIR); with ``data``, also lam.png for
     ``checkpoint`` (default RUN_DIR/best.pt, else last.pt). Returns the paths written."""
-    from .loop import load_trained, prepare_data, resolve_device
+    from .evaluation import load_trained, prepare_data
+    from .runtime import resolve_device
     from .state import BEST, LAST
 
     run_dir = Path(run_dir)

@@ -14,6 +14,11 @@ A run checkpoint is a gfgp model checkpoint (``spec``, ``state_dict``) plus::
 Everything is tensors and plain values, so it loads with ``weights_only=True``. Files are written
 with :func:`gfgp_cli.checkpoint.write_checkpoint` (temp file, fsync, rename); ``best.pt`` is a
 hard link to the ``last.pt`` it equals, swapped in atomically too.
+
+This module is the one place that puts these entries together (:func:`save_run_checkpoint`) and
+reads them back (:func:`read_run_checkpoint`, :func:`saved_config`, :func:`rebuild_model`,
+:func:`resume_training`, :func:`saved_rng`, :func:`trained_image_size`); the spec itself is
+a typed :class:`~gfgp_cli.spec.ConversionSpec` read by :func:`gfgp_cli.checkpoint.read_checkpoint`.
 """
 
 from __future__ import annotations
@@ -21,14 +26,21 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 
-from ..checkpoint import write_checkpoint
+from ..checkpoint import load, read_checkpoint, write_checkpoint
+from ..errors import BadInputError
 from ..spec import ConversionSpec
+from .config import TrainConfig, config_from_dict
+from .distributed import DistInfo
+from .metrics import Meters
 
-__all__ = ["capture_rng", "restore_rng", "save_run_checkpoint", "promote_to_best", "LAST", "BEST"]
+__all__ = ["capture_rng", "restore_rng", "process_state", "save_run_checkpoint", "promote_to_best",
+           "read_run_checkpoint", "saved_config", "rebuild_model", "resume_training", "saved_rng",
+           "trained_image_size", "LAST", "BEST"]
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -61,9 +73,29 @@ def restore_rng(state: Dict[str, Any]) -> None:
         np.random.set_state((s["kind"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))
 
 
-def save_run_checkpoint(run_dir: Path, spec: ConversionSpec, state_dict: Dict[str, Any], training: Dict[str, Any]) -> Path:
-    """Atomically write the model (``spec``, ``state_dict``) and its ``training`` state to RUN_DIR/last.pt."""
-    return write_checkpoint(Path(run_dir) / LAST, spec, state_dict, **training)
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def process_state(meters: Meters) -> Dict[str, Any]:
+    """This process's share of a checkpoint: its generators and the epoch's partial sums (every
+    rank's goes in, gathered by the caller)."""
+    return {"rng": capture_rng(), "meters": meters.state()}
+
+
+def save_run_checkpoint(run_dir: Path, spec: ConversionSpec, state_dict: Dict[str, Any], *, config: TrainConfig,
+                        epoch: int, step: int, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                        per_rank: List[Dict[str, Any]], history: List[Dict[str, Any]],
+                        best: Dict[str, Any]) -> Path:
+    """Atomically write the model (``spec``, ``state_dict``) and its training state to
+    RUN_DIR/last.pt: the checkpoint's payload (its entries: the module docstring), built here only.
+    ``per_rank`` is :func:`process_state` of every rank, in rank order."""
+    return write_checkpoint(Path(run_dir) / LAST, spec, state_dict, **{
+        "config": config.to_dict(),
+        "epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "rng": [r["rng"] for r in per_rank], "meters": [r["meters"] for r in per_rank],
+        "history": history, "best": best})
 
 
 def promote_to_best(run_dir: Path) -> Path:
@@ -77,9 +109,70 @@ def promote_to_best(run_dir: Path) -> Path:
         os.link(last, tmp)
         os.replace(tmp, best)
     except OSError:
-        from ..checkpoint import read_checkpoint
-
         data = read_checkpoint(last)
         rest = {k: v for k, v in data.items() if k not in ("format", "version", "spec", "state_dict")}
         write_checkpoint(best, data["spec"], data["state_dict"], **rest)
     return best
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def read_run_checkpoint(path: Path) -> Dict[str, Any]:
+    """A run's last.pt, read; bad input when it holds a model but no training state."""
+    state = read_checkpoint(path)
+    if "config" not in state:
+        raise BadInputError(f"{path} holds a model but no training state; start a new run with --force")
+    return state
+
+
+def saved_config(state: Dict[str, Any]) -> TrainConfig:
+    """The TrainConfig a run checkpoint was written with."""
+    return config_from_dict(state["config"])
+
+
+def rebuild_model(state: Dict[str, Any], module: Optional[nn.Module]) -> nn.Module:
+    """The model stored in a (read) run checkpoint; an in-memory ``module`` gets the stored weights."""
+    if module is None:
+        return load(state)
+    module.load_state_dict(state["state_dict"], strict=True)
+    return module
+
+
+def resume_training(state: Optional[Dict[str, Any]], optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                    info: DistInfo) -> Tuple[int, int, Meters, List[Dict[str, Any]], Dict[str, Any]]:
+    """``(start_epoch, start_step, meters, history, best)``: those of a new run for ``state``
+    None; else the saved ones, with the optimizer, scheduler and scaler restored in place."""
+    if state is None:
+        return 0, 0, Meters(), [], {"epoch": None, "top1": None}
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    meters = _restore_meters(state["meters"], info)
+    return int(state["epoch"]), int(state["step"]), meters, list(state["history"]), dict(state["best"])
+
+
+def saved_rng(state: Optional[Dict[str, Any]]) -> Optional[List[Dict[str, Any]]]:
+    """Every saved process's generator states (None for a new run)."""
+    return None if state is None else state["rng"]
+
+
+def trained_image_size(data: Dict[str, Any]) -> Optional[int]:
+    """The image size a run trained at (None for a checkpoint without training state)."""
+    config = data.get("config")
+    return config.get("image_size") if isinstance(config, dict) else None
+
+
+def _restore_meters(saved: List[Dict[str, Any]], info: DistInfo) -> Meters:
+    """This rank's partial sums; on another world size rank 0 carries the total (the sums are
+    only ever reduced)."""
+    if len(saved) == info.world_size:
+        return Meters(**saved[info.rank])
+    if not info.is_main:
+        return Meters()
+    total = Meters()
+    for m in saved:
+        for key, value in m.items():
+            setattr(total, key, getattr(total, key) + value)
+    return total

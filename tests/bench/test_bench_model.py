@@ -31,7 +31,7 @@ def test_bench_model_reports_original_and_converted(result):
     assert converted["macs_ratio"] == pytest.approx(converted["macs"] / original["macs"])
     assert converted["time_ratio"] == pytest.approx(converted["step_ms"] / original["step_ms"])
     assert converted["time_per_macs_ratio"] == pytest.approx(converted["time_ratio"] / converted["macs_ratio"])
-    # GFGP adds its lam estimators; the convolutions at full resolution add MACs (PAPER.md section 3).
+    # GFGP adds its lam estimators; the convolutions at full resolution add MACs (docs/method.md section 3).
     assert converted["params"] > original["params"] and converted["macs_ratio"] > 1.5
 
 

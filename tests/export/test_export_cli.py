@@ -33,7 +33,7 @@ def invoke(*args):
     "name, layers",
     [
         ("squeezenet1_1", 4),  # the three fire max-pools and the stem max-pool
-        pytest.param("resnet18", 5, marks=pytest.mark.slow),  # PAPER.md section 3: stem 2x2 + 3x3, one per stage
+        pytest.param("resnet18", 5, marks=pytest.mark.slow),  # docs/method.md section 3: stem 2x2 + 3x3, one per stage
     ],
 )
 def test_export_end_to_end_json(checkpoints, tmp_path, name, layers):
@@ -58,7 +58,8 @@ def test_table_lists_nodes_sizes_diffs_and_verdict(tmp_path):
     from gfgp_cli.export import ExportReport
     from gfgp_cli.export.render import render_export
 
-    report = ExportReport(path="m.onnx", data_path=None, file_bytes=2_000_000, param_bytes=1_990_000, buffer_bytes=20_000, custom_nodes=5, maxent_layers=5,
+    report = ExportReport(path="m.onnx", data_path=None, file_bytes=2_000_000, param_bytes=1_990_000, buffer_bytes=20_000,
+                          custom_nodes=5, maxent_layers=5,
                           opset=20, ir_version=10, inline=False, dynamic_batch=True, input_shape=["batch", 3, 64, 64],
                           max_abs_diffs={1: 1.5e-7, 3: 2.5e-7}, tolerance=3e-5, passed=True, provider="CPUExecutionProvider")
     with out.capture() as captured:

@@ -1,4 +1,4 @@
-"""The official GFGP layouts of torchvision ResNets (PAPER.md section 3), found by generic rules."""
+"""The official GFGP layouts of torchvision ResNets (docs/method.md section 3), found by generic rules."""
 
 
 import pytest
@@ -63,7 +63,7 @@ def test_bottleneck_layout_is_exact_under_both_placements(name, placement):
 
 
 def test_resnet50_five_pooling_layers_reach_the_factory():
-    """PAPER.md: 2x2/2 (64 ch) and 3x3/2 pad 1 (64 ch) in the stem, 2x2/2 with 512, 1024, 2048."""
+    """docs/method.md section 3: 2x2/2 (64 ch) and 3x3/2 pad 1 (64 ch) in the stem, 2x2/2 with 512, 1024, 2048."""
     seen = []
     _convert("resnet50", "paper", factory=lambda site: seen.append(site))
     assert [(s.qualname, s.channels, s.kernel, s.stride, s.padding) for s in seen] == [

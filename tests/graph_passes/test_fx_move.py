@@ -106,7 +106,7 @@ def test_basic_block_paper_passes_conv2_and_lands_after_the_final_relu():
     gm = _moved(model, "paper")
     assert skip_pools(gm) == {"block.pool": ("block_relu_1", (2, 2))}
     assert gm.get_submodule("block.conv2").stride == (1, 1)
-    # deliberately not output-preserving (PAPER.md section 3), but shapes are kept
+    # deliberately not output-preserving (docs/method.md section 3), but shapes are kept
     for h, w in [(16, 16), (15, 15), (13, 18)]:
         x = torch.randn(2, 3, h, w)
         with torch.no_grad():

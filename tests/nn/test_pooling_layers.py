@@ -1,4 +1,4 @@
-"""GFGPPool2d and MaxEntPool2d (PAPER.md section 2): structure, parameters, behaviour, errors."""
+"""GFGPPool2d and MaxEntPool2d (docs/method.md section 2): structure, parameters, behaviour, errors."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""maxent_pool2d against independent oracles (PAPER.md section 1).
+"""maxent_pool2d against independent oracles (docs/method.md section 1).
 
 - ``reference``: explicit Python loops over windows in float64, transcribed from the formula;
   its gradients come from float64 autograd through those loops (no shared code with the op).

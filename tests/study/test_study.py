@@ -99,7 +99,7 @@ def test_softplus_variant_and_comparison_blocks_match_gfgp_parameters():
                if isinstance(m, GFGPPool2d))
     for name in ("nin", "resnin", "se"):
         model, r = build_variant("vgg", name, seed=0)
-        assert r.params_after == report.params_after  # PAPER.md section 4: same extra parameters
+        assert r.params_after == report.params_after  # docs/method.md section 4: same extra parameters
         assert _count(model, nn.MaxPool2d) == 3  # the max-pools stay
 
 

@@ -1,4 +1,4 @@
-"""Recipes (PAPER.md section 5), learning-rate schedules, linear LR scaling and config checks."""
+"""Recipes (docs/method.md section 5), learning-rate schedules, linear LR scaling and config checks."""
 
 from __future__ import annotations
 

@@ -40,8 +40,8 @@ def test_cuda_eval_matches_cpu_eval(tmp_path, train_tiny, tiny_model):
     from torch import nn
 
     from gfgp_cli.train import evaluate, load_data
-    from gfgp_cli.train.loop import _eval_loader
     from gfgp_cli.train.distributed import DistInfo
+    from gfgp_cli.train.evaluation import eval_loader
 
     train_tiny(tmp_path / "run", epochs=1)
     model = tiny_model()
@@ -50,6 +50,6 @@ def test_cuda_eval_matches_cpu_eval(tmp_path, train_tiny, tiny_model):
     results = {}
     for device in ("cpu", "cuda"):
         dev = torch.device(device)
-        results[device] = evaluate(model.to(dev), nn.CrossEntropyLoss(), _eval_loader(val, 64, 0, dev, DistInfo()), dev)
+        results[device] = evaluate(model.to(dev), nn.CrossEntropyLoss(), eval_loader(val, 64, 0, dev, DistInfo()), dev)
     assert results["cuda"]["loss"] == pytest.approx(results["cpu"]["loss"], rel=1e-4)
     assert abs(results["cuda"]["top1"] - results["cpu"]["top1"]) <= 100 / len(val) + 1e-9

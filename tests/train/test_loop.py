@@ -13,6 +13,7 @@ from gfgp_cli.errors import BadInputError, WorkFailedError
 from gfgp_cli.nn import GFGPPool2d
 from gfgp_cli.train import train
 
+
 def test_run_writes_checkpoints_metrics_and_config(tmp_path, train_tiny, tiny_model, tiny_spec):
     run = tmp_path / "run"
     result = train_tiny(run, recipe="paper-vgg", epochs=3)

@@ -1,4 +1,4 @@
-// Fused max-entropy pooling on the CPU (PAPER.md section 1): one pass over the input per direction.
+// Fused max-entropy pooling on the CPU (docs/method.md section 1): one pass over the input per direction.
 //
 // Plain C++ with no PyTorch headers, compiled at run time by gfgp_cli/ops/cpu.py (g++, cached by
 // source hash) and called through ctypes (which releases the GIL). Work is split into tasks and

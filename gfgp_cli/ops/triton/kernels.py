@@ -1,4 +1,4 @@
-"""Triton kernels of max-entropy pooling (PAPER.md section 1), forward and backward.
+"""Triton kernels of max-entropy pooling (docs/method.md section 1), forward and backward.
 
 Imported only for CUDA tensors (see :mod:`gfgp_cli.ops.triton`), or directly by the tests, which
 run the same launchers on CPU tensors under ``TRITON_INTERPRET=1``.

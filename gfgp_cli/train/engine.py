@@ -1,0 +1,199 @@
+"""The step and epoch engine: :func:`train_one_epoch` (optimizer steps with gradient accumulation,
+the NaN/Inf stop, the stop request) and :func:`run_epochs`, the one epoch driver of both
+``gfgp train`` and ``gfgp study``.
+
+The driver runs the epochs of a :class:`Trainer`, evaluates after each one when the trainer has a
+validation loader, steps the LR schedule, and decides *when* a checkpoint is taken (every
+``save_every_steps`` steps, on a stop request, at each epoch end); what is saved and recorded is
+left to its :class:`EpochHooks` (:class:`~gfgp_cli.train.rundir.RunRecorder` for ``gfgp train``,
+:class:`InMemoryEpochs` for the study, which keeps times and train metrics only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .config import TrainConfig
+from .data import ResumableSampler
+from .distributed import SINGLE_PROCESS, DistInfo, all_reduce_max, all_reduce_sum
+from .evaluation import evaluate
+from .metrics import Meters, Progress
+from .runtime import StopControl, autocast, collective_device, to_device
+
+__all__ = ["NonFiniteLoss", "train_one_epoch", "Trainer", "EpochEnd", "EpochHooks", "InMemoryEpochs", "run_epochs"]
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        super().__init__(f"loss {value} at epoch {epoch} step {step}")
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
+                    device: torch.device, epoch: int, config: TrainConfig, *, steps: int, start_step: int = 0,
+                    scaler: Optional[torch.amp.GradScaler] = None, meters: Optional[Meters] = None,
+                    info: DistInfo = SINGLE_PROCESS, no_sync: Optional[Callable] = None, control: Optional[StopControl] = None,
+                    on_step: Optional[Callable[[int], None]] = None, progress: Optional[Progress] = None) -> Tuple[int, bool]:
+    """Run optimizer steps ``start_step .. steps - 1`` of ``epoch``; each step accumulates
+    ``config.accum_steps`` micro-batches from ``data_loader``.
+
+    Raises :class:`NonFiniteLoss` before the backward of a NaN/Inf loss (on every rank). After
+    each step ``on_step(steps_done)`` runs (periodic checkpoints). Returns ``(steps_done, stop)``:
+    ``stop`` is True when a stop was requested (Ctrl-C on any rank); the loop then ends after the
+    step in progress.
+    """
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    meters = meters if meters is not None else Meters()
+    control = control or StopControl()
+    model.train()
+    amp = autocast(device, config)
+    accum = config.accum_steps
+    batches = iter(data_loader)
+    for step in range(start_step, steps):
+        optimizer.zero_grad(set_to_none=True)
+        stop = False
+        for j in range(accum):
+            images, target = next(batches)
+            images, target = to_device(images, device, config), target.to(device, non_blocking=True)
+            # DDP: gradients are all-reduced only on the last micro-batch of a step.
+            sync = no_sync() if (no_sync is not None and j < accum - 1) else contextlib.nullcontext()
+            with sync:
+                with amp:
+                    output = model(images)
+                    loss = criterion(output, target)
+                value = loss.item()
+                flags = all_reduce_max(torch.tensor([float(not math.isfinite(value)), float(control.stop)],
+                                                    device=collective_device(device, info)), info).tolist()
+                if flags[0]:
+                    raise NonFiniteLoss(epoch, step, value)
+                stop = stop or bool(flags[1])
+                scaler.scale(loss / accum).backward()
+            meters.update(value, output, target)
+        scaler.step(optimizer)
+        scaler.update()
+        if progress is not None:
+            progress.update(step + 1, images.shape[0] * accum * info.world_size,
+                            {"loss": meters.loss_sum / max(meters.count, 1), "top1": 100.0 * meters.correct1 / max(meters.count, 1)})
+        if on_step is not None:
+            on_step(step + 1)
+        if stop:
+            return step + 1, True
+    return steps, False
+
+
+@dataclass
+class Trainer:
+    """What the epoch driver runs: the model (as wrapped for running) and its optimisation, the
+    training data in ``sampler``'s order, and where progress goes."""
+
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: DataLoader
+    sampler: ResumableSampler
+    device: torch.device
+    config: TrainConfig
+    progress: Progress
+    val_loader: Optional[DataLoader] = None  # None: no evaluation after each epoch
+    scaler: Optional[torch.amp.GradScaler] = None  # None: no loss scaling
+    info: DistInfo = SINGLE_PROCESS
+    no_sync: Optional[Callable] = None  # DDP's no_sync, for gradient accumulation
+    label: str = ""  # shown before "epoch N/M" in the progress
+
+
+@dataclass
+class EpochEnd:
+    """One finished epoch, as the driver hands it to its hooks."""
+
+    epoch: int  # 0-based
+    lrs: List[float]  # every parameter group's lr during the epoch
+    train: Dict[str, float]  # train metrics, summed over ranks
+    val: Optional[Dict[str, float]]  # validation metrics (None without a val_loader)
+    images_per_s: float
+    started: float  # time.perf_counter() when its steps began
+    train_s: float  # seconds of the training steps alone
+
+
+class EpochHooks:
+    """What a caller of :func:`run_epochs` does at the points the driver picks; every hook does
+    nothing by default."""
+
+    def save(self, epoch: int, step: int, meters: Meters) -> None:
+        """Checkpoint at (``epoch``, ``step``) with the epoch's sums so far (collective: every rank
+        is called at the same points)."""
+
+    def finished(self, end: EpochEnd) -> None:
+        """An epoch ended and the schedule stepped; called before its checkpoint is saved."""
+
+    def saved(self, end: EpochEnd) -> None:
+        """The epoch-end checkpoint of ``end`` has been saved."""
+
+
+class InMemoryEpochs(EpochHooks):
+    """Hooks of a run that is never resumed and writes nothing (``gfgp study``): each epoch's
+    training time, and the train metrics of the last finished epoch (NaN before the first)."""
+
+    def __init__(self) -> None:
+        self.times: List[float] = []
+        self.train: Dict[str, float] = {"loss": math.nan, "top1": math.nan}
+
+    def finished(self, end: EpochEnd) -> None:
+        self.times.append(end.train_s)
+        self.train = end.train
+
+
+def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, start_step: int = 0,
+               meters: Optional[Meters] = None, control: Optional[StopControl] = None) -> Optional[Tuple[int, int]]:
+    """Train epochs ``start_epoch .. config.epochs - 1`` of ``trainer``, the first from optimizer
+    step ``start_step`` with its partial sums ``meters``. Returns None when every epoch ran, else
+    the (epoch, step) a stop request saved the run at. :class:`NonFiniteLoss` propagates."""
+    t, config = trainer, trainer.config
+    steps = t.sampler.steps_per_epoch
+    every = config.save_every_steps
+    for epoch in range(start_epoch, config.epochs):
+        t.sampler.set_epoch(epoch)
+        t.sampler.set_start(start_step if epoch == start_epoch else 0)
+        if epoch != start_epoch or meters is None:
+            meters = Meters()
+        title = f"epoch {epoch + 1}/{config.epochs}"
+        t.progress.start(f"{t.label} {title}" if t.label else title, steps, t.sampler.start_step)
+        lrs = [g["lr"] for g in t.optimizer.param_groups]
+        t0 = time.perf_counter()
+
+        def on_step(done: int, epoch: int = epoch, meters: Meters = meters) -> None:
+            if every and done % every == 0 and done < steps:
+                hooks.save(epoch, done, meters)
+
+        try:
+            done, stop = train_one_epoch(
+                t.model, t.criterion, t.optimizer, t.train_loader, t.device, epoch, config, steps=steps,
+                start_step=t.sampler.start_step, scaler=t.scaler, meters=meters, info=t.info, no_sync=t.no_sync,
+                control=control, on_step=on_step, progress=t.progress)
+        finally:
+            t.progress.stop()
+        train_s = time.perf_counter() - t0
+        if done < steps:
+            hooks.save(epoch, done, meters)
+            return epoch, done
+        images_per_s = t.progress.images_per_s()
+        train_m = Meters.summary(all_reduce_sum(meters.totals(), t.info))
+        val_m = evaluate(t.model, t.criterion, t.val_loader, t.device, config, t.info) if t.val_loader is not None else None
+        t.scheduler.step()
+        end = EpochEnd(epoch, lrs, train_m, val_m, images_per_s, t0, train_s)
+        # The epoch's record goes into its checkpoint; what points at the checkpoint (best.pt, the
+        # metrics files) follows it, so a crash in between never leaves them ahead of last.pt.
+        hooks.finished(end)
+        hooks.save(epoch + 1, 0, Meters())
+        hooks.saved(end)
+        if stop:
+            return epoch + 1, 0
+    return None
