@@ -17,7 +17,7 @@ from .errors import BadInputError
 
 __all__ = [
     "POOLS", "DEFAULT_POOL", "PLACEMENTS", "DEFAULT_PLACEMENT", "ACTIVATIONS", "DEFAULT_ACTIVATION",
-    "COMPARISON_MODULES", "RECIPES", "STUDY_FAMILIES", "DATA_SPEC_KINDS", "DATA_SPEC_FORMS", "DATA_SPEC_HELP",
+    "COMPARISON_MODULES", "RECIPES", "STUDY_FAMILIES", "STUDY_VARIANTS", "DATA_SPEC_KINDS", "DATA_SPEC_FORMS", "DATA_SPEC_HELP",
     "AMP_DTYPES", "DTYPES", "unknown",
 ]
 
@@ -46,6 +46,10 @@ RECIPES = ("paper-vgg", "paper-resnet", "finetune")
 
 #: ``gfgp study --family`` values ("all" runs both families).
 STUDY_FAMILIES = ("vgg", "resnet", "all")
+
+#: ``gfgp study --variants`` names: a pool at every site, or (VGG only, the last three) a
+#: comparison block before each max-pool.
+STUDY_VARIANTS = ("skip", "max", "avg", "maxent", "gfgp", "gfgp-softplus", "nin", "resnin", "se")
 
 #: The named kinds of ``--data SPEC`` (an ImageFolder directory is the one unnamed kind), and
 #: how each is written.

@@ -20,6 +20,7 @@ def _registries():
     from gfgp_cli.nn import COMPARISON_MODULES
     from gfgp_cli.nn.pooling import _ACTIVATIONS
     from gfgp_cli.study.models import FAMILIES
+    from gfgp_cli.study.variants import VARIANTS
     from gfgp_cli.train.config import RECIPES
 
     return {
@@ -29,14 +30,22 @@ def _registries():
         "COMPARISON_MODULES": (choices.COMPARISON_MODULES, COMPARISON_MODULES),
         "RECIPES": (choices.RECIPES, RECIPES),
         "STUDY_FAMILIES": (tuple(f for f in choices.STUDY_FAMILIES if f != "all"), FAMILIES),
+        "STUDY_VARIANTS": (choices.STUDY_VARIANTS, VARIANTS),
     }
 
 
-@pytest.mark.parametrize("table", ["POOLS", "PLACEMENTS", "ACTIVATIONS", "COMPARISON_MODULES", "RECIPES", "STUDY_FAMILIES"])
+@pytest.mark.parametrize("table", ["POOLS", "PLACEMENTS", "ACTIVATIONS", "COMPARISON_MODULES", "RECIPES", "STUDY_FAMILIES",
+                                   "STUDY_VARIANTS"])
 def test_each_registry_holds_exactly_the_listed_names(table):
     names, registry = _registries()[table]
     assert sorted(names) == sorted(registry), f"{table}: choices lists {names}, the registry has {sorted(registry)}"
     assert len(set(names)) == len(names)
+
+
+def test_study_variants_listed_last_are_the_vgg_only_blocks():
+    from gfgp_cli.study.variants import VARIANTS
+
+    assert [n for n in choices.STUDY_VARIANTS if VARIANTS[n].families == ("vgg",)] == list(choices.STUDY_VARIANTS[-3:])
 
 
 def test_defaults_are_listed():

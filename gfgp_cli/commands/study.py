@@ -13,8 +13,8 @@ __all__ = ["COMMANDS", "study"]
 @click.option("--family", type=click.Choice(choices.STUDY_FAMILIES), default="all", show_default=True,
               help="Network family: a small VGG-style or ResNet-style network, or both.")
 @click.option("--variants", default=None,
-              help="Comma-separated variants: skip, max, avg, maxent, gfgp, gfgp-softplus, and for vgg nin, resnin, se "
-                   "[default: all that apply].")
+              help=f"Comma-separated variants: {', '.join(choices.STUDY_VARIANTS[:-3])}, and for vgg "
+                   f"{', '.join(choices.STUDY_VARIANTS[-3:])} [default: all that apply].")
 @click.option("--seeds", type=int, default=None, help="Seeds per variant (0..N-1) [default: 3; --quick 2].")
 @click.option("--epochs", type=int, default=None, help="Training epochs per run [default: 3; --quick 2].")
 @click.option("--train-images", type=int, default=None, help="Cluttered-digits training images [default: 6000; --quick 2000].")

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..choices import STUDY_FAMILIES
 from ..errors import BadInputError
 from .variants import VARIANTS, Variant, resolve_variants
 
-__all__ = ["StudySettings", "StudyResult", "run_study", "build_variant", "resolve_settings", "FULL", "QUICK", "RECIPE", "FAMILY_CHOICES"]
+__all__ = ["StudySettings", "StudyResult", "run_study", "build_variant", "resolve_settings", "FULL", "QUICK", "RECIPE"]
 
-FAMILY_CHOICES = ("vgg", "resnet", "all")
 
 # The study recipe: the paper's VGG recipe (docs/method.md section 5: SGD, momentum 0.9, weight decay
 # 5e-4, learning rate decreasing linearly in log scale) at batch 32 (the lr scales linearly to
@@ -110,10 +110,10 @@ def resolve_settings(family: str = "all", variants: Optional[Union[str, Sequence
                      threads: int = 1, device: str = "cpu") -> Tuple[StudySettings, List]:
     """Check every option (one-line BadInputError) and fill in the full or --quick defaults;
     returns the settings and the ``(family, Variant)`` pairs to run."""
-    if family not in FAMILY_CHOICES:
+    if family not in STUDY_FAMILIES:
         from ..choices import unknown as _unknown
 
-        raise _unknown("family", str(family), list(FAMILY_CHOICES))
+        raise _unknown("family", str(family), STUDY_FAMILIES)
     families = ("vgg", "resnet") if family == "all" else (family,)
     if isinstance(variants, str):
         variants = [v.strip() for v in variants.split(",") if v.strip()]
