@@ -48,6 +48,11 @@ def test_study_variants_listed_last_are_the_vgg_only_blocks():
     assert [n for n in choices.STUDY_VARIANTS if VARIANTS[n].families == ("vgg",)] == list(choices.STUDY_VARIANTS[-3:])
 
 
+def test_the_generic_pass_lists_the_placements_in_the_same_order():
+    # graph_passes cannot import gfgp_cli, so it keeps its own tuple; it must be this one.
+    assert graph_passes.PLACEMENTS == choices.PLACEMENTS
+
+
 def test_defaults_are_listed():
     assert choices.DEFAULT_POOL in choices.POOLS
     assert choices.DEFAULT_PLACEMENT in choices.PLACEMENTS
