@@ -49,6 +49,11 @@ SPEC_VERSION = 2
 #: ``ConversionSpec.pool`` for a pool given as a callable (it cannot be replayed by name).
 CUSTOM_POOL = "custom"
 
+# Keyword options of the conversion itself: a torchvision source's constructor arguments are
+# passed next to them when the spec is replayed, so they may not use these names.
+_CONVERSION_OPTIONS = frozenset({"pool", "placement", "weights", "activation", "include_patch_embed", "image_size",
+                                 "in_channels", "comparison", "seed", "measure"})
+
 # The attribute of a converted model that holds its spec (GraphModule.meta is torch.fx's place
 # for such annotations; it survives deepcopy and re-compiles).
 _META_KEY = "gfgp_spec"
@@ -79,10 +84,15 @@ class TorchvisionSource:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], version: int) -> "TorchvisionSource":
-        kwargs = data.get("kwargs", {})
-        if not isinstance(data.get("name"), str) or not isinstance(kwargs, Mapping):
+        name, kwargs = data.get("name"), data.get("kwargs", {})
+        if not isinstance(name, str) or not name:
             raise _spec_error("damaged (its torchvision source has no model name)")
-        return cls(data["name"], dict(kwargs))
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+            raise _spec_error(f"damaged (the constructor arguments of {name} are not a dict of names)")
+        taken = sorted(set(kwargs) & _CONVERSION_OPTIONS)
+        if taken:
+            raise _spec_error(f"damaged (constructor arguments {taken} of {name} are conversion options)")
+        return cls(name, dict(kwargs))
 
 
 @dataclass(frozen=True)
@@ -222,8 +232,8 @@ class ConversionSpec:
                 activation=str(data.get("activation", "sigmoid")),
                 include_patch_embed=bool(data.get("include_patch_embed", False)),
                 comparison=data.get("comparison"),
-                image_size=int(data["image_size"]),
-                in_channels=int(data.get("in_channels", 3)),
+                image_size=_positive_int(data, "image_size"),
+                in_channels=_positive_int(data, "in_channels", 3),
                 weights=data.get("weights"),
                 new_parameters=None if new_parameters is None else tuple(new_parameters),
                 sites=tuple(Site(**s) for s in data["sites"]),
@@ -240,6 +250,14 @@ class ConversionSpec:
 # ---------------------------------------------------------------------------------------------
 # The spec on a converted model
 # ---------------------------------------------------------------------------------------------
+
+
+def _positive_int(data: Mapping[str, Any], key: str, default: Optional[int] = None) -> int:
+    """``data[key]`` as a positive int; a string, a bool or a float is damage, not a value."""
+    value = data[key] if default is None else data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _spec_error(f"damaged ({key} must be a positive integer, got {value!r:.40})")
+    return value
 
 
 def spec_of(model: nn.Module) -> ConversionSpec:

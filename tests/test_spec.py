@@ -59,6 +59,11 @@ def test_version_1_plain_form_is_upgraded():
     (lambda d: d.update(image_size="big"), "damaged"),
     (lambda d: d.update(version=0), "damaged (version 0)"),
     (lambda d: d["sites"].append({"node": "x"}), "damaged (TypeError"),
+    (lambda d: d.update(image_size="32"), "image_size must be a positive integer, got '32'"),
+    (lambda d: d.update(in_channels=True), "in_channels must be a positive integer, got True"),
+    (lambda d: d["source"].update(kwargs=[1, 2]), "constructor arguments of resnet18 are not a dict of names"),
+    (lambda d: d["source"].update(kwargs={"pool": "max"}), "constructor arguments ['pool'] of resnet18 are conversion options"),
+    (lambda d: d["source"].update(name=""), "has no model name"),
 ])
 def test_damaged_plain_form_gives_one_line_bad_input(damage, message):
     plain = spec_of(gfgp_cli.convert("resnet18", image_size=32)).to_dict()
@@ -104,3 +109,14 @@ def test_spec_survives_deepcopy_and_is_found_through_compile_wrappers():
     wrapper = nn.Module()
     wrapper._orig_mod = model  # what torch.compile's OptimizedModule holds
     assert spec_of(wrapper) == spec_of(model)
+
+
+def test_reserved_constructor_names_are_exactly_the_conversion_options():
+    import inspect
+
+    from gfgp_cli.conversion import convert_with_report
+    from gfgp_cli.spec import _CONVERSION_OPTIONS
+
+    params = inspect.signature(convert_with_report).parameters
+    options = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD and n != "model"}
+    assert options == _CONVERSION_OPTIONS
