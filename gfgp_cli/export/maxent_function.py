@@ -158,9 +158,13 @@ def _space_to_depth_path(b: _Body) -> str:
     arithmetic and no padded tap; then the softmax(lam x)-weighted mean over the tap axis."""
     xs = b("SpaceToDepth", "X", blocksize=2)  # Tensor[N, 4 C, H / 2, W / 2]
     # The sizes come from xs itself, not from the outer body's out: shape inference visits this
-    # branch for every static input shape, also those (odd sizes) that take the other branch.
-    shape = b("Concat", b("Shape", xs, start=0, end=1), b.ints(4, -1), b("Shape", xs, start=2), axis=0)
-    xw = b("Reshape", xs, shape)  # [N, 4, C, H / 2, W / 2]
+    # branch for every static input shape, also those (odd sizes) that take the other branch. A
+    # 1-pixel map has H / 2 = 0 there: allowzero=1 makes that 0 a size, not "copy the input's
+    # dimension" (which position 4 of a rank-4 input does not have), so C is spelled out (ONNX
+    # forbids -1 next to a literal 0).
+    shape = b("Concat", b("Shape", xs, start=0, end=1), b.ints(4), b("Div", b("Shape", xs, start=1, end=2), b.ints(4)),
+              b("Shape", xs, start=2), axis=0)
+    xw = b("Reshape", xs, shape, allowzero=1)  # [N, 4, C, H / 2, W / 2]
     axis1 = b.ints(1)
     # LAM is [., ., 1, 1] on this branch; the ReduceMax (an identity then) keeps shape inference
     # from failing on a per-window LAM of a static shape that takes the other branch.

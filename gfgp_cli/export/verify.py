@@ -56,14 +56,19 @@ def compare_with_pytorch(model: "nn.Module", path: Path, batches: Sequence[int],
     input of each batch size in ``batches``.
 
     Raises:
-        WorkFailedError: outputs of other shapes, or a difference above the tolerance (the file
-            is left in place for inspection).
+        WorkFailedError: onnxruntime cannot load the file, outputs of other shapes, or a
+            difference above the tolerance (in each case the file is left in place for
+            inspection, and the message says so).
     """
     import torch
 
     from .runtime import make_session, run_session
 
-    session = make_session(str(path))
+    try:
+        session = make_session(str(path))
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/...; all mean "cannot load"
+        detail = " ".join(str(e).split())[:300]
+        raise WorkFailedError(f"onnxruntime cannot load the exported model ({detail}); the file was kept at {path}") from e
     provider = session.get_providers()[0]
     diffs: Dict[int, float] = {}
     scale = 0.0

@@ -148,3 +148,15 @@ def test_bench_export_is_a_bench_subcommand():
 
     result = CliRunner().invoke(cli, ["bench", "export", "--help"])
     assert result.exit_code == 0 and "onnxruntime" in result.output
+
+
+def test_static_export_of_a_model_whose_maps_reach_one_pixel(tmp_path):
+    """The format-1 fixture is a mobilenet_v3_small converted at 16 px: its last pools see 1x1
+    maps, which a static export once turned into a file onnxruntime refused to load."""
+    from pathlib import Path
+
+    checkpoint = Path(__file__).parents[2] / "fixtures" / "checkpoint_v1" / "last.pt"
+    result = invoke("export", checkpoint, "--onnx", tmp_path / "s.onnx", "--static", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] is True and report["input_shape"] == [1, 3, 16, 16]

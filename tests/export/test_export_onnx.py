@@ -229,3 +229,23 @@ def test_weights_over_the_single_file_limit_go_to_a_data_file(tiny_model, tmp_pa
         assert report.file_bytes == path.stat().st_size + (tmp_path / f"big-{inline}.onnx.data").stat().st_size
         assert report.custom_nodes == (0 if inline else 3)
         onnx.checker.check_model(str(path), full_check=True)
+
+
+def test_a_file_onnxruntime_cannot_load_fails_the_export_in_one_line(tmp_path, monkeypatch):
+    """Verification that cannot even open the file is failed work (exit 1) naming the kept file,
+    not an onnxruntime traceback."""
+    from gfgp_cli.errors import WorkFailedError
+    from gfgp_cli.export import runtime
+    from gfgp_cli.export.verify import compare_with_pytorch
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Node () Op (Reshape)\n[ShapeInferenceError] Invalid position of 0.")
+
+    monkeypatch.setattr(runtime, "make_session", refuse)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"")
+    with pytest.raises(WorkFailedError) as info:
+        compare_with_pytorch(nn.Identity(), path, (1,), 3, 8, 0, torch.device("cpu"))
+    message = str(info.value)
+    assert "onnxruntime cannot load the exported model" in message and str(path) in message
+    assert "Invalid position of 0" in message and "\n" not in message

@@ -25,14 +25,17 @@ from gfgp_cli.ops import pool_output_size
 _DTYPES = {torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUBLE}
 
 
-def one_node_model(kernel, stride, padding, ceil_mode, opset=20, dtype=torch.float32) -> onnx.ModelProto:
+def one_node_model(kernel, stride, padding, ceil_mode, opset=20, dtype=torch.float32, x_shape=None,
+                   lam_shape=None) -> onnx.ModelProto:
+    """One gfgp::MaxEntPool2d node; dynamic shapes unless ``x_shape``/``lam_shape`` fix them (as
+    ``gfgp export --static`` does)."""
     t = _DTYPES[dtype]
     node = make_maxent_node("x", "lam", "y", kernel, stride, padding, ceil_mode)
     graph = helper.make_graph(
         [node],
         "maxent",
-        [helper.make_tensor_value_info("x", t, ["n", "c", "h", "w"]),
-         helper.make_tensor_value_info("lam", t, ["a", "b", "p", "q"])],
+        [helper.make_tensor_value_info("x", t, list(x_shape or ["n", "c", "h", "w"])),
+         helper.make_tensor_value_info("lam", t, list(lam_shape or ["a", "b", "p", "q"]))],
         [helper.make_tensor_value_info("y", t, ["n", "c", "oh", "ow"])],
     )
     model = helper.make_model(
@@ -148,6 +151,21 @@ def test_2x2_stride_2_space_to_depth_branch_and_its_neighbours(hw, lam_kind, cei
     out_hw = tuple(pool_output_size(s, 2, 2, 0, ceil_mode) for s in hw)
     lam = make_lam(lam_kind, 2, 3, out_hw, 100.0, g, dtype)
     check_against_torch(x, lam, (2, 2), (2, 2), (0, 0), ceil_mode)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 3), (3, 1)])
+def test_static_maps_of_one_pixel_load_and_match_torch(hw):
+    """With static shapes, shape inference also visits the SpaceToDepth branch for maps it does
+    not take; a 1-pixel side makes that branch's H / 2 = 0, which its Reshape once read as "copy
+    the input's dimension 4" and onnxruntime refused the whole model (gfgp export --static of a
+    model converted at 16 px)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2, *hw, generator=g)
+    lam = torch.rand(1, 2, 1, 1, generator=g) * 4
+    model = one_node_model((2, 2), (2, 2), (0, 0), True, x_shape=x.shape, lam_shape=lam.shape)
+    session = make_session(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = run_session(session, [x.numpy(), lam.numpy()])[0]
+    torch.testing.assert_close(torch.from_numpy(got), maxent_pool2d(x, lam, 2, 2, 0, True), rtol=1e-5, atol=1e-6)
 
 
 def test_attribute_defaults_no_padding_floor_mode():
