@@ -16,10 +16,13 @@ from typing import Iterable, Sequence
 from .errors import BadInputError
 
 __all__ = [
-    "POOLS", "DEFAULT_POOL", "PLACEMENTS", "DEFAULT_PLACEMENT", "ACTIVATIONS", "DEFAULT_ACTIVATION",
+    "TASKS", "POOLS", "DEFAULT_POOL", "PLACEMENTS", "DEFAULT_PLACEMENT", "ACTIVATIONS", "DEFAULT_ACTIVATION",
     "COMPARISON_MODULES", "RECIPES", "STUDY_FAMILIES", "STUDY_VARIANTS", "DATA_SPEC_KINDS", "DATA_SPEC_FORMS", "DATA_SPEC_HELP",
     "AMP_DTYPES", "DTYPES", "unknown",
 ]
+
+#: torchvision's task families (``gfgp_cli.zoo`` maps each to its builders' module).
+TASKS = ("classification", "segmentation", "detection", "optical_flow", "quantization", "video")
 
 #: Pools a downsampling site can become (``convert(pool=...)``, ``gfgp convert --pool``).
 #: gfgp: GFGP pooling (lam from global features); maxent: max-entropy pooling with a learned

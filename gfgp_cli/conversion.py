@@ -2,8 +2,10 @@
 
 ``convert`` reads top to bottom as the pipeline of docs/architecture.md::
 
-    model  = build the torchvision model (or deep-copy the user's module), load --weights
-    gm     = graph_passes.trace(model)
+    model  = build the torchvision model (any task, gfgp_cli.zoo) or deep-copy the user's module;
+             load --weights
+    gm     = graph_passes.trace(model)   # or, if torch.fx cannot trace it whole, each largest
+                                         # traceable part of it (graph_passes.convert_parts)
     sites  = graph_passes.find_sites(gm, example)                 # strided convs, max/avg pools
     gm     = graph_passes.decompose(gm, sites)                   # conv(stride s) -> conv(1); skip(s)
     gm, placed   = graph_passes.move_pools(gm, placement)        # local | exact | paper
@@ -28,8 +30,9 @@ from torch import nn
 
 import graph_passes
 
-from . import choices
+from . import choices, zoo
 from .errors import BadInputError
+from .layout import cast_example, layout_check
 from .nn import COMPARISON_MODULES, GFGPPool2d, MaxEntPool2d
 from .spec import CUSTOM_POOL, ConversionSpec, ModuleSource, Source, TorchvisionSource, attach_spec
 
@@ -44,10 +47,6 @@ for _layer in (GFGPPool2d, MaxEntPool2d, *COMPARISON_MODULES.values()):
 
 # Mapping from pool name to a function (activation) -> factory(site) -> module or None (keep).
 POOLS: Dict[str, Callable[..., PoolFactory]] = {}
-
-# Input sizes of torchvision models that do not take 224 x 224.
-_IMAGE_SIZE = {"inception_v3": 299}
-
 
 def register_pool(name: str):
     """Register a pool kind for ``convert(pool=name)``; refuses duplicates."""
@@ -92,15 +91,14 @@ def _skip(activation: str = "sigmoid") -> PoolFactory:
 EXACT_TOLERANCE = 1e-4
 
 
-def list_model_names() -> List[str]:
-    """torchvision's classification models (no second list: torchvision's own registry)."""
-    import torchvision
-
-    return torchvision.models.list_models(module=torchvision.models)
+def list_model_names(task: Optional[str] = None) -> List[str]:
+    """torchvision's model names, of one task or all (torchvision's own registries)."""
+    return zoo.list_model_names(task)
 
 
 def default_image_size(name: Optional[str]) -> int:
-    return _IMAGE_SIZE.get(name or "", 224)
+    """H = W of the example input for a torchvision model name (224 for others)."""
+    return zoo.default_image_size(name, zoo.task_of(name) if name else "classification")
 
 
 @dataclass
@@ -108,6 +106,7 @@ class ConversionReport:
     """What a conversion did, for tables and ``--json``."""
 
     model: str
+    task: str
     pool: str
     placement: str
     image_size: int
@@ -121,23 +120,15 @@ class ConversionReport:
     new_tensors: List[str] = field(default_factory=list)
     macs_before: Optional[int] = None
     macs_after: Optional[int] = None
-    exact_max_abs_diff: Optional[float] = None
-    exact: Optional[bool] = None  # max abs diff <= EXACT_TOLERANCE x the output's scale
+    exact_max_error: Optional[float] = None  # layout check: max |diff| / output scale, over outputs and examples
+    exact: Optional[bool] = None  # exact_max_error <= EXACT_TOLERANCE
+    exact_examples: List[str] = field(default_factory=list)  # the example inputs the check ran on
+    exact_dtype: Optional[str] = None
+    parts: List[str] = field(default_factory=lambda: [""])  # converted submodules ("": the whole model)
+    untraced: List[Dict[str, Any]] = field(default_factory=list)  # modules left as Python, and why
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-def _build_torchvision(name: str, kwargs: Dict[str, Any]) -> nn.Module:
-    import torchvision
-
-    names = list_model_names()
-    if name not in names:
-        raise choices.unknown("model", name, names)
-    try:
-        return torchvision.models.get_model(name, weights=None, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise BadInputError(f"cannot build {name} with {kwargs}: {' '.join(str(e).split())}") from e
 
 
 def _load_weights(model: nn.Module, name: Optional[str], weights: str) -> List[str]:
@@ -198,22 +189,29 @@ def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _macs(model: nn.Module, example: torch.Tensor) -> int:
+def _macs(model: nn.Module, example: Any) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(example)
+        model(*graph_passes.example_args(example))
     return counter.get_total_flops() // 2
 
 
-def _resolve(model: Union[str, nn.Module], model_kwargs: Dict[str, Any]) -> Tuple[nn.Module, Optional[str], Source]:
-    """``(a fresh model to convert, its torchvision name or None, its source)``."""
+def _resolve(model: Union[str, nn.Module], model_kwargs: Dict[str, Any], weights_backbone: Optional[str],
+             task: Optional[str]) -> Tuple[nn.Module, Optional[str], Source, str]:
+    """``(a fresh model to convert, its torchvision name or None, its source, its task)``."""
+    if task is not None and task not in choices.TASKS:
+        raise choices.unknown("task", task, choices.TASKS)
     if isinstance(model, str):
-        return _build_torchvision(model, model_kwargs), model, TorchvisionSource(model, dict(model_kwargs))
+        name_task = zoo.task_of(model)
+        if task is not None and task != name_task:
+            raise BadInputError(f"{model} is a {name_task} model, not {task}")
+        built = zoo.build(model, model_kwargs, weights_backbone)
+        return built, model, TorchvisionSource(model, dict(model_kwargs), weights_backbone), name_task
     if isinstance(model, nn.Module):
-        if model_kwargs:
+        if model_kwargs or weights_backbone:
             raise BadInputError(f"constructor arguments {sorted(model_kwargs)} only apply to torchvision model names")
-        return copy.deepcopy(model), None, ModuleSource.of(model)
+        return copy.deepcopy(model), None, ModuleSource.of(model), task or "classification"
     raise BadInputError(f"model must be a torchvision model name or an nn.Module, got {type(model).__name__}")
 
 
@@ -223,6 +221,8 @@ def convert_with_report(
     placement: str = choices.DEFAULT_PLACEMENT,
     *,
     weights: Optional[str] = None,
+    weights_backbone: Optional[str] = None,
+    task: Optional[str] = None,
     activation: str = choices.DEFAULT_ACTIVATION,
     include_patch_embed: bool = False,
     image_size: Optional[int] = None,
@@ -234,9 +234,12 @@ def convert_with_report(
 ) -> Tuple[torch.fx.GraphModule, "ConversionReport"]:
     """:func:`convert`, also returning a :class:`ConversionReport`.
 
-    ``measure=True`` adds MACs before/after (torch.utils.flop_counter) and the exactness check:
-    the same decomposition and placement with plain skip pools is compared with the original
-    model in eval mode (``exact_max_abs_diff``; 0 up to float rounding for ``exact``/``local``).
+    ``measure=True`` adds MACs before/after (torch.utils.flop_counter) and the exactness check
+    (:mod:`gfgp_cli.layout`): the same decomposition and placement with plain skip pools is
+    compared with the original model in eval mode on two example sizes
+    (``exact_max_error``, in units of each output's scale; 0 up to float rounding for
+    ``exact``/``local``). Detection models are checked in float64 with their score thresholds
+    at 0, so that there are boxes to compare and float32 rounding cannot reorder them.
     """
     if placement not in choices.PLACEMENTS:
         raise choices.unknown("placement", placement, choices.PLACEMENTS)
@@ -256,17 +259,19 @@ def convert_with_report(
         raise BadInputError(f"pool must be one of {sorted(POOLS)} or a callable, got {pool!r}")
 
     with _seeded(seed):  # new layers (and a model built from a name) get reproducible weights
-        original, name, source = _resolve(model, dict(model_kwargs))
+        original, name, source, task = _resolve(model, dict(model_kwargs), weights_backbone, task)
         not_loaded = _load_weights(original, name, weights) if weights is not None else []
         original.eval()
-        size = image_size or default_image_size(name)
-        example = torch.randn(2, in_channels, size, size, generator=torch.Generator().manual_seed(0))
+        size = image_size or zoo.default_image_size(name, task)
+        example = zoo.example_input(task, in_channels, size)
 
         start = time.perf_counter()
         gm, record = graph_passes.pipeline(
             original, example, placement=placement, factory=None if comparison else factory,
-            include_patch_embed=include_patch_embed,
+            include_patch_embed=include_patch_embed, partial=True,
         )
+        if not record.parts:
+            raise BadInputError(_nothing_converted(source.describe(), record.untraced))
         if comparison:  # docs/method.md section 4: a block in front of each max/avg pool, then the pools
             block = COMPARISON_MODULES[comparison]
             gm, _ = graph_passes.insert_before_pools(gm, lambda site: block(site.channels), comparison, example_input=example)
@@ -286,6 +291,8 @@ def convert_with_report(
         include_patch_embed=include_patch_embed,
         image_size=size,
         in_channels=in_channels,
+        task=task,
+        parts=tuple(record.parts),
         comparison=comparison,
         # Where the weights came from, and which parameters did not come from them (finetune
         # recipes train these at the full learning rate); None when trained from scratch.
@@ -295,6 +302,7 @@ def convert_with_report(
     ))
     report = ConversionReport(
         model=source.describe(),
+        task=task,
         pool=pool_name,
         placement=placement,
         image_size=size,
@@ -306,20 +314,41 @@ def convert_with_report(
         weights=weights,
         reused_tensors=len(after) - len(new_tensors) if weights else 0,
         new_tensors=new_tensors if weights else [],
+        parts=list(record.parts),
+        untraced=[asdict(u) for u in record.untraced],
     )
     if measure:
-        gm.eval()
-        report.macs_before = _macs(original, example[:1])
-        report.macs_after = _macs(gm, example[:1])
-        skip_gm, _ = graph_passes.pipeline(
-            original, example, placement=placement, factory=POOLS["skip"](), include_patch_embed=include_patch_embed
-        )
-        with torch.no_grad():
-            ref = original(example)
-            report.exact_max_abs_diff = float((skip_gm.eval()(example) - ref).abs().max())
-        report.exact = report.exact_max_abs_diff <= EXACT_TOLERANCE * float(ref.abs().max())
+        _measure(report, original, gm, task, in_channels, size, placement, include_patch_embed)
     gm.train()
     return gm, report
+
+
+def _measure(report: ConversionReport, original: nn.Module, gm: nn.Module, task: str, in_channels: int, size: int,
+             placement: str, include_patch_embed: bool) -> None:
+    """MACs before/after on one example image, and the layout check (see convert_with_report)."""
+    gm.eval()
+    one = zoo.example_input(task, in_channels, size, batch=1)
+    report.macs_before = _macs(original, one)
+    report.macs_after = _macs(gm, one)
+    dtype = torch.float64 if task == "detection" else torch.float32
+    reference = zoo.layout_check_model(copy.deepcopy(original) if dtype != torch.float32 else original, task).to(dtype)
+    examples = [zoo.example_input(task, in_channels, size), zoo.example_input(task, in_channels, size, second=True)]
+    examples = [cast_example(e, dtype) for e in examples]
+    skip_model, _ = graph_passes.pipeline(
+        reference, examples[0], placement=placement, factory=POOLS["skip"](), include_patch_embed=include_patch_embed,
+        partial=True,
+    )
+    check = layout_check(reference, skip_model, examples, report.parts)
+    report.exact_max_error = check.max_error
+    report.exact_examples = check.examples
+    report.exact_dtype = str(dtype).removeprefix("torch.")
+    report.exact = check.max_error <= EXACT_TOLERANCE
+
+
+def _nothing_converted(model: str, untraced: List[graph_passes.Untraced]) -> str:
+    where = "; ".join(f"{u.qualname or '<root>'} ({u.type}): {u.reason}" for u in untraced[-2:])
+    return (f"nothing to convert in {model}: torch.fx cannot trace it whole and no part of it that traces has a "
+            f"downsampling site ({where}); make that forward traceable (no Python control flow on tensor values)")
 
 
 def convert(model: Union[str, nn.Module], pool: Union[str, PoolFactory] = choices.DEFAULT_POOL,

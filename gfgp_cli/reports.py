@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 from .console import out as stdout
 from .console import print_json, print_table
 
-__all__ = ["render_conversion", "human"]
+__all__ = ["render_conversion", "render_model_list", "human"]
 
 
 def human(n: Optional[float], unit: str = "") -> str:
@@ -30,6 +30,11 @@ def _geometry(site: Dict[str, Any]) -> str:
     return text
 
 
+def _first_sentence(text: str) -> str:
+    head, sep, _ = text.partition(". ")
+    return head + "." if sep else text
+
+
 def render_conversion(report, out: Optional[str] = None, as_json: bool = False) -> None:
     """The sites table, the placed pools, and parameters / MACs / exactness before -> after."""
     data = report.to_dict()
@@ -47,6 +52,14 @@ def render_conversion(report, out: Optional[str] = None, as_json: bool = False) 
         ],
         justify_right=["channels"],
     )
+    if report.parts != [""]:
+        print_table(
+            f"{report.model}: torch.fx could not trace it whole; converted part by part",
+            ["module", "status"],
+            [(p, f"converted ({sum(s['qualname'].startswith(p + '.') for s in report.sites)} sites)") for p in report.parts]
+            + [(u["qualname"] or "<root>", f"left as Python ({u['type']}): {_first_sentence(u['reason'])}")
+               for u in report.untraced],
+        )
     if report.placed:
         print_table(
             f"skip pools after the {report.placement} placement",
@@ -59,7 +72,7 @@ def render_conversion(report, out: Optional[str] = None, as_json: bool = False) 
         rows.append((f"MACs @{report.image_size}", human(report.macs_before), human(report.macs_after),
                      f"{report.macs_after / report.macs_before:.3f}x"))
     print_table("cost", ["", "before", "after", "ratio"], rows, justify_right=["before", "after", "ratio"])
-    if report.exact_max_abs_diff is not None:
+    if report.exact_max_error is not None:
         if report.exact:
             verdict = "exact (float rounding only)"
         elif report.placement == "paper":
@@ -67,8 +80,23 @@ def render_conversion(report, out: Optional[str] = None, as_json: bool = False) 
                        "(use --placement exact for an exact layout)")
         else:
             verdict = "NOT exact: please report this model"
-        stdout.print(f"layout check ({report.placement}, skip pools vs original, eval): max abs diff "
-                     f"{report.exact_max_abs_diff:.3g}, {verdict}")
+        on = "; ".join(report.exact_examples)
+        stdout.print(f"layout check ({report.placement}, skip pools vs original, eval, {report.exact_dtype}, inputs {on}): "
+                     f"max diff {report.exact_max_error:.3g} of the output scale, {verdict}")
     if report.weights:
         stdout.print(f"weights {report.weights}: {report.reused_tensors} tensors reused, {len(report.new_tensors)} new")
     stdout.print(f"converted in {report.seconds:.2f} s (trace + passes)" + (f"; wrote {out}" if out else "; nothing written (--dry-run)"))
+
+
+def render_model_list(as_json: bool = False) -> None:
+    """Every torchvision model name, by task (``gfgp convert --list``)."""
+    from . import zoo
+
+    by_task = {task: zoo.list_model_names(task) for task in zoo.TASKS}
+    if as_json:
+        print_json(by_task)
+        return
+    notes = {"video": "3-D downsampling, not converted yet", "quantization": "float models, quantize=False"}
+    for task, names in by_task.items():
+        note = f", {notes[task]}" if task in notes else ""
+        stdout.print(f"[bold]{task}[/bold] ({len(names)} models{note}): {', '.join(names)}")

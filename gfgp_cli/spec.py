@@ -11,8 +11,10 @@ replays it to rebuild the model.
 Plain form (what a checkpoint's ``"spec"`` entry holds; primitives, tuples and lists only, so it
 loads with ``torch.load(weights_only=True)``)::
 
-    {"version": 2,
-     "source": {"kind": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10}},
+    {"version": 3,
+     "source": {"kind": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10},
+                "weights_backbone": None},
+     "task": "classification", "parts": [""],
      "torchvision_version": "0.29.1", "pool": "gfgp", "placement": "paper",
      "activation": "sigmoid", "include_patch_embed": False, "comparison": None,
      "image_size": 224, "in_channels": 3, "weights": None, "new_parameters": None,
@@ -23,6 +25,9 @@ Versions (bump :data:`SPEC_VERSION` and teach :meth:`ConversionSpec.from_dict` t
        source recorded its class under "class"; a pool given as a callable was not recorded.
     2: typed spec: "version", "in_channels", module source under "qualname", pool "custom"
        for a callable pool (its name under "pool_name").
+    3: every torchvision task: "task" (classification before), "parts" (the converted
+       submodules of a model torch.fx cannot trace whole; [""] before: the whole model), and
+       a torchvision source's "weights_backbone" (None before).
 """
 
 from __future__ import annotations
@@ -44,15 +49,15 @@ __all__ = [
 ]
 
 #: Version of the spec's plain form written by this code (see the module docstring).
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 
 #: ``ConversionSpec.pool`` for a pool given as a callable (it cannot be replayed by name).
 CUSTOM_POOL = "custom"
 
 # Keyword options of the conversion itself: a torchvision source's constructor arguments are
 # passed next to them when the spec is replayed, so they may not use these names.
-_CONVERSION_OPTIONS = frozenset({"pool", "placement", "weights", "activation", "include_patch_embed", "image_size",
-                                 "in_channels", "comparison", "seed", "measure"})
+_CONVERSION_OPTIONS = frozenset({"pool", "placement", "weights", "weights_backbone", "activation", "include_patch_embed",
+                                 "image_size", "in_channels", "comparison", "seed", "measure", "task"})
 
 # The attribute of a converted model that holds its spec (GraphModule.meta is torch.fx's place
 # for such annotations; it survives deepcopy and re-compiles).
@@ -70,17 +75,22 @@ def _spec_error(problem: str) -> BadInputError:
 
 @dataclass(frozen=True)
 class TorchvisionSource:
-    """A torchvision model built by name: ``torchvision.models.get_model(name, **kwargs)``."""
+    """A torchvision model built by name: ``torchvision.models.get_model(name, **kwargs)``.
+
+    ``weights_backbone`` records the backbone weights a detection or segmentation model was
+    built with (None: random); a replay builds without them (the checkpoint holds the weights).
+    """
 
     kind: ClassVar[str] = "torchvision"
     name: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    weights_backbone: Optional[str] = None
 
     def describe(self) -> str:
         return self.name
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "kwargs": dict(self.kwargs)}
+        return {"kind": self.kind, "name": self.name, "kwargs": dict(self.kwargs), "weights_backbone": self.weights_backbone}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], version: int) -> "TorchvisionSource":
@@ -92,7 +102,10 @@ class TorchvisionSource:
         taken = sorted(set(kwargs) & _CONVERSION_OPTIONS)
         if taken:
             raise _spec_error(f"damaged (constructor arguments {taken} of {name} are conversion options)")
-        return cls(name, dict(kwargs))
+        weights_backbone = data.get("weights_backbone")
+        if weights_backbone is not None and not isinstance(weights_backbone, str):
+            raise _spec_error(f"damaged (weights_backbone of {name} is not a name)")
+        return cls(name, dict(kwargs), weights_backbone)
 
 
 @dataclass(frozen=True)
@@ -151,7 +164,12 @@ class ConversionSpec:
             or None when the model starts from random weights.
         new_parameters: names of the parameters that did not come from ``weights`` (the
             conversion's new layers, a re-built classifier); None without ``weights``.
-        sites: every downsampling site the passes found (``graph_passes.Site``), converted or not.
+        sites: every downsampling site the passes found (``graph_passes.Site``), converted or not;
+            in a model converted part by part, qualnames are the model's (``backbone.body.conv1``).
+        task: the torchvision task family (``gfgp_cli.choices.TASKS``): what the model takes
+            and returns; ``"classification"`` for a user's module (a ``Tensor[N, C, H, W]``).
+        parts: qualified names of the converted submodules when torch.fx could not trace the
+            whole model (``("backbone",)``); ``("",)`` when it could.
         torchvision_version: the torchvision that built the model (replaying it elsewhere must
             find the same sites).
     """
@@ -164,6 +182,8 @@ class ConversionSpec:
     sites: Tuple[Site, ...]
     torchvision_version: str
     in_channels: int = 3
+    task: str = "classification"
+    parts: Tuple[str, ...] = ("",)
     include_patch_embed: bool = False
     comparison: Optional[str] = None
     weights: Optional[str] = None
@@ -199,6 +219,8 @@ class ConversionSpec:
             "comparison": self.comparison,
             "image_size": self.image_size,
             "in_channels": self.in_channels,
+            "task": self.task,
+            "parts": list(self.parts),
             "weights": self.weights,
             "new_parameters": None if self.new_parameters is None else list(self.new_parameters),
             "sites": [s.as_dict() for s in self.sites],
@@ -234,6 +256,8 @@ class ConversionSpec:
                 comparison=data.get("comparison"),
                 image_size=_positive_int(data, "image_size"),
                 in_channels=_positive_int(data, "in_channels", 3),
+                task=_task(data),
+                parts=_parts(data),
                 weights=data.get("weights"),
                 new_parameters=None if new_parameters is None else tuple(new_parameters),
                 sites=tuple(Site(**s) for s in data["sites"]),
@@ -260,6 +284,22 @@ def _positive_int(data: Mapping[str, Any], key: str, default: Optional[int] = No
     return value
 
 
+def _task(data: Mapping[str, Any]) -> str:
+    from .choices import TASKS
+
+    task = data.get("task", "classification")
+    if task not in TASKS:
+        raise _spec_error(f"damaged (unknown task {task!r:.40})")
+    return str(task)
+
+
+def _parts(data: Mapping[str, Any]) -> Tuple[str, ...]:
+    parts = data.get("parts", [""])
+    if not isinstance(parts, (list, tuple)) or not parts or not all(isinstance(p, str) for p in parts):
+        raise _spec_error("damaged (parts must be a non-empty list of module names)")
+    return tuple(parts)
+
+
 def spec_of(model: nn.Module) -> ConversionSpec:
     """The spec :func:`gfgp_cli.convert` attached to ``model`` (unwraps DDP and torch.compile)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -277,12 +317,17 @@ def spec_of(model: nn.Module) -> ConversionSpec:
 
 
 def attach_spec(model: nn.Module, spec: ConversionSpec) -> nn.Module:
-    """Record ``spec`` on a converted model (a GraphModule); returns the model."""
+    """Record ``spec`` on a converted model; returns the model.
+
+    The spec goes in ``model.meta`` (a GraphModule's, or for a model converted part by part, a
+    plain ``meta`` dict gfgp adds to the copy of the model it returns).
+    """
     if not isinstance(spec, ConversionSpec):
         raise TypeError(f"attach_spec expects a ConversionSpec, got {type(spec).__name__}")
-    if not isinstance(model, GraphModule):
-        raise TypeError(
-            f"attach_spec records the spec on the torch.fx.GraphModule gfgp_cli.convert returns, got {type(model).__name__}"
-        )
-    model.meta[_META_KEY] = spec
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach_spec records the spec on the model gfgp_cli.convert returns, got {type(model).__name__}")
+    meta = model.meta if isinstance(model, GraphModule) else model.__dict__.setdefault("meta", {})
+    if not isinstance(meta, dict):
+        raise TypeError(f"{type(model).__name__} has a 'meta' attribute that is not a dict; gfgp cannot record its spec")
+    meta[_META_KEY] = spec
     return model

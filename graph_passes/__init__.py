@@ -9,14 +9,18 @@ to bottom::
     gm, placed = move_pools(gm, placement="exact")  # pools past BN/activations/1x1 convs/joins
     gm, replaced = replace_pools(gm, factory, find_sites(gm, example_input))  # pool -> factory(site)
 
-or ``gm, report = pipeline(model, example_input, "paper", factory)``. The package knows nothing
+or ``gm, report = pipeline(model, example_input, "paper", factory)``. A model torch.fx cannot
+trace whole (detection, optical flow) converts part by part: ``pipeline(..., partial=True)``
+runs the passes on each largest traceable submodule (:func:`convert_parts`) in a copy. The package knows nothing
 of any particular pooling layer: callers pass a factory and register their layer types as trace
 leaves with :func:`register_leaf_module`.
 """
 
+from ._util import ExampleInput, describe_example, example_args
 from .decompose import decompose, stride1_conv
 from .insert import Inserted, insert_before_pools
 from .move import PLACEMENTS, Moved, PlacedPool, move_pools
+from .partial import Converted, Part, Plan, Untraced, capture_inputs, convert_parts, find_parts
 from .pipeline import Report, pipeline
 from .replace import PoolFactory, Replaced, replace_pools
 from .sites import Site, find_sites, is_strided_conv, pool_kind
@@ -24,6 +28,9 @@ from .skip_pool import SkipPool2d
 from .trace import LeafTracer, TraceError, register_leaf_module, trace, untraced_state_keys
 
 __all__ = [
+    "ExampleInput",
+    "describe_example",
+    "example_args",
     "trace",
     "untraced_state_keys",
     "TraceError",
@@ -47,4 +54,11 @@ __all__ = [
     "Inserted",
     "pipeline",
     "Report",
+    "find_parts",
+    "capture_inputs",
+    "convert_parts",
+    "Converted",
+    "Part",
+    "Plan",
+    "Untraced",
 ]

@@ -6,13 +6,32 @@ import contextlib
 import io
 import itertools
 from collections.abc import Set
+from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 
 __all__: list[str] = []  # private module
+
+#: What feeds shape propagation: one tensor (``Tensor[N, C, H, W]`` for a CNN), or a tuple of
+#: the forward's positional arguments (tensors, or lists and dicts of them: a detection
+#: backbone's ``OrderedDict`` of feature maps, an optical-flow model's two images).
+ExampleInput = Any
+
+
+def example_args(example_input: ExampleInput) -> tuple[Any, ...]:
+    """``example_input`` as the tuple of positional arguments of a forward."""
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def describe_example(example_input: ExampleInput) -> str:
+    """The shapes of an example input, readable (``(2, 3, 224, 224)``; ``[(3, 320, 320), ...]``)."""
+    shapes = pytree.tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t, example_args(example_input))
+    text = ", ".join(str(a) for a in shapes)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def finish(gm: GraphModule) -> GraphModule:
@@ -128,20 +147,26 @@ class _ShapePropRunner(nn.Module):
         super().__init__()
         self.gm = gm
 
-    def forward(self, x: torch.Tensor) -> object:
-        return ShapeProp(self.gm).propagate(x)
+    def forward(self, *args: Any) -> object:
+        return ShapeProp(self.gm).propagate(*args)
 
 
-def propagate_shapes(gm: GraphModule, example_input: torch.Tensor) -> None:
+def _to_meta(value: Any) -> Any:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def propagate_shapes(gm: GraphModule, example_input: ExampleInput) -> None:
     """Fill ``node.meta['tensor_meta']`` for every node with torch.fx ShapeProp.
 
     ShapeProp runs first on the ``meta`` device: the input and every parameter and buffer are
     replaced by data-less meta tensors through ``torch.func.functional_call`` (shapes only, no
     arithmetic, no copies: ~0.03 s for ResNet-50 whatever the input size; fake tensors take ten
     times longer). Graphs with ops the meta device cannot run (data-dependent shapes) fall back
-    to a real run under ``torch.no_grad``. Both run in eval mode and restore every module's
+    to a real run under ``torch.no_grad``. ``example_input`` is a tensor or a tuple of positional
+    arguments (:data:`ExampleInput`). Both run in eval mode and restore every module's
     training flag, so BN running statistics are never updated and ``gm`` is left as it was.
     """
+    args = example_args(example_input)
     flags = {m: m.training for m in gm.modules()}
     gm.eval()
     runner = _ShapePropRunner(gm)
@@ -154,17 +179,17 @@ def propagate_shapes(gm: GraphModule, example_input: torch.Tensor) -> None:
             # ShapeProp prints a traceback before re-raising; this attempt is allowed to fail.
             with contextlib.redirect_stderr(io.StringIO()):
                 torch.func.functional_call(
-                    runner, meta_state, (example_input.to("meta"),), tie_weights=False, strict=False
+                    runner, meta_state, pytree.tree_map(_to_meta, args), tie_weights=False, strict=False
                 )
             return
         except Exception:  # noqa: BLE001 - any op without a meta kernel: fall back to a real run
             pass
         with torch.no_grad():
             try:
-                runner(example_input)
+                runner(*args)
             except Exception as e:
                 raise ValueError(
-                    f"shape propagation failed for an input of shape {tuple(example_input.shape)}: {e}"
+                    f"shape propagation failed for an input of shape {describe_example(example_input)}: {e}"
                 ) from e
     finally:
         for m, flag in flags.items():

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ._util import finish, free_name, owner_of
+from ._util import ExampleInput, finish, free_name, owner_of
 from .sites import Site, find_sites
 
 __all__ = ["insert_before_pools", "Inserted"]
@@ -29,7 +28,7 @@ def insert_before_pools(
     factory: Callable[[Site], "nn.Module | None"],
     name: str,
     sites: Iterable[Site] | None = None,
-    example_input: torch.Tensor | None = None,
+    example_input: ExampleInput | None = None,
     kinds: tuple[str, ...] = ("max_pool", "avg_pool"),
 ) -> Inserted:
     """Feed every converting pool site of the given ``kinds`` through ``factory(site)`` first.

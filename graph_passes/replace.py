@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ._util import _get, finish, free_name, owner_of, parent_path, set_submodule
+from ._util import ExampleInput, _get, finish, free_name, owner_of, parent_path, set_submodule
 from .sites import Site, find_sites
 
 __all__ = ["replace_pools", "Replaced", "PoolFactory"]
@@ -33,7 +32,7 @@ def replace_pools(
     gm: GraphModule,
     factory: PoolFactory,
     sites: Iterable[Site] | None = None,
-    example_input: torch.Tensor | None = None,
+    example_input: ExampleInput | None = None,
 ) -> Replaced:
     """Replace every converting pool site by ``factory(site)``.
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.nn.modules.utils import _pair
 
-from ._util import free_name, owner_of, propagate_shapes
+from ._util import ExampleInput, free_name, owner_of, propagate_shapes
 from .skip_pool import SkipPool2d
 
 __all__ = ["Site", "find_sites", "is_strided_conv", "pool_kind", "PATCH_EMBED_MIN_STRIDE"]
@@ -116,7 +116,7 @@ def _shape(node: Any) -> tuple[int, ...]:
 
 
 def find_sites(
-    gm: GraphModule, example_input: torch.Tensor | None, include_patch_embed: bool = False
+    gm: GraphModule, example_input: ExampleInput | None, include_patch_embed: bool = False
 ) -> list[Site]:
     """Every downsampling site of ``gm``, in graph order; the graph is not modified.
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Iterable
+import contextlib
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 from torch import nn
 from torch.fx import GraphModule, Tracer
@@ -74,6 +75,23 @@ class LeafTracer(Tracer):
             self.scope_stack.pop()
 
 
+@contextlib.contextmanager
+def _state_restored(m: nn.Module) -> Iterator[None]:
+    """Undo attribute writes that a forward makes while being traced.
+
+    Some modules cache values on their first call (torchvision's ``MultiScaleRoIAlign`` sets
+    ``self.scales``); under the tracer those values are Proxies, which would break every later
+    real call. Each module's attributes are put back as they were, whatever the trace did.
+    """
+    saved = [(sub, dict(sub.__dict__)) for sub in m.modules()]
+    try:
+        yield
+    finally:
+        for sub, attrs in saved:
+            sub.__dict__.clear()
+            sub.__dict__.update(attrs)
+
+
 def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
     """Make every :class:`LeafTracer` keep ``cls`` as one node. Usable as a class decorator."""
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -97,6 +115,8 @@ def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = ()) -> Gra
     - Leaf modules are shared with ``model`` (the ``torch.fx`` convention); the passes never
       modify them in place, they install new modules instead.
     - A ``GraphModule`` is traced again, which is harmless and makes registered leaves whole.
+    - The model is left as it was, even when tracing fails: attributes a forward writes while
+      being traced (values cached on the first call, which would be Proxies) are put back.
 
     Raises:
         TraceError: with the qualified name of the module whose forward failed ("<root>" for the
@@ -108,7 +128,8 @@ def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = ()) -> Gra
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        graph = tracer.trace(model)
+        with _state_restored(model):
+            graph = tracer.trace(model)
     except Exception as e:
         scope = tracer.failed_scope or []
         qualname = scope[-1] if scope else ""
@@ -129,7 +150,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = ()) -> Gra
     return gm
 
 
-def untraced_state_keys(model: nn.Module, gm: GraphModule) -> list[str]:
+def untraced_state_keys(model: nn.Module, gm: nn.Module) -> list[str]:
     """``state_dict`` keys of ``model`` that its trace ``gm`` does not use, sorted.
 
     These belong to submodules that run only in training mode (auxiliary classifiers), which

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 import gfgp_cli
 from gfgp_cli.checkpoint import VERSION, read_checkpoint
+from gfgp_cli.spec import SPEC_VERSION
 from gfgp_cli.cli import cli
 from gfgp_cli.spec import ConversionSpec, TorchvisionSource
 
@@ -53,11 +54,11 @@ def test_v1_checkpoint_loads_and_gives_the_old_release_outputs(io):
         assert torch.equal(model(io["input"]), io["output"])
 
 
-def test_v1_checkpoint_saved_again_is_format_2_and_unchanged(tmp_path, io):
+def test_v1_checkpoint_saved_again_is_the_current_format_and_unchanged(tmp_path, io):
     model = gfgp_cli.load(LAST)
     path = gfgp_cli.save(model, tmp_path / "again.pt")
     raw = torch.load(path, weights_only=True)
-    assert raw["version"] == VERSION and raw["spec"]["version"] == 2
+    assert raw["version"] == VERSION and raw["spec"]["version"] == SPEC_VERSION
     assert read_checkpoint(path)["spec"] == read_checkpoint(LAST)["spec"]
     with torch.no_grad():
         assert torch.equal(gfgp_cli.load(path)(io["input"]), io["output"])

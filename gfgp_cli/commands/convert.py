@@ -1,14 +1,31 @@
-"""`gfgp convert`: a torchvision model name -> a converted gfgp checkpoint."""
+"""`gfgp convert`: a torchvision model name (any task) -> a converted gfgp checkpoint."""
 
 from __future__ import annotations
+
+import ast
 
 import click
 
 from .. import choices
 
 
+def _kwarg(ctx, param, values):
+    """``--kwarg key=value`` pairs -> a dict; values are Python literals (3, 0.5, True, None,
+    (1, 2)) or else strings."""
+    kwargs = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE (e.g. --kwarg min_size=320)")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    return kwargs
+
+
 @click.command("convert")
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Checkpoint to write (its folder is created).")
 @click.option("--pool", type=click.Choice(choices.POOLS), default=None,
               help=f"Pooling that replaces the downsampling sites [default: {choices.DEFAULT_POOL}; skip with --module].")
@@ -18,7 +35,13 @@ from .. import choices
               help="Activation that bounds lam (gfgp and maxent pools).")
 @click.option("--weights", default=None,
               help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...; downloads) or a local state_dict file.")
-@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier outputs (torchvision constructor argument).")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None,
+              help="Classes the model predicts (torchvision constructor argument; detection: background included).")
+@click.option("--weights-backbone", default=None,
+              help="Detection/segmentation: backbone weights name (IMAGENET1K_V1, ...; downloads) [default: none, random].")
+@click.option("--kwarg", "kwargs", multiple=True, callback=_kwarg, metavar="KEY=VALUE",
+              help="Another torchvision constructor argument (repeatable): aux_loss=True, min_size=320, quantize=False ...")
+@click.option("--list", "list_models", is_flag=True, help="List every torchvision model gfgp can name, by task, and exit.")
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
               help="Input size of the example used for shapes and MACs [default: 224; inception_v3 299].")
 @click.option("--module", "comparison", type=click.Choice(choices.COMPARISON_MODULES), default=None,
@@ -28,14 +51,16 @@ from .. import choices
 @click.option("--dry-run", is_flag=True, help="Convert and report, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
-def convert_cmd(model, out, pool, placement, activation, weights, num_classes, image_size, comparison, include_patch_embed,
-                seed, dry_run, as_json, force):
-    """Convert MODEL (a torchvision model name) to GFGP pooling and write a checkpoint.
+def convert_cmd(model, out, pool, placement, activation, weights, num_classes, weights_backbone, kwargs, list_models,
+                image_size, comparison, include_patch_embed, seed, dry_run, as_json, force):
+    """Convert MODEL (a torchvision model name, any task) to GFGP pooling and write a checkpoint.
 
     Finds the strided convolutions and pooling layers, splits each strided conv into a stride-1
     conv plus skip pooling, moves those pools where the paper puts them, and replaces them with
     the chosen pooling. Prints the sites, parameters and MACs (at the example size) before and
     after, and the exactness check: the same layout with plain skip pools against the original.
+    Models torch.fx cannot trace whole (detection, optical flow) are converted part by part:
+    each largest traceable submodule (a backbone, an encoder); the rest stays as it was.
 
     \b
     Examples:
@@ -43,15 +68,27 @@ def convert_cmd(model, out, pool, placement, activation, weights, num_classes, i
       gfgp convert vgg16_bn --pool maxent --num-classes 10 --out vgg.pt
       gfgp convert resnet18 --placement exact --dry-run --json
       gfgp convert vgg16_bn --module se --out vgg-se.pt
+      gfgp convert fcn_resnet50 --num-classes 11 --kwarg aux_loss=True --out fcn.pt
+      gfgp convert fasterrcnn_resnet50_fpn --kwarg min_size=512 --kwarg max_size=512 --out frcnn.pt
+      gfgp convert --list
     """
     from ..checkpoint import convert_to_file
-    from ..reports import render_conversion
+    from ..reports import render_conversion, render_model_list
 
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if list_models:
+        render_model_list(as_json=as_json)
+        return
+    if model is None:
+        raise click.UsageError("give a MODEL (a torchvision model name; gfgp convert --list shows them)")
+    if num_classes is not None:
+        if "num_classes" in kwargs:
+            raise click.BadParameter("give num_classes once: --num-classes or --kwarg num_classes=...", param_hint="--kwarg")
+        kwargs["num_classes"] = num_classes
     pool = pool or ("skip" if comparison else choices.DEFAULT_POOL)
     report = convert_to_file(
         model, out, force=force, dry_run=dry_run, pool=pool, placement=placement, activation=activation,
-        weights=weights, image_size=image_size, comparison=comparison, seed=seed, include_patch_embed=include_patch_embed, **kwargs,
+        weights=weights, weights_backbone=weights_backbone, image_size=image_size, comparison=comparison, seed=seed,
+        include_patch_embed=include_patch_embed, **kwargs,
     )
     render_conversion(report, out=None if dry_run else out, as_json=as_json)
 

@@ -1,0 +1,154 @@
+"""torchvision's model zoo, every task: names, building without downloads, example inputs.
+
+torchvision keeps one registry per task module (``torchvision.models.list_models(module=...)``);
+gfgp reads those registries, never a list of its own. What differs between tasks is what a
+model takes and returns, so this module knows, per task:
+
+- how to build a model by name (``weights=None``; detection and segmentation builders default
+  ``weights_backbone`` to ImageNet weights, a download, so gfgp builds with it off unless asked),
+- the example input of the conversion and of the layout check (a ``Tensor[N, C, H, W]``; a list
+  of ``Tensor[C, H, W]`` images for detection; two frames for optical flow),
+- names the models refuse and why (int8 quantized models, the 3-D video models).
+
+No other module imports torchvision's task modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import choices
+from .errors import BadInputError
+
+__all__ = ["TASKS", "task_of", "list_model_names", "build", "example_input", "default_image_size",
+           "check_task_options", "layout_check_model"]
+
+#: Task families, in the order of torchvision's documentation, and the module holding each one's builders.
+TASKS = choices.TASKS
+_MODULES = {
+    "classification": "torchvision.models",
+    "segmentation": "torchvision.models.segmentation",
+    "detection": "torchvision.models.detection",
+    "optical_flow": "torchvision.models.optical_flow",
+    "quantization": "torchvision.models.quantization",
+    "video": "torchvision.models.video",
+}
+
+# Input sizes of classification models that do not take 224 x 224, and example sizes per task:
+# a detection model resizes its images itself (min_size), RAFT needs sides divisible by 8.
+_IMAGE_SIZE = {"inception_v3": 299, "quantized_inception_v3": 299}
+_TASK_IMAGE_SIZE = {"detection": 320, "optical_flow": 128}
+
+
+@lru_cache(maxsize=None)
+def _names_by_task() -> Dict[str, Tuple[str, ...]]:
+    import torchvision
+
+    return {task: tuple(torchvision.models.list_models(module=importlib.import_module(module)))
+            for task, module in _MODULES.items()}
+
+
+def list_model_names(task: Optional[str] = None) -> List[str]:
+    """torchvision's model names, of one task or of all (torchvision's own registries)."""
+    by_task = _names_by_task()
+    if task is None:
+        return [n for names in by_task.values() for n in names]
+    if task not in by_task:
+        raise choices.unknown("task", task, TASKS)
+    return list(by_task[task])
+
+
+def task_of(name: str) -> str:
+    """The task family of a torchvision model name; an unknown name is bad input (did you mean ...)."""
+    for task, names in _names_by_task().items():
+        if name in names:
+            return task
+    error = choices.unknown("model", name, list_model_names())
+    raise BadInputError(f"{error} (torchvision's task families: {', '.join(TASKS)}; `gfgp convert --list` names every model)")
+
+
+def default_image_size(name: Optional[str], task: str = "classification") -> int:
+    """H = W of the example input for a model of this name and task."""
+    return _IMAGE_SIZE.get(name or "", _TASK_IMAGE_SIZE.get(task, 224))
+
+
+def check_task_options(name: str, task: str, kwargs: Dict[str, Any]) -> None:
+    """Refuse, in one line, the models and options gfgp cannot convert (before building anything)."""
+    if task == "video":
+        raise BadInputError(
+            f"{name} is a video model: its downsampling is 3-D (strided Conv3d and MaxPool3d over time, height and "
+            "width), and gfgp's GFGP pooling is 2-D for now; convert a 2-D model (gfgp convert --list)"
+        )
+    if task == "quantization" and kwargs.get("quantize"):
+        raise BadInputError(
+            f"{name} with quantize=True is an int8 model, which GFGP pooling cannot run in; convert the float model "
+            f"(gfgp convert {name}), train it, then quantize the result"
+        )
+
+
+def build(name: str, kwargs: Dict[str, Any], weights_backbone: Optional[str] = None) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=None, **kwargs)``, downloading nothing unasked.
+
+    Detection and segmentation builders get ``weights_backbone=None`` unless a backbone weights
+    name is given (that one downloads, as torchvision does, when the user has internet).
+    """
+    import torchvision
+
+    task = task_of(name)
+    check_task_options(name, task, kwargs)
+    kwargs = dict(kwargs)
+    if task in ("detection", "segmentation"):
+        kwargs["weights_backbone"] = weights_backbone
+    elif weights_backbone is not None:
+        raise BadInputError(f"--weights-backbone applies to detection and segmentation models, not to {name} ({task})")
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except (TypeError, ValueError, KeyError) as e:
+        shown = {k: v for k, v in kwargs.items() if not (k == "weights_backbone" and v is None)}
+        raise BadInputError(f"cannot build {name} with {shown}: {' '.join(str(e).split())[:200]}") from e
+
+
+def example_input(task: str, in_channels: int, size: int, batch: int = 2, seed: int = 0, second: bool = False) -> Any:
+    """The example a model of ``task`` takes (random, seeded): what the passes and checks run on.
+
+    ``second=True`` gives the layout check's second size: smaller, with an odd height (the skip
+    pools' ceil rounding); for optical flow (sides multiples of 8, at least 128) a taller one. Returns a tensor, or a tuple of
+    positional arguments (:data:`graph_passes` accepts both).
+    """
+    g = torch.Generator().manual_seed(seed + (1 if second else 0))
+    h, w = (size * 3 // 4) | 1 if second else size, size
+    if task == "detection":  # a list of images of different sizes, values in [0, 1] as the transform expects
+        shapes = [(h, w), (h, w * 3 // 4)][:batch]
+        return ([torch.rand(in_channels, *s, generator=g) for s in shapes],)
+    if task == "optical_flow":
+        h, w = (size * 5 // 4 if second else size) // 8 * 8, w // 8 * 8
+        return (torch.rand(batch, in_channels, h, w, generator=g) * 2 - 1,
+                torch.rand(batch, in_channels, h, w, generator=g) * 2 - 1)
+    return torch.randn(batch, in_channels, h, w, generator=g)
+
+
+def layout_check_model(model: nn.Module, task: str) -> nn.Module:
+    """``model`` set up for the layout check, in place: a detection model keeps its boxes.
+
+    torchvision's detectors drop boxes below a score threshold; with random weights that can be
+    all of them, which would make the check compare empty lists. Score thresholds are set to 0
+    (the boxes per image stay capped by the model's ``detections_per_img``), and a two-stage
+    detector keeps its 100 best proposals per image instead of 1000 (with no threshold, each
+    proposal's boxes for every class would otherwise all reach NMS).
+    """
+    if task == "detection":
+        for m in model.modules():
+            if hasattr(m, "score_thresh"):
+                m.score_thresh = 0.0
+            for attr in ("_pre_nms_top_n", "_post_nms_top_n"):  # torchvision's RegionProposalNetwork
+                if isinstance(getattr(m, attr, None), dict):
+                    getattr(m, attr)["testing"] = min(getattr(m, attr)["testing"], _CHECK_PROPOSALS)
+    return model
+
+
+_CHECK_PROPOSALS = 100
