@@ -128,8 +128,9 @@ def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = ()) -> Gra
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with _state_restored(model):
+        with _state_restored(model):  # GraphModule copies what the graph reads (tensor constants) first
             graph = tracer.trace(model)
+            gm = GraphModule(model, graph, class_name=type(model).__name__)
     except Exception as e:
         scope = tracer.failed_scope or []
         qualname = scope[-1] if scope else ""
@@ -141,7 +142,6 @@ def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = ()) -> Gra
     finally:
         for m, flag in flags.items():
             m.training = flag
-    gm = GraphModule(model, graph, class_name=type(model).__name__)
     # GraphModule creates fresh containers on the paths to the leaves; give them the original flags.
     for name, sub in gm.named_modules():
         orig = _maybe_submodule(model, name)

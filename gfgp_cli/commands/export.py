@@ -16,9 +16,11 @@ __all__ = ["COMMANDS", "export_cmd", "bench_export_command"]
 @click.option("--image-size", type=int, default=None, help="Height = width of the traced input [default: the checkpoint's, else 224].")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare onnxruntime with PyTorch at two batch sizes; exit 1 on a mismatch.")
+@click.option("--part", default=None,
+              help="Export this converted submodule (e.g. a detection model's backbone) instead of the whole model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing ONNX file.")
-def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, verify, as_json, force):
+def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, verify, part, as_json, force):
     """Export CHECKPOINT (made by gfgp convert or train) to ONNX and verify it.
 
     Every max-entropy pool becomes one gfgp::MaxEntPool2d node whose body, made of standard ONNX
@@ -31,12 +33,13 @@ def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, verify,
       gfgp export run/best.pt --onnx model.onnx
       gfgp export m.pt --onnx m.onnx --opset 20 --static --image-size 128
       gfgp export m.pt --onnx m-inline.onnx --inline --json
+      gfgp export frcnn.pt --onnx backbone.onnx --part backbone
     """
     from ..export import export_checkpoint
     from ..export.render import render_export
 
-    report = export_checkpoint(checkpoint, onnx_path, image_size=image_size, opset=opset, dynamic_batch=not static,
-                               inline=inline, verify=verify, force=force)
+    report = export_checkpoint(checkpoint, onnx_path, part=part, image_size=image_size, opset=opset,
+                               dynamic_batch=not static, inline=inline, verify=verify, force=force)
     render_export(report, as_json)
 
 

@@ -33,6 +33,8 @@ __all__ = [
     "resolve_image_size",
     "resolve_in_channels",
     "check_model_takes",
+    "resolve_inputs",
+    "check_exportable",
     "first_line",
 ]
 
@@ -112,16 +114,40 @@ def resolve_in_channels(model: "nn.Module") -> int:
     return conv.in_channels if conv is not None else 3
 
 
-def check_model_takes(model: "nn.Module", example: "torch.Tensor") -> None:
-    """Run the model once on ``example`` so that a size it cannot take is the user's error
-    (exit 2, naming --image-size), not an exporter failure deep in a trace."""
+def resolve_inputs(model: "nn.Module") -> int:
+    """How many image tensors the model takes: 2 for an optical-flow model (two frames), else 1."""
+    spec = _spec(model)
+    return 2 if spec is not None and spec.task == "optical_flow" else 1
+
+
+def check_exportable(model: "nn.Module") -> None:
+    """Refuse, in one line, the models torch.onnx cannot export (before any work).
+
+    torchvision's detection models: torch.export (which torch.onnx uses) cannot trace their
+    post-processing, whose number of boxes depends on the data (it fails with
+    GuardOnDataDependentSymNode on the original torchvision models too). Their converted parts
+    export (``part=``).
+    """
+    spec = _spec(model)
+    if spec is not None and spec.task == "detection":
+        parts = ", ".join(p for p in spec.parts if p)
+        raise BadInputError(
+            f"torch.onnx cannot export {spec.model_name} whole: torch.export cannot trace a detection model's "
+            "post-processing, whose number of boxes depends on the data (GuardOnDataDependentSymNode, the original "
+            f"torchvision model too); export its converted part instead: --part {parts or 'NAME'}"
+        )
+
+
+def check_model_takes(model: "nn.Module", example: "tuple") -> None:
+    """Run the model once on ``example`` (its positional inputs) so that a size it cannot take
+    is the user's error (exit 2, naming --image-size), not an exporter failure deep in a trace."""
     import torch
 
     try:
         with torch.no_grad():
-            model(example)
+            model(*example)
     except (ValueError, RuntimeError, IndexError, TypeError) as e:
-        shape = "x".join(str(d) for d in example.shape[1:])
+        shape = "x".join(str(d) for d in example[0].shape[1:])
         raise BadInputError(f"the model cannot take a {shape} input: {first_line(e)}; choose another --image-size") from e
 
 

@@ -20,21 +20,23 @@ import os
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
-from ..errors import WorkFailedError
+from ..errors import BadInputError, WorkFailedError
 from .checks import (
     DEFAULT_IMAGE_SIZE,
     check_batch_size,
     check_model,
+    check_exportable,
     check_model_takes,
     check_opset,
     check_output_path,
     first_line,
     resolve_image_size,
     resolve_in_channels,
+    resolve_inputs,
 )
 from .maxent_function import DOMAIN, MIN_OPSET
 from .proto import all_nodes, complete, default_opset, min_ir_version, tensor_bytes, write
-from .verify import RTOL, compare_with_pytorch, random_input
+from .verify import RTOL, compare_with_pytorch, random_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -64,11 +66,13 @@ class ExportReport:
     ir_version: int
     inline: bool
     dynamic_batch: bool
-    input_shape: List[Union[int, str]]  # ["batch", C, H, W] or [N, C, H, W]
+    input_shape: List[Union[int, str]]  # ["batch", C, H, W] or [N, C, H, W], of each input
     max_abs_diffs: Dict[int, float]  # batch size -> max |onnxruntime - PyTorch| (empty: not verified)
     tolerance: Optional[float]  # RTOL * output scale (None: not verified)
     passed: Optional[bool]  # None: not verified
     provider: Optional[str]  # onnxruntime execution provider used for verification
+    inputs: int = 1  # image tensors the model takes (2: an optical-flow model's frames)
+    part: Optional[str] = None  # the converted submodule exported, or None: the whole model
 
     @property
     def size_ratio(self) -> float:
@@ -142,18 +146,23 @@ def export_onnx(
 
     # 1. arguments, in this order: the first bad one is the one reported
     check_model(model)
+    check_exportable(model)
     out_path = check_output_path(path, force)
     opset = check_opset(opset, supported_opsets)
     size = resolve_image_size(model, image_size)
     check_batch_size(batch_size)
     channels = resolve_in_channels(model)
+    inputs = resolve_inputs(model)
+    # An optical-flow model (RAFT) splits its concatenated frames with chunk(2): torch.export
+    # then specializes the batch of the second frame, so such models export with a fixed batch.
+    dynamic_batch = dynamic_batch and inputs == 1
     trace_batch = _TRACE_BATCH_DYNAMIC if dynamic_batch else batch_size
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     was_training = model.training
     model.eval()
     try:
-        example = random_input(trace_batch, channels, size, seed, device)
+        example = random_inputs(inputs, trace_batch, channels, size, seed, device)
         check_model_takes(model, example)
         # 2. export
         program = _export(model, example, opset, dynamic_batch)
@@ -173,7 +182,7 @@ def export_onnx(
         # 5. verify
         if verify:
             batches = VERIFY_BATCHES if dynamic_batch else (trace_batch,)
-            comparison = compare_with_pytorch(model, out_path, batches, channels, size, seed, device)
+            comparison = compare_with_pytorch(model, out_path, batches, channels, size, seed, device, inputs)
             verified: Dict[str, Any] = dataclasses.asdict(comparison)
         else:
             verified = {"max_abs_diffs": {}, "tolerance": None, "passed": None, "provider": None}
@@ -190,6 +199,7 @@ def export_onnx(
             inline=inline,
             dynamic_batch=dynamic_batch,
             input_shape=["batch" if dynamic_batch else trace_batch, channels, size, size],
+            inputs=inputs,
             **verified,
         )
     finally:
@@ -197,36 +207,51 @@ def export_onnx(
     return report
 
 
-def export_checkpoint(checkpoint: Union[str, os.PathLike], path: Union[str, os.PathLike], **options: Any) -> ExportReport:
+def export_checkpoint(checkpoint: Union[str, os.PathLike], path: Union[str, os.PathLike], part: Optional[str] = None,
+                      **options: Any) -> ExportReport:
     """``gfgp export``: rebuild the model of a gfgp checkpoint (:func:`gfgp_cli.load`) and export it.
 
-    The output path and the opset are checked before the checkpoint is loaded; ``options`` as
-    :func:`export_onnx`.
+    ``part`` exports one converted submodule of a model converted part by part (a detection
+    model's ``backbone``, taking ``Tensor[N, C, H, W]`` at the checkpoint's image size) instead
+    of the whole model. The output path and the opset are checked before the checkpoint is
+    loaded; ``options`` as :func:`export_onnx`.
     """
     from ..checkpoint import load
+    from ..spec import spec_of
 
     check_output_path(path, options.get("force", False))
     check_opset(options.get("opset"), supported_opsets)
-    return export_onnx(load(checkpoint), path, **options)
+    model = load(checkpoint)
+    if part is None:
+        return export_onnx(model, path, **options)
+    spec = spec_of(model)
+    if part not in spec.parts or not part:
+        parts = [p for p in spec.parts if p]
+        raise BadInputError(f"--part {part!r} is not a converted part of {spec.model_name}; "
+                            + (f"choose one of: {', '.join(parts)}" if parts else "this model was converted whole (omit --part)"))
+    options.setdefault("image_size", spec.image_size)
+    report = export_onnx(model.get_submodule(part), path, **options)
+    return dataclasses.replace(report, part=part)
 
 
 # --------------------------------------------------------------------------------------------
 # the export itself
 
 
-def _export(model: "nn.Module", example: "torch.Tensor", opset: Optional[int], dynamic_batch: bool) -> Any:
-    """``torch.onnx.export`` (dynamo) of ``model`` on ``example``; returns its ONNXProgram."""
+def _export(model: "nn.Module", example: tuple, opset: Optional[int], dynamic_batch: bool) -> Any:
+    """``torch.onnx.export`` (dynamo) of ``model`` on ``example`` (its positional inputs); returns its ONNXProgram."""
     import torch
 
     from .translation import translation_table
 
-    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    batch = torch.export.Dim("batch")
+    dynamic_shapes = tuple({0: batch} for _ in example) if dynamic_batch else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,
-                (example,),
+                example,
                 dynamo=True,
                 opset_version=opset,
                 dynamic_shapes=dynamic_shapes,

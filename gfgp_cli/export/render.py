@@ -18,9 +18,10 @@ def render_export(report: ExportReport, as_json: bool = False) -> None:
         print_json(report.to_dict())
         return
     shape = "(" + ", ".join(str(d) for d in report.input_shape) + ")"
-    rows = [
+    rows = [("part", report.part)] if report.part else []
+    rows += [
         ("file", report.path + (f" + {report.data_path}" if report.data_path else "")),
-        ("input", shape),
+        ("input", shape if report.inputs == 1 else f"{report.inputs} x {shape}"),
         ("opset / IR", f"{report.opset} / {report.ir_version}"),
         ("gfgp::MaxEntPool2d nodes", f"{report.custom_nodes}" + (" (inlined)" if report.inline else "")),
         ("max-entropy pools in the model", str(report.maxent_layers)),

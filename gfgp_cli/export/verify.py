@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["RTOL", "Comparison", "random_input", "compare_with_pytorch", "flatten_outputs"]
+__all__ = ["RTOL", "Comparison", "random_input", "random_inputs", "compare_with_pytorch", "flatten_outputs"]
 
 # Verification tolerance in float32: max |onnxruntime - PyTorch| <= RTOL * (output scale), the
 # output scale being max |PyTorch output| over the compared batches.
@@ -50,10 +50,16 @@ def random_input(batch: int, channels: int, size: int, seed: int, device: "torch
     return torch.randn(batch, channels, size, size, generator=generator).to(device)
 
 
+def random_inputs(count: int, batch: int, channels: int, size: int, seed: int, device: "torch.device") -> tuple:
+    """``count`` different :func:`random_input` tensors: the positional inputs of a model that
+    takes several images (an optical-flow model's two frames); the first is ``random_input``'s."""
+    return tuple(random_input(batch, channels, size, seed + 7919 * i, device) for i in range(count))
+
+
 def compare_with_pytorch(model: "nn.Module", path: Path, batches: Sequence[int], channels: int, size: int, seed: int,
-                         device: "torch.device") -> Comparison:
+                         device: "torch.device", inputs: int = 1) -> Comparison:
     """Run the file at ``path`` in onnxruntime and ``model`` (in eval mode) on the same random
-    input of each batch size in ``batches``.
+    inputs (``inputs`` tensors, :func:`random_inputs`) of each batch size in ``batches``.
 
     Raises:
         WorkFailedError: onnxruntime cannot load the file, outputs of other shapes, or a
@@ -74,10 +80,10 @@ def compare_with_pytorch(model: "nn.Module", path: Path, batches: Sequence[int],
     scale = 0.0
     for batch in batches:
         # seed + 1: not the input the model was traced on
-        x = random_input(batch, channels, size, seed + 1, device)
+        xs = random_inputs(inputs, batch, channels, size, seed + 1, device)
         with torch.no_grad():
-            expected = [t.detach().float().cpu().numpy() for t in flatten_outputs(model(x))]
-        got = run_session(session, [x.cpu().numpy()])
+            expected = [t.detach().float().cpu().numpy() for t in flatten_outputs(model(*xs))]
+        got = run_session(session, [x.cpu().numpy() for x in xs])
         if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
             raise WorkFailedError(
                 f"onnxruntime returned outputs of shapes {[g.shape for g in got]} for batch {batch}, "

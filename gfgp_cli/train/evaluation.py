@@ -64,6 +64,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 256, im
     return {"checkpoint": str(checkpoint), "data": bundle.name, "image_size": size, **metrics}
 
 
+#: Tasks whose models take an image batch and return class logits (docs: "What converts").
+TRAINABLE_TASKS = ("classification", "quantization")
+
+
 def load_trained(checkpoint, module: Optional[nn.Module] = None) -> Tuple[nn.Module, ConversionSpec, Optional[int]]:
     """``(model, spec, image_size)`` of a checkpoint; image_size is what a run trained at (None
     for a plain conversion, whose spec may record its own)."""
@@ -76,6 +80,11 @@ def load_trained(checkpoint, module: Optional[nn.Module] = None) -> Tuple[nn.Mod
 def prepare_data(model: nn.Module, spec: ConversionSpec, data: str, image_size: Optional[int], device: torch.device,
                  download: bool) -> Tuple[DataBundle, int]:
     """Resolve the image size, load SPEC's data and check the classifier fits its classes."""
+    if spec.task not in TRAINABLE_TASKS:
+        raise BadInputError(
+            f"{spec.model_name} is a {spec.task.replace('_', ' ')} model; gfgp train and eval handle classification models "
+            "(quantizable float models included) for now: the losses and metrics of other tasks are not built yet"
+        )
     size = image_size or spec.image_size
     outputs = _num_outputs(model, size, device)
     bundle = load_data(data, size, num_classes=outputs, download=download)
