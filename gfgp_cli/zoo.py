@@ -152,3 +152,40 @@ def layout_check_model(model: nn.Module, task: str) -> nn.Module:
 
 
 _CHECK_PROPOSALS = 100
+
+
+def training_example(name: str, task: str, in_channels: int, size: int, seed: int = 0) -> Tuple[Any, ...]:
+    """Positional arguments of one training-mode forward: the example input, and for a
+    detection model the targets its losses need (one box per image; masks and keypoints for
+    Mask and Keypoint R-CNN)."""
+    args = example_input(task, in_channels, size, seed=seed)
+    if task != "detection":
+        return args if isinstance(args, tuple) else (args,)
+    images = args[0]
+    targets = []
+    for img in images:
+        h, w = img.shape[-2:]
+        target: Dict[str, torch.Tensor] = {"boxes": torch.tensor([[w * 0.2, h * 0.2, w * 0.7, h * 0.8]]),
+                                           "labels": torch.tensor([1])}
+        if name.startswith("maskrcnn"):
+            mask = torch.zeros(1, h, w, dtype=torch.uint8)
+            mask[:, int(h * 0.2):int(h * 0.8), int(w * 0.2):int(w * 0.7)] = 1
+            target["masks"] = mask
+        if name.startswith("keypointrcnn"):
+            kx = torch.linspace(w * 0.25, w * 0.65, 17)
+            ky = torch.linspace(h * 0.25, h * 0.75, 17)
+            target["keypoints"] = torch.stack([kx, ky, torch.ones(17)], dim=1)[None]
+        targets.append(target)
+    return (images, targets)
+
+
+def training_loss(output: Any) -> torch.Tensor:
+    """A scalar that depends on every floating output of a training-mode forward: a detection
+    model's loss dict summed, else the mean of each output tensor (logits, ``out``/``aux``, the
+    flow predictions) summed. For checking that gradients flow, not for training."""
+    from torch.utils import _pytree as pytree
+
+    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise ValueError(f"the model's training output has no floating tensor ({type(output).__name__})")
+    return sum((t.float().mean() if t.dim() else t.float() for t in leaves), torch.zeros(()))

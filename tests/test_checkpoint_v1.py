@@ -18,9 +18,8 @@ from click.testing import CliRunner
 
 import gfgp_cli
 from gfgp_cli.checkpoint import VERSION, read_checkpoint
-from gfgp_cli.spec import SPEC_VERSION
 from gfgp_cli.cli import cli
-from gfgp_cli.spec import ConversionSpec, TorchvisionSource
+from gfgp_cli.spec import SPEC_VERSION, ConversionSpec, TorchvisionSource
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "checkpoint_v1"
 LAST = FIXTURE / "last.pt"

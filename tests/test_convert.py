@@ -112,7 +112,8 @@ def test_checkpoint_roundtrip_identical_outputs(tmp_path):
     model.eval()
     path = gfgp_cli.save(model, tmp_path / "m.pt")
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "gfgp" and raw["spec"]["source"] == {"kind": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 5}, "weights_backbone": None}
+    assert raw["format"] == "gfgp" and raw["spec"]["source"] == {
+        "kind": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 5}, "weights_backbone": None}
     loaded = gfgp_cli.load(path)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

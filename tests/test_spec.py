@@ -48,12 +48,33 @@ def test_version_1_plain_form_is_upgraded():
     spec = spec_of(gfgp_cli.convert(nn.Sequential(nn.Conv2d(1, 4, 3, stride=2)), in_channels=1, image_size=16))
     plain = spec.to_dict()
     # the first release's form: no version, no in_channels, module class under "class"
-    v1 = {k: v for k, v in plain.items() if k not in ("version", "in_channels", "pool_name")}
+    v1 = {k: v for k, v in plain.items() if k not in ("version", "in_channels", "pool_name", "task", "parts")}
     v1["source"] = {"kind": "module", "class": spec.source.qualname}
     assert ConversionSpec.from_dict(v1) == spec.replace(in_channels=3)
 
 
+def test_version_2_plain_form_is_upgraded():
+    spec = spec_of(gfgp_cli.convert("resnet18", image_size=32))
+    plain = spec.to_dict()
+    v2 = {k: v for k, v in plain.items() if k not in ("task", "parts")}
+    v2["version"] = 2
+    v2["source"] = {k: v for k, v in plain["source"].items() if k != "weights_backbone"}
+    upgraded = ConversionSpec.from_dict(v2)
+    assert upgraded == spec and upgraded.task == "classification" and upgraded.parts == ("",)
+
+
+def test_task_and_parts_of_a_partial_conversion_round_trip():
+    spec = spec_of(gfgp_cli.convert("raft_small", image_size=128))
+    assert spec.task == "optical_flow" and spec.parts == ("feature_encoder", "context_encoder")
+    assert all(s.qualname.startswith(("feature_encoder.", "context_encoder.")) for s in spec.sites)
+    assert ConversionSpec.from_dict(spec.to_dict()) == spec
+
+
 @pytest.mark.parametrize("damage, message", [
+    (lambda d: d.update(task="audio"), "unknown task 'audio'"),
+    (lambda d: d.update(parts=[]), "parts must be a non-empty list of module names"),
+    (lambda d: d.update(parts="backbone"), "parts must be a non-empty list of module names"),
+    (lambda d: d["source"].update(weights_backbone=3), "weights_backbone of resnet18 is not a name"),
     (lambda d: d.pop("sites"), "incomplete (missing 'sites')"),
     (lambda d: d.update(source={"kind": "pickle"}), "unknown source kind 'pickle'"),
     (lambda d: d.update(image_size="big"), "damaged"),

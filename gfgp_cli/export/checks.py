@@ -19,7 +19,6 @@ from ..errors import BadInputError
 from .maxent_function import MIN_OPSET
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from ..spec import ConversionSpec

@@ -24,8 +24,8 @@ from ..errors import BadInputError, WorkFailedError
 from .checks import (
     DEFAULT_IMAGE_SIZE,
     check_batch_size,
-    check_model,
     check_exportable,
+    check_model,
     check_model_takes,
     check_opset,
     check_output_path,
@@ -39,7 +39,6 @@ from .proto import all_nodes, complete, default_opset, min_ir_version, tensor_by
 from .verify import RTOL, compare_with_pytorch, random_inputs
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 # RTOL and DEFAULT_IMAGE_SIZE live in .verify and .checks; they stay importable from here, where

@@ -1,0 +1,92 @@
+"""The layout check's comparison: outputs of every structure, detections as sets."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import graph_passes as gp
+from gfgp_cli import zoo
+from gfgp_cli.layout import cast_example, detections_error, layout_check, output_error
+from graph_passes.testing import randomize_norms
+
+
+def _dets(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 100
+    return {"boxes": torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 50], 1),
+            "scores": torch.rand(n, generator=g), "labels": torch.randint(1, 4, (n,), generator=g)}
+
+
+def test_mappings_compare_by_keys_not_by_type():
+    a = OrderedDict(out=torch.ones(2, 3), aux=torch.zeros(2))
+    assert output_error(a, {"aux": torch.zeros(2), "out": torch.ones(2, 3)}) == 0.0
+    assert output_error(a, {"out": torch.ones(2, 3)}) == math.inf
+    assert output_error(a, {"out": torch.ones(2, 3) * 1.5, "aux": torch.zeros(2)}) == pytest.approx(0.5)
+
+
+def test_structure_and_dtype_differences_are_infinite():
+    x = torch.ones(3)
+    assert output_error([x, x], [x]) == math.inf
+    assert output_error(x, x.double()) == math.inf
+    assert output_error(torch.tensor([1, 2]), torch.tensor([1, 3])) == math.inf
+    assert output_error((x, 2), (x, 2)) == 0.0 and output_error((x, 2), (x, 3)) == math.inf
+
+
+def test_detections_compare_as_sets():
+    d = _dets()
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    shuffled = {k: v[perm] for k, v in d.items()}
+    assert detections_error(d, shuffled) == 0.0
+    moved = {k: v.clone() for k, v in shuffled.items()}
+    moved["boxes"][1, 0] += 3.0
+    assert 0 < detections_error(d, moved) < 1
+    relabelled = {k: v.clone() for k, v in d.items()}
+    relabelled["labels"][0] = 7  # no expected detection has this label
+    assert detections_error(d, relabelled) == math.inf
+    fewer = {k: v[:4] for k, v in d.items()}
+    assert output_error([d], [fewer]) == math.inf
+    assert output_error([d, d], [shuffled, d]) == 0.0
+
+
+def test_detection_masks_follow_their_matched_box():
+    d = _dets(3)
+    d["masks"] = torch.rand(3, 1, 8, 8)
+    perm = torch.tensor([2, 0, 1])
+    shuffled = {k: v[perm] for k, v in d.items()}
+    assert detections_error(d, shuffled) == 0.0
+    shuffled["masks"] = d["masks"]  # masks no longer follow their boxes
+    assert detections_error(d, shuffled) > 0.1
+
+
+def _maxpools(site):
+    return nn.MaxPool2d(site.kernel, site.stride, site.padding, ceil_mode=site.ceil_mode)
+
+
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "raft_small"])
+def test_check_sees_a_layout_that_changes_the_function(name):
+    task = zoo.task_of(name)
+    model = randomize_norms(zoo.build(name, {}).eval())
+    examples = [zoo.example_input(task, 3, zoo.default_image_size(name, task))]
+    skip, report = gp.pipeline(model, examples[0], placement="exact", partial=True)
+    assert layout_check(model, skip, examples, report.parts).max_error < 1e-4
+    pooled, report = gp.pipeline(model, examples[0], placement="exact", factory=_maxpools, partial=True)
+    assert layout_check(model, pooled, examples, report.parts).max_error > 1e-2
+
+
+def test_check_sees_a_detector_whose_backbone_changed():
+    torch.set_num_threads(1)
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    model = zoo.layout_check_model(randomize_norms(zoo.build(name, {"min_size": 160, "max_size": 160}).eval()), "detection")
+    model = model.double()
+    example = cast_example(zoo.example_input("detection", 3, 160), torch.float64)
+    skip, report = gp.pipeline(model, example, placement="exact", partial=True)
+    with torch.no_grad():
+        assert len(model(*example)[0]["boxes"]) > 0  # thresholds at 0: there are boxes to compare
+    assert layout_check(model, skip, [example], report.parts).max_error < 1e-10
+    pooled, report = gp.pipeline(model, example, placement="exact", factory=_maxpools, partial=True)
+    assert layout_check(model, pooled, [example], report.parts).max_error > 1e-2

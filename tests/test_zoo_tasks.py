@@ -1,0 +1,95 @@
+"""Every torchvision task converts by name, exactly, and goes through train, load and export.
+
+``gfgp_cli.zoo_report.check_model`` runs each step for one model: convert (paper layout, GFGP
+pools), the layout check of the exact layout (skip pools against the original, eval mode, two
+input sizes; detections compared as sets in float64, and the converted backbone's feature maps),
+one training-mode forward and backward (a detection model's own losses on synthetic targets)
+with finite, non-zero gradients on the GFGP parameters, and a checkpoint round trip.
+
+- ``test_zoo_model_of_every_task`` (marker ``zoo``, ``make test-zoo``): every name of
+  ``torchvision.models.list_models()`` outside the video task (2-D pooling; refused in one line,
+  checked by ``test_video_models_are_refused_in_one_line``).
+- ``test_task_representative`` (fast suite): one model per task, exported and verified in
+  onnxruntime too (a detection model's converted backbone; the whole detector is refused).
+Weights are random (``weights=None``, nothing downloads); the checkpoint files go to tmp_path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gfgp_cli import zoo
+from gfgp_cli.errors import BadInputError
+from gfgp_cli.zoo_report import check_model
+
+# The smallest model of each task; all run in a few seconds on 2 CPU cores.
+TASK_REPRESENTATIVES = {
+    "classification": "mobilenet_v3_small",
+    "segmentation": "lraspp_mobilenet_v3_large",
+    "detection": "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "optical_flow": "raft_small",
+    "quantization": "quantized_mobilenet_v3_large",
+}
+# Where a model torch.fx cannot trace whole is converted: derived from torchvision's code (the
+# forward loops over a list of images / iterates RAFT's updates; the backbone and the two
+# encoders are plain CNNs).
+EXPECTED_PARTS = {
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ["backbone"],
+    "raft_small": ["feature_encoder", "context_encoder"],
+}
+
+ALL_2D = [name for name in zoo.list_model_names() if zoo.task_of(name) != "video"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # float64 depthwise convs (the detection layout check) are pathologically slow on two
+    # oversubscribed OpenMP threads; one thread is faster and deterministic.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _assert_row(row: dict) -> None:
+    assert "error" not in row, row["error"]
+    assert row["converts"] and row["gfgp_layers"] > 0, row
+    assert row["exact"] is True, f"layout check: {row['exact_error']:.3g} x output scale on {row['exact_inputs']}"
+    assert len(row["exact_inputs"]) == 2 or row["task"] == "classification", row["exact_inputs"]  # two sizes
+    assert row["trains"] is True, row
+    assert row["roundtrip"] is True, row
+
+
+@pytest.mark.parametrize("task", sorted(TASK_REPRESENTATIVES))
+def test_task_representative(task, tmp_path):
+    name = TASK_REPRESENTATIVES[task]
+    row = check_model(name, export=True, workdir=tmp_path)
+    assert row["task"] == task
+    _assert_row(row)
+    assert row["parts"] == EXPECTED_PARTS.get(name, [""])
+    assert row["exports"] is True, row.get("export_note")
+    if task == "detection":
+        assert row["export_part"] == "backbone" and "whole model refused" in row["export_note"]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ALL_2D)
+def test_zoo_model_of_every_task(name, tmp_path):
+    row = check_model(name, export=False, workdir=tmp_path)
+    print(f"{name} ({row['task']}): {row.get('gfgp_layers')} GFGP layers, parts {row.get('parts')}, "
+          f"converted in {row.get('convert_s')} s, layout error {row.get('exact_error')}")
+    _assert_row(row)
+
+
+@pytest.mark.parametrize("name", zoo.list_model_names("video"))
+def test_video_models_are_refused_in_one_line(name):
+    with pytest.raises(BadInputError, match=f"^{name} is a video model: its downsampling is 3-D") as info:
+        zoo.build(name, {})
+    assert "\n" not in str(info.value)
+
+
+def test_every_name_has_one_task():
+    names = zoo.list_model_names()
+    assert len(names) == len(set(names)) and set(zoo.TASKS) == {zoo.task_of(n) for n in names}
+    assert sum(len(zoo.list_model_names(t)) for t in zoo.TASKS) == len(names)
