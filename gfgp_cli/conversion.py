@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import graph_passes
+from graph_passes.testing import randomize_norms
 
 from . import choices, zoo
 from .errors import BadInputError
@@ -236,7 +237,8 @@ def convert_with_report(
 
     ``measure=True`` adds MACs before/after (torch.utils.flop_counter) and the exactness check
     (:mod:`gfgp_cli.layout`): the same decomposition and placement with plain skip pools is
-    compared with the original model in eval mode on two example sizes
+    compared with the original model in eval mode on two example sizes (on a copy whose
+    BatchNorm statistics are randomised when the model has random weights)
     (``exact_max_error``, in units of each output's scale; 0 up to float rounding for
     ``exact``/``local``). Detection models are checked in float64 with their score thresholds
     at 0, so that there are boxes to compare and float32 rounding cannot reorder them.
@@ -331,7 +333,11 @@ def _measure(report: ConversionReport, original: nn.Module, gm: nn.Module, task:
     report.macs_before = _macs(original, one)
     report.macs_after = _macs(gm, one)
     dtype = torch.float64 if task == "detection" else torch.float32
-    reference = zoo.layout_check_model(copy.deepcopy(original) if dtype != torch.float32 else original, task).to(dtype)
+    reference = zoo.layout_check_model(copy.deepcopy(original), task).to(dtype)
+    if report.weights is None:
+        # Freshly initialised BatchNorms are the identity in eval mode, so a pool moved past one
+        # it must not pass would go unnoticed: the check's copy gets random statistics.
+        randomize_norms(reference, seed=0)
     examples = [zoo.example_input(task, in_channels, size), zoo.example_input(task, in_channels, size, second=True)]
     examples = [cast_example(e, dtype) for e in examples]
     skip_model, _ = graph_passes.pipeline(

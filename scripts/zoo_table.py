@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -50,10 +51,47 @@ def _mark(value) -> str:
     return {True: "yes", False: "**no**", None: "-"}.get(value, str(value))
 
 
-def _render(rows: list) -> str:
+_HEADER = """# Every torchvision model through gfgp
+
+Made by `scripts/zoo_table.py` (each model in its own process; the checks of `make test-zoo`, in
+`gfgp_cli/zoo_report.py`), torchvision {tv}, random weights (nothing downloaded), on {machine}.
+Columns: the paper-layout GFGP conversion (`gfgp convert NAME`), its GFGP layers and the
+submodules converted when torch.fx cannot trace the model whole; the layout check of the exact
+layout (skip pools against the original in eval mode at two input sizes; the largest difference
+in units of the output scale); one training-mode forward and backward (finite loss, finite and
+non-zero gradients on the GFGP parameters; a detector's own losses on synthetic boxes); a
+checkpoint round trip (`save` then `load` give identical eval outputs); `gfgp export` verified
+in onnxruntime (a detector: its converted backbone, the whole model being refused in one line);
+the seconds all of it took.
+
+{summary}
+
+"""
+
+
+def _summary(rows: list) -> str:
     from gfgp_cli import zoo
 
     by_name = {r["model"]: r for r in rows}
+    lines = ["| task | models | convert | exact | train step | round trip | export + verify |", "|---|---|---|---|---|---|---|"]
+    for task in zoo.TASKS:
+        got = [by_name[n] for n in zoo.list_model_names(task) if n in by_name]
+        count = {k: sum(1 for r in got if r.get(k) is True) for k in ("converts", "exact", "trains", "roundtrip", "exports")}
+        lines.append(f"| {task} | {len(zoo.list_model_names(task))} ({len(got)} measured) | " +
+                     " | ".join(str(count[k]) for k in ("converts", "exact", "trains", "roundtrip", "exports")) + " |")
+    return "\n".join(lines)
+
+
+def _render(rows: list) -> str:
+    import platform
+
+    import torchvision
+
+    from gfgp_cli import zoo
+
+    by_name = {r["model"]: r for r in rows}
+    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}"
+    header = _HEADER.format(tv=torchvision.__version__, machine=machine, summary=_summary(rows))
     lines = ["| task | model | converts | GFGP layers | converted parts | exact | trains | round trip | exports + verifies | s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for task in zoo.TASKS:
@@ -75,7 +113,7 @@ def _render(rows: list) -> str:
             error = f" ({r['error'][:120]})" if r.get("error") else ""
             lines.append(f"| {task} | {name} | yes{error} | {r.get('gfgp_layers', '')} | {parts} | {exact} | "
                          f"{_mark(r.get('trains'))} | {_mark(r.get('roundtrip'))} | {exports} | {r.get('seconds', '')} |")
-    return "\n".join(lines) + "\n"
+    return header + "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -118,3 +118,21 @@ def test_quantizable_float_model_trains_like_a_classifier(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "last.pt").exists()
     assert spec_of(gfgp_cli.load(tmp_path / "run" / "last.pt")).task == "quantization"
+
+
+def _paper_resnet(prefix: str, layers) -> list:
+    """The official ResNet layout: the stem's pool after its ReLU; each downsampling block's two
+    pools (main path and shortcut) merged into one after the block's final ReLU."""
+    return [(f"{prefix}relu", (f"{prefix}conv1",))] + [
+        (f"{prefix}layer{i}.0.relu", (f"{prefix}layer{i}.0.conv2", f"{prefix}layer{i}.0.downsample.0")) for i in layers]
+
+
+@pytest.mark.parametrize("name, kwargs, prefix, layers", [
+    ("fasterrcnn_resnet50_fpn", {"min_size": 160, "max_size": 160}, "backbone.body.", (2, 3, 4)),
+    ("fcn_resnet50", {}, "backbone.", (2,)),  # layer3 and layer4 are dilated, not strided
+])
+def test_detection_and_segmentation_resnets_get_the_paper_layout(name, kwargs, prefix, layers):
+    from gfgp_cli.conversion import convert_with_report
+
+    _, report = convert_with_report(name, pool="skip", image_size=160, **kwargs)
+    assert [(p["after"], tuple(p["sources"])) for p in report.placed] == _paper_resnet(prefix, layers)

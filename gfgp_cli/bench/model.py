@@ -51,12 +51,18 @@ def bench_model(
     """
     import torchvision
 
+    from .. import zoo
     from ..conversion import _macs, convert_with_report, default_image_size
+    from ..errors import BadInputError
 
     if batch_size < 2:
         raise ValueError(f"batch-size must be >= 2 (BatchNorm in training mode needs more than one sample), got {batch_size}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    task = zoo.task_of(model)
+    if task not in ("classification", "quantization"):
+        raise BadInputError(f"gfgp bench model times classification models (a training step on class labels); "
+                            f"{model} is a {task.replace('_', ' ')} model")
     dev = resolve_device(device)
     size = image_size or default_image_size(model)
     torch.manual_seed(seed)

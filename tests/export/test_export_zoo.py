@@ -18,7 +18,7 @@ from gfgp_cli.conversion import convert, list_model_names
 pytestmark = pytest.mark.zoo
 
 
-@pytest.mark.parametrize("name", list_model_names())
+@pytest.mark.parametrize("name", list_model_names("classification"))
 def test_every_converted_model_exports_and_verifies(name, tmp_path):
     try:
         model = convert(name).eval()
