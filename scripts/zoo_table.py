@@ -113,7 +113,17 @@ def _render(rows: list) -> str:
             error = f" ({r['error'][:120]})" if r.get("error") else ""
             lines.append(f"| {task} | {name} | yes{error} | {r.get('gfgp_layers', '')} | {parts} | {exact} | "
                          f"{_mark(r.get('trains'))} | {_mark(r.get('roundtrip'))} | {exports} | {r.get('seconds', '')} |")
-    return header + "\n".join(lines) + "\n"
+    details = f"<details><summary>every model ({len(lines) - 2})</summary>\n\n"
+    return header + details + "\n".join(lines) + "\n\n</details>\n"
+
+
+def _embed(path: Path, table: str) -> None:
+    text = path.read_text()
+    start, end = "<!-- zoo-table -->\n", "<!-- /zoo-table -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start.strip()} ... {end} block")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + table.strip() + "\n" + end + rest.split(end, 1)[1])
 
 
 def main() -> None:
@@ -121,6 +131,8 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("docs/zoo.jsonl"))
     parser.add_argument("--render", type=Path, help="write the markdown table here (from --out) instead of measuring")
+    parser.add_argument("--readme", type=Path, help="with --render: also put the table in this file, between "
+                                                    "the lines <!-- zoo-table --> and <!-- /zoo-table -->")
     parser.add_argument("--models", nargs="*", help="only these models [default: every torchvision model]")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     args = parser.parse_args()
@@ -129,7 +141,10 @@ def main() -> None:
         return
     if args.render:
         rows = [json.loads(line) for line in args.out.read_text().splitlines()]
-        args.render.write_text(_render(rows))
+        table = _render(rows)
+        args.render.write_text(table)
+        if args.readme:
+            _embed(args.readme, table.split("\n", 1)[1])  # without the page title
         return
     from gfgp_cli import zoo
 

@@ -78,8 +78,7 @@ def test_check_sees_a_layout_that_changes_the_function(name):
     assert layout_check(model, pooled, examples, report.parts).max_error > 1e-2
 
 
-def test_check_sees_a_detector_whose_backbone_changed():
-    torch.set_num_threads(1)
+def test_check_sees_a_detector_whose_backbone_changed(one_thread):
     name = "fasterrcnn_mobilenet_v3_large_320_fpn"
     model = zoo.layout_check_model(randomize_norms(zoo.build(name, {"min_size": 160, "max_size": 160}).eval()), "detection")
     model = model.double()

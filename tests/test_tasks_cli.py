@@ -72,6 +72,8 @@ def test_conversion_downloads_no_backbone_weights(monkeypatch):
     (["resnet18", "--kwarg", "depth=3"], "cannot build resnet18 with {'depth': 3}: ResNet.__init__() got an unexpected keyword"),
     (["resnet18", "--num-classes", "3", "--kwarg", "num_classes=4"], "give num_classes once"),
     (["resnet18", "--kwarg", "oops"], "'oops' is not KEY=VALUE"),
+    # the task's own weights names, checked before anything downloads
+    (["fasterrcnn_resnet50_fpn", "--weights", "COCO_V2"], "unknown weights for fasterrcnn_resnet50_fpn 'COCO_V2'; did you mean COCO_V1?"),
 ])
 def test_bad_convert_input_is_one_line(args, message):
     result = _run("convert", *args, "--dry-run")

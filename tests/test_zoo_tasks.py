@@ -17,7 +17,6 @@ Weights are random (``weights=None``, nothing downloads); the checkpoint files g
 from __future__ import annotations
 
 import pytest
-import torch
 
 from gfgp_cli import zoo
 from gfgp_cli.errors import BadInputError
@@ -42,14 +41,7 @@ EXPECTED_PARTS = {
 ALL_2D = [name for name in zoo.list_model_names() if zoo.task_of(name) != "video"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # float64 depthwise convs (the detection layout check) are pathologically slow on two
-    # oversubscribed OpenMP threads; one thread is faster and deterministic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _assert_row(row: dict) -> None:

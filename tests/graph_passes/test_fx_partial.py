@@ -14,14 +14,7 @@ from graph_passes.testing import max_relative_error, randomize_norms
 NOT_CALLED = "not called in eval mode for the example input"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs are fastest on one thread; two OpenMP threads on a shared machine are many
-    times slower (the float64 depthwise convs of the detection test: ~0.05 s against ~20 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Encoder(nn.Module):

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -21,11 +20,8 @@ TINY_RUN = HERE / "tiny_run.py"
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _every_test_on_one_thread(one_thread):  # tests/conftest.py
     yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture
