@@ -69,7 +69,9 @@ def render_conversion(report, out: Optional[str] = None, as_json: bool = False) 
         )
     rows = [("parameters", human(report.params_before), human(report.params_after), f"{report.params_after / report.params_before:.3f}x")]
     if report.macs_before:
-        rows.append((f"MACs @{report.image_size}", human(report.macs_before), human(report.macs_after),
+        # A detector resizes its images to its own min_size first; the MACs are of that size.
+        label = f"MACs, one {report.image_size} px image (resized)" if report.task == "detection" else f"MACs @{report.image_size}"
+        rows.append((label, human(report.macs_before), human(report.macs_after),
                      f"{report.macs_after / report.macs_before:.3f}x"))
     print_table("cost", ["", "before", "after", "ratio"], rows, justify_right=["before", "after", "ratio"])
     if report.exact_max_error is not None:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 
 def _one(name: str) -> None:
-    from gfgp_cli.zoo_report import check_model
+    from gfgp_cli.zoo_report import check_kwargs, check_model
 
     start = time.perf_counter()
-    row = check_model(name)
+    row = check_model(name, **check_kwargs(name))
     row["seconds"] = round(time.perf_counter() - start, 1)
     print("ROW " + json.dumps(row), flush=True)
 
@@ -62,7 +62,8 @@ in units of the output scale); one training-mode forward and backward (finite lo
 non-zero gradients on the GFGP parameters; a detector's own losses on synthetic boxes); a
 checkpoint round trip (`save` then `load` give identical eval outputs); `gfgp export` verified
 in onnxruntime (a detector: its converted backbone, the whole model being refused in one line);
-the seconds all of it took.
+the seconds all of it took. Detectors are built with the constructor arguments shown (they resize
+every image to `min_size`; the conversion is the same at every size).
 
 {summary}
 
@@ -111,7 +112,8 @@ def _render(rows: list) -> str:
                 exports += f": {r.get('export_note', '')[:120]}"
             exact = _mark(r.get("exact")) + (f" ({r['exact_error']:.1g})" if r.get("exact_error") is not None else "")
             error = f" ({r['error'][:120]})" if r.get("error") else ""
-            lines.append(f"| {task} | {name} | yes{error} | {r.get('gfgp_layers', '')} | {parts} | {exact} | "
+            shown = name + "".join(f" `{k}={v}`" for k, v in r.get("kwargs", {}).items())
+            lines.append(f"| {task} | {shown} | yes{error} | {r.get('gfgp_layers', '')} | {parts} | {exact} | "
                          f"{_mark(r.get('trains'))} | {_mark(r.get('roundtrip'))} | {exports} | {r.get('seconds', '')} |")
     details = f"<details><summary>every model ({len(lines) - 2})</summary>\n\n"
     return header + details + "\n".join(lines) + "\n\n</details>\n"

@@ -89,3 +89,16 @@ def test_check_sees_a_detector_whose_backbone_changed(one_thread):
     assert layout_check(model, skip, [example], report.parts).max_error < 1e-10
     pooled, report = gp.pipeline(model, example, placement="exact", factory=_maxpools, partial=True)
     assert layout_check(model, pooled, [example], report.parts).max_error > 1e-2
+
+
+def test_detections_clipped_to_one_box_with_near_equal_scores_pair_one_to_one():
+    # Random weights saturate a detector: boxes clipped to the image border, equal scores.
+    # Nearest-neighbour matching pairs several with one (argmin takes the first of a tie); the
+    # check must find a one-to-one pairing.
+    n = 6
+    expected = {"boxes": torch.tensor([[0.0, 0.0, 320.0, 320.0]]).repeat(n, 1),
+                "scores": torch.tensor([1.0, 1.0, 1.0, 1 - 1e-14, 1 - 1e-14, 1 - 2e-14], dtype=torch.float64),
+                "labels": torch.ones(n, dtype=torch.long)}
+    perm = torch.tensor([5, 2, 0, 4, 1, 3])
+    actual = {k: v[perm] for k, v in expected.items()}
+    assert detections_error(expected, actual) == 0.0

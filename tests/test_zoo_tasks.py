@@ -8,7 +8,8 @@ with finite, non-zero gradients on the GFGP parameters, and a checkpoint round t
 
 - ``test_zoo_model_of_every_task`` (marker ``zoo``, ``make test-zoo``): every name of
   ``torchvision.models.list_models()`` outside the video task (2-D pooling; refused in one line,
-  checked by ``test_video_models_are_refused_in_one_line``).
+  checked by ``test_video_models_are_refused_in_one_line``); detectors built with
+  ``check_kwargs`` (``min_size=max_size=320``; SSD at its own size), as in the README's table.
 - ``test_task_representative`` (fast suite): one model per task, exported and verified in
   onnxruntime too (a detection model's converted backbone; the whole detector is refused).
 Weights are random (``weights=None``, nothing downloads); the checkpoint files go to tmp_path.
@@ -20,7 +21,7 @@ import pytest
 
 from gfgp_cli import zoo
 from gfgp_cli.errors import BadInputError
-from gfgp_cli.zoo_report import check_model
+from gfgp_cli.zoo_report import check_kwargs, check_model
 
 # The smallest model of each task; all run in a few seconds on 2 CPU cores.
 TASK_REPRESENTATIVES = {
@@ -68,7 +69,7 @@ def test_task_representative(task, tmp_path):
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", ALL_2D)
 def test_zoo_model_of_every_task(name, tmp_path):
-    row = check_model(name, export=False, workdir=tmp_path)
+    row = check_model(name, export=False, workdir=tmp_path, **check_kwargs(name))
     print(f"{name} ({row['task']}): {row.get('gfgp_layers')} GFGP layers, parts {row.get('parts')}, "
           f"converted in {row.get('convert_s')} s, layout error {row.get('exact_error')}")
     _assert_row(row)
