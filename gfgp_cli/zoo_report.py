@@ -44,7 +44,7 @@ def check_model(name: str, export: bool = True, workdir: "str | Path | None" = N
 
     Keys: ``task``; ``converts`` (bool) with ``gfgp_layers``, ``parts``, ``untraced`` and
     ``convert_s``; ``exact`` with ``exact_error`` (the layout check of placement ``exact``);
-    ``trains`` (finite loss, every GFGP parameter has a finite gradient, some non-zero);
+    ``trains`` (finite loss and gradients; every GFGP parameter has one, some non-zero);
     ``roundtrip`` (save + load give the same eval outputs); ``exports`` (True, False, or None
     when not tried) with ``export_note``; ``error`` (the first failure's reason) when a step failed.
     """
@@ -68,9 +68,10 @@ def check_model(name: str, export: bool = True, workdir: "str | Path | None" = N
         loss = zoo.training_loss(gm(*args))
         loss.backward()
         grads = [p.grad for m in gm.modules() if isinstance(m, GFGPPool2d) for p in m.parameters()]
-        row["trains"] = (math.isfinite(loss.item()) and bool(grads) and all(g is not None and bool(torch.isfinite(g).all())
-                                                                           for g in grads)
-                         and any(bool(g.abs().sum() > 0) for g in grads if g is not None))
+        finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in gm.parameters())
+        # A model without GFGP layers (a ViT: its one strided conv is a patch embedding) trains as before.
+        gfgp_ok = all(g is not None for g in grads) and (not grads or any(bool(g.abs().sum() > 0) for g in grads))
+        row["trains"] = math.isfinite(loss.item()) and finite and gfgp_ok
         gm.zero_grad(set_to_none=True)
 
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
