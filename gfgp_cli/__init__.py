@@ -15,8 +15,11 @@ __version__ = "0.1.0"
 # Mapping from public name to the module that defines it.
 _EXPORTS = {
     "maxent_pool2d": ".ops",
+    "maxent_pool3d": ".ops",
     "GFGPPool2d": ".nn",
     "MaxEntPool2d": ".nn",
+    "GFGPPool3d": ".nn",
+    "MaxEntPool3d": ".nn",
     "convert": ".conversion",
     "ConversionSpec": ".spec",
     "spec_of": ".spec",

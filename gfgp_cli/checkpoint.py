@@ -128,7 +128,7 @@ def rebuild(spec: ConversionSpec, module: Optional[nn.Module] = None, pool: Opti
         pool_arg = pool
     options: Dict[str, Any] = dict(
         pool=pool_arg, placement=spec.placement, activation=spec.activation, include_patch_embed=spec.include_patch_embed,
-        image_size=spec.image_size, in_channels=spec.in_channels, comparison=spec.comparison,
+        image_size=spec.image_size, in_channels=spec.in_channels, frames=spec.frames, comparison=spec.comparison,
         weights=None,  # the checkpoint's state_dict holds the weights
     )
     if isinstance(source, TorchvisionSource):

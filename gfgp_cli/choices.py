@@ -55,11 +55,14 @@ STUDY_FAMILIES = ("vgg", "resnet", "all")
 STUDY_VARIANTS = ("skip", "max", "avg", "maxent", "gfgp", "gfgp-softplus", "nin", "resnin", "se")
 
 #: The named kinds of ``--data SPEC`` (an ImageFolder directory is the one unnamed kind), and
-#: how each is written.
-DATA_SPEC_KINDS = ("cifar10", "cifar100", "digits", "cluttered", "fake")
-DATA_SPEC_FORMS = ("cifar10:DIR", "cifar100:DIR", "digits", "cluttered[:SEED]", "fake[:N]")
+#: how each is written: every kind holds images but the last, moving-digits, which holds video
+#: clips (for video models; it also takes ``:frames=T``, ``:train=N``, ``:val=N``, see
+#: ``gfgp_cli.train.data``).
+DATA_SPEC_KINDS = ("cifar10", "cifar100", "digits", "cluttered", "fake", "moving-digits")
+DATA_SPEC_FORMS = ("cifar10:DIR", "cifar100:DIR", "digits", "cluttered[:SEED]", "fake[:N]", "moving-digits[:SEED]")
 #: The sentence every --data help and data error uses.
-DATA_SPEC_HELP = f"an ImageFolder DIR (train/ and val/), {', '.join(DATA_SPEC_FORMS[:-1])} or {DATA_SPEC_FORMS[-1]}"
+DATA_SPEC_HELP = (f"an ImageFolder DIR (train/ and val/), {', '.join(DATA_SPEC_FORMS[:-2])} or {DATA_SPEC_FORMS[-2]} "
+                  f"(images), or {DATA_SPEC_FORMS[-1]} (video clips, for video models)")
 
 #: ``gfgp train --amp-dtype`` values.
 AMP_DTYPES = ("bf16", "fp16")

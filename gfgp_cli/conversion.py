@@ -34,7 +34,7 @@ from graph_passes.testing import randomize_norms
 from . import choices, zoo
 from .errors import BadInputError
 from .layout import cast_example, layout_check
-from .nn import COMPARISON_MODULES, GFGPPool2d, MaxEntPool2d
+from .nn import COMPARISON_MODULES, GFGPPool2d, GFGPPool3d, MaxEntPool2d, MaxEntPool3d
 from .spec import CUSTOM_POOL, ConversionSpec, ModuleSource, Source, TorchvisionSource, attach_spec
 
 __all__ = ["convert", "convert_with_report", "register_pool", "POOLS", "ConversionReport",
@@ -43,7 +43,7 @@ __all__ = ["convert", "convert_with_report", "register_pool", "POOLS", "Conversi
 PoolFactory = Callable[[graph_passes.Site], Optional[nn.Module]]
 
 # The pooling layers stay one node when a converted model is traced again (re-conversion, export).
-for _layer in (GFGPPool2d, MaxEntPool2d, *COMPARISON_MODULES.values()):
+for _layer in (GFGPPool2d, MaxEntPool2d, GFGPPool3d, MaxEntPool3d, *COMPARISON_MODULES.values()):
     graph_passes.register_leaf_module(_layer)
 
 # Mapping from pool name to a function (activation) -> factory(site) -> module or None (keep).
@@ -61,25 +61,34 @@ def register_pool(name: str):
     return deco
 
 
+def _by_rank(site: graph_passes.Site, layer_2d, layer_3d):
+    """The 2-D or 3-D layer class for a site (its geometry has one entry per spatial dim)."""
+    return layer_2d if len(site.stride) == 2 else layer_3d
+
+
 @register_pool("gfgp")
 def _gfgp(activation: str = "sigmoid") -> PoolFactory:
-    return lambda site: GFGPPool2d(site.channels, site.kernel, site.stride, site.padding, site.ceil_mode, activation)
+    return lambda site: _by_rank(site, GFGPPool2d, GFGPPool3d)(site.channels, site.kernel, site.stride, site.padding,
+                                                              site.ceil_mode, activation)
 
 
 @register_pool("maxent")
 def _maxent(activation: str = "sigmoid") -> PoolFactory:
-    return lambda site: MaxEntPool2d(site.channels, site.kernel, site.stride, site.padding, site.ceil_mode, activation)
+    return lambda site: _by_rank(site, MaxEntPool2d, MaxEntPool3d)(site.channels, site.kernel, site.stride,
+                                                                  site.padding, site.ceil_mode, activation)
 
 
 @register_pool("max")
 def _max(activation: str = "sigmoid") -> PoolFactory:
-    return lambda site: nn.MaxPool2d(site.kernel, site.stride, site.padding, ceil_mode=site.ceil_mode)
+    return lambda site: _by_rank(site, nn.MaxPool2d, nn.MaxPool3d)(site.kernel, site.stride, site.padding,
+                                                                  ceil_mode=site.ceil_mode)
 
 
 @register_pool("avg")
 def _avg(activation: str = "sigmoid") -> PoolFactory:
     # Padded positions are excluded, as in max-entropy pooling (lam = 0 is this pool).
-    return lambda site: nn.AvgPool2d(site.kernel, site.stride, site.padding, site.ceil_mode, count_include_pad=False)
+    return lambda site: _by_rank(site, nn.AvgPool2d, nn.AvgPool3d)(site.kernel, site.stride, site.padding,
+                                                                  site.ceil_mode, count_include_pad=False)
 
 
 @register_pool("skip")
@@ -127,6 +136,7 @@ class ConversionReport:
     exact_dtype: Optional[str] = None
     parts: List[str] = field(default_factory=lambda: [""])  # converted submodules ("": the whole model)
     untraced: List[Dict[str, Any]] = field(default_factory=list)  # modules left as Python, and why
+    frames: Optional[int] = None  # a video model's example clip length T
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -228,6 +238,7 @@ def convert_with_report(
     include_patch_embed: bool = False,
     image_size: Optional[int] = None,
     in_channels: int = 3,
+    frames: Optional[int] = None,
     comparison: Optional[str] = None,
     seed: Optional[int] = None,
     measure: bool = False,
@@ -265,7 +276,8 @@ def convert_with_report(
         not_loaded = _load_weights(original, name, weights) if weights is not None else []
         original.eval()
         size = image_size or zoo.default_image_size(name, task)
-        example = zoo.example_input(task, in_channels, size)
+        frames = zoo.check_frames(source.describe(), task, frames)
+        example = zoo.example_input(task, in_channels, size, frames=frames)
 
         start = time.perf_counter()
         gm, record = graph_passes.pipeline(
@@ -293,6 +305,7 @@ def convert_with_report(
         include_patch_embed=include_patch_embed,
         image_size=size,
         in_channels=in_channels,
+        frames=frames,
         task=task,
         parts=tuple(record.parts),
         comparison=comparison,
@@ -318,18 +331,19 @@ def convert_with_report(
         new_tensors=new_tensors if weights else [],
         parts=list(record.parts),
         untraced=[asdict(u) for u in record.untraced],
+        frames=frames,
     )
     if measure:
-        _measure(report, original, gm, task, in_channels, size, placement, include_patch_embed)
+        _measure(report, original, gm, task, in_channels, size, placement, include_patch_embed, frames)
     gm.train()
     return gm, report
 
 
 def _measure(report: ConversionReport, original: nn.Module, gm: nn.Module, task: str, in_channels: int, size: int,
-             placement: str, include_patch_embed: bool) -> None:
+             placement: str, include_patch_embed: bool, frames: Optional[int] = None) -> None:
     """MACs before/after on one example image, and the layout check (see convert_with_report)."""
     gm.eval()
-    one = zoo.example_input(task, in_channels, size, batch=1)
+    one = zoo.example_input(task, in_channels, size, batch=1, frames=frames)
     report.macs_before = _macs(original, one)
     report.macs_after = _macs(gm, one)
     dtype = torch.float64 if task == "detection" else torch.float32
@@ -338,7 +352,8 @@ def _measure(report: ConversionReport, original: nn.Module, gm: nn.Module, task:
         # Freshly initialised BatchNorms are the identity in eval mode, so a pool moved past one
         # it must not pass would go unnoticed: the check's copy gets random statistics.
         randomize_norms(reference, seed=0)
-    examples = [zoo.example_input(task, in_channels, size), zoo.example_input(task, in_channels, size, second=True)]
+    examples = [zoo.example_input(task, in_channels, size, frames=frames),
+                zoo.example_input(task, in_channels, size, second=True, frames=frames)]
     examples = [cast_example(e, dtype) for e in examples]
     skip_model, _ = graph_passes.pipeline(
         reference, examples[0], placement=placement, factory=POOLS["skip"](), include_patch_embed=include_patch_embed,
@@ -371,7 +386,8 @@ def convert(model: Union[str, nn.Module], pool: Union[str, PoolFactory] = choice
         options: ``weights`` (torchvision weights name or state_dict file), ``activation``
             (``"sigmoid"`` or ``"softplus"``), ``include_patch_embed``, ``image_size`` and
             ``in_channels`` (of the example ``Tensor[2, in_channels, image_size, image_size]``
-            used for shapes; default 224 and 3), ``comparison`` (``"nin"``, ``"resnin"`` or
+            used for shapes; default 224 and 3), ``frames`` (a video model's example clip is
+            ``Tensor[2, in_channels, frames, image_size, image_size]``; default 16), ``comparison`` (``"nin"``, ``"resnin"`` or
             ``"se"``: insert that block before each max/avg pool, docs/method.md section 4; use with ``pool="skip"`` to
             keep the pools), ``seed`` (seed the initial weights of the model and of the new
             layers; default: torch's global RNG), and torchvision constructor kwargs.

@@ -21,10 +21,15 @@ def human(n: Optional[float], unit: str = "") -> str:
 
 
 def _geometry(site: Dict[str, Any]) -> str:
+    """``3x3/2 pad 1`` (kernel / stride, a stride or padding equal in every dim written once);
+    3-D sites read ``3x3x3/1x2x2 pad 1``."""
+    def once(values) -> str:
+        return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
     k, s, p = site["kernel"], site["stride"], site["padding"]
-    text = f"{k[0]}x{k[1]}/{s[0]}" if s[0] == s[1] else f"{k[0]}x{k[1]}/{s[0]}x{s[1]}"
+    text = f"{'x'.join(map(str, k))}/{once(s)}"
     if any(p):
-        text += f" pad {p[0]}" if p[0] == p[1] else f" pad {p[0]}x{p[1]}"
+        text += f" pad {once(p)}"
     if site.get("ceil_mode"):
         text += " ceil"
     return text
@@ -70,7 +75,11 @@ def render_conversion(report, out: Optional[str] = None, as_json: bool = False) 
     rows = [("parameters", human(report.params_before), human(report.params_after), f"{report.params_after / report.params_before:.3f}x")]
     if report.macs_before:
         # A detector resizes its images to its own min_size first; the MACs are of that size.
-        label = f"MACs, one {report.image_size} px image (resized)" if report.task == "detection" else f"MACs @{report.image_size}"
+        label = f"MACs @{report.image_size}"
+        if report.task == "detection":
+            label = f"MACs, one {report.image_size} px image (resized)"
+        elif report.frames is not None:
+            label = f"MACs, one {report.frames}x{report.image_size}x{report.image_size} clip"
         rows.append((label, human(report.macs_before), human(report.macs_after),
                      f"{report.macs_after / report.macs_before:.3f}x"))
     print_table("cost", ["", "before", "after", "ratio"], rows, justify_right=["before", "after", "ratio"])

@@ -11,13 +11,13 @@ replays it to rebuild the model.
 Plain form (what a checkpoint's ``"spec"`` entry holds; primitives, tuples and lists only, so it
 loads with ``torch.load(weights_only=True)``)::
 
-    {"version": 3,
+    {"version": 4,
      "source": {"kind": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10},
                 "weights_backbone": None},
      "task": "classification", "parts": [""],
      "torchvision_version": "0.29.1", "pool": "gfgp", "placement": "paper",
      "activation": "sigmoid", "include_patch_embed": False, "comparison": None,
-     "image_size": 224, "in_channels": 3, "weights": None, "new_parameters": None,
+     "image_size": 224, "in_channels": 3, "frames": None, "weights": None, "new_parameters": None,
      "sites": [{...graph_passes.Site fields...}, ...]}
 
 Versions (bump :data:`SPEC_VERSION` and teach :meth:`ConversionSpec.from_dict` the old form):
@@ -28,6 +28,8 @@ Versions (bump :data:`SPEC_VERSION` and teach :meth:`ConversionSpec.from_dict` t
     3: every torchvision task: "task" (classification before), "parts" (the converted
        submodules of a model torch.fx cannot trace whole; [""] before: the whole model), and
        a torchvision source's "weights_backbone" (None before).
+    4: video models: "frames", the example clip's length T (None before, and for image models);
+       sites of 3-D ops have (t, h, w) triples.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 #: Version of the spec's plain form written by this code (see the module docstring).
-SPEC_VERSION = 3
+SPEC_VERSION = 4
 
 #: ``ConversionSpec.pool`` for a pool given as a callable (it cannot be replayed by name).
 CUSTOM_POOL = "custom"
@@ -57,7 +59,7 @@ CUSTOM_POOL = "custom"
 # Keyword options of the conversion itself: a torchvision source's constructor arguments are
 # passed next to them when the spec is replayed, so they may not use these names.
 _CONVERSION_OPTIONS = frozenset({"pool", "placement", "weights", "weights_backbone", "activation", "include_patch_embed",
-                                 "image_size", "in_channels", "comparison", "seed", "measure", "task"})
+                                 "image_size", "in_channels", "frames", "comparison", "seed", "measure", "task"})
 
 # The attribute of a converted model that holds its spec (GraphModule.meta is torch.fx's place
 # for such annotations; it survives deepcopy and re-compiles).
@@ -160,6 +162,8 @@ class ConversionSpec:
         placement, activation, include_patch_embed, comparison: the conversion options.
         image_size, in_channels: the example input ``Tensor[2, in_channels, image_size,
             image_size]`` that shape propagation saw (and the size the model was converted for).
+        frames: a video model's example clip length T (the example is ``Tensor[2, in_channels,
+            frames, image_size, image_size]``); None for image models.
         weights: the weights loaded before converting (a torchvision weights name or a file),
             or None when the model starts from random weights.
         new_parameters: names of the parameters that did not come from ``weights`` (the
@@ -182,6 +186,7 @@ class ConversionSpec:
     sites: Tuple[Site, ...]
     torchvision_version: str
     in_channels: int = 3
+    frames: Optional[int] = None
     task: str = "classification"
     parts: Tuple[str, ...] = ("",)
     include_patch_embed: bool = False
@@ -219,6 +224,7 @@ class ConversionSpec:
             "comparison": self.comparison,
             "image_size": self.image_size,
             "in_channels": self.in_channels,
+            "frames": self.frames,
             "task": self.task,
             "parts": list(self.parts),
             "weights": self.weights,
@@ -256,6 +262,7 @@ class ConversionSpec:
                 comparison=data.get("comparison"),
                 image_size=_positive_int(data, "image_size"),
                 in_channels=_positive_int(data, "in_channels", 3),
+                frames=None if data.get("frames") is None else _positive_int(data, "frames"),
                 task=_task(data),
                 parts=_parts(data),
                 weights=data.get("weights"),

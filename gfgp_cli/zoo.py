@@ -7,8 +7,9 @@ model takes and returns, so this module knows, per task:
 - how to build a model by name (``weights=None``; detection and segmentation builders default
   ``weights_backbone`` to ImageNet weights, a download, so gfgp builds with it off unless asked),
 - the example input of the conversion and of the layout check (a ``Tensor[N, C, H, W]``; a list
-  of ``Tensor[C, H, W]`` images for detection; two frames for optical flow),
-- names the models refuse and why (int8 quantized models, the 3-D video models).
+  of ``Tensor[C, H, W]`` images for detection; two frames for optical flow; a clip
+  ``Tensor[N, C, T, H, W]`` for video),
+- options the models refuse and why (int8 quantized models).
 
 No other module imports torchvision's task modules.
 """
@@ -26,7 +27,7 @@ from . import choices
 from .errors import BadInputError
 
 __all__ = ["TASKS", "task_of", "list_model_names", "build", "example_input", "default_image_size",
-           "check_task_options", "layout_check_model"]
+           "default_frames", "check_task_options", "layout_check_model"]
 
 #: Task families, in the order of torchvision's documentation, and the module holding each one's builders.
 TASKS = choices.TASKS
@@ -39,10 +40,14 @@ _MODULES = {
     "video": "torchvision.models.video",
 }
 
-# Input sizes of classification models that do not take 224 x 224, and example sizes per task:
-# a detection model resizes its images itself (min_size), RAFT needs sides divisible by 8.
-_IMAGE_SIZE = {"inception_v3": 299, "quantized_inception_v3": 299}
+# Input sizes of models that do not take 224 x 224, and example sizes per task: a detection
+# model resizes its images itself (min_size), RAFT needs sides divisible by 8, and the video
+# ResNets take 112 x 112 clips (torchvision's weights were trained at that size; S3D, MViT and
+# Swin3D take 224, MViT exactly: its positional embeddings are sized for 16 x 224 x 224).
+_IMAGE_SIZE = {"inception_v3": 299, "quantized_inception_v3": 299, "r3d_18": 112, "mc3_18": 112, "r2plus1d_18": 112}
 _TASK_IMAGE_SIZE = {"detection": 320, "optical_flow": 128}
+#: Frames of a video example clip (every torchvision video model's weights take 16).
+VIDEO_FRAMES = 16
 
 
 @lru_cache(maxsize=None)
@@ -77,13 +82,24 @@ def default_image_size(name: Optional[str], task: str = "classification") -> int
     return _IMAGE_SIZE.get(name or "", _TASK_IMAGE_SIZE.get(task, 224))
 
 
+def default_frames(task: str) -> Optional[int]:
+    """T of the example clip of a video model (:data:`VIDEO_FRAMES`); None for image tasks."""
+    return VIDEO_FRAMES if task == "video" else None
+
+
+def check_frames(name: str, task: str, frames: Optional[int]) -> Optional[int]:
+    """The example clip's T for this model: ``frames`` checked, or the default; None for images."""
+    if frames is None:
+        return default_frames(task)
+    if task != "video":
+        raise BadInputError(f"--frames applies to video models (clips), not to {name} ({task.replace('_', ' ')})")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise BadInputError(f"frames must be a positive int (the clip length T), got {frames!r}")
+    return frames
+
+
 def check_task_options(name: str, task: str, kwargs: Dict[str, Any]) -> None:
     """Refuse, in one line, the models and options gfgp cannot convert (before building anything)."""
-    if task == "video":
-        raise BadInputError(
-            f"{name} is a video model: its downsampling is 3-D (strided Conv3d and MaxPool3d over time, height and "
-            "width), and gfgp's GFGP pooling is 2-D for now; convert a 2-D model (gfgp convert --list)"
-        )
     if task == "quantization" and kwargs.get("quantize"):
         raise BadInputError(
             f"{name} with quantize=True is an int8 model, which GFGP pooling cannot run in; convert the float model "
@@ -113,15 +129,23 @@ def build(name: str, kwargs: Dict[str, Any], weights_backbone: Optional[str] = N
         raise BadInputError(f"cannot build {name} with {shown}: {' '.join(str(e).split())[:200]}") from e
 
 
-def example_input(task: str, in_channels: int, size: int, batch: int = 2, seed: int = 0, second: bool = False) -> Any:
+def example_input(task: str, in_channels: int, size: int, batch: int = 2, seed: int = 0, second: bool = False,
+                  frames: Optional[int] = None) -> Any:
     """The example a model of ``task`` takes (random, seeded): what the passes and checks run on.
 
     ``second=True`` gives the layout check's second size: smaller, with an odd height (the skip
-    pools' ceil rounding); for optical flow (sides multiples of 8, at least 128) a taller one. Returns a tensor, or a tuple of
-    positional arguments (:data:`graph_passes` accepts both).
+    pools' ceil rounding); for optical flow (sides multiples of 8, at least 128) a taller one;
+    for video a clip of about 3/4 the frames (an odd number) and an odd, larger height (video
+    models end in fixed-size pools more often than image models). Video clips have ``frames`` frames (default
+    :data:`VIDEO_FRAMES`). Returns a tensor, or a tuple of positional arguments
+    (:data:`graph_passes` accepts both).
     """
     g = torch.Generator().manual_seed(seed + (1 if second else 0))
     h, w = (size * 3 // 4) | 1 if second else size, size
+    if task == "video":
+        t = frames or VIDEO_FRAMES
+        t, h = ((t * 3 // 4) | 1, (size * 5 // 4) | 1) if second else (t, size)
+        return torch.randn(batch, in_channels, t, h, w, generator=g)
     if task == "detection":  # a list of images of different sizes, values in [0, 1] as the transform expects
         shapes = [(h, w), (h, w * 3 // 4)][:batch]
         return ([torch.rand(in_channels, *s, generator=g) for s in shapes],)
@@ -154,11 +178,12 @@ def layout_check_model(model: nn.Module, task: str) -> nn.Module:
 _CHECK_PROPOSALS = 100
 
 
-def training_example(name: str, task: str, in_channels: int, size: int, seed: int = 0) -> Tuple[Any, ...]:
+def training_example(name: str, task: str, in_channels: int, size: int, seed: int = 0,
+                     frames: Optional[int] = None) -> Tuple[Any, ...]:
     """Positional arguments of one training-mode forward: the example input, and for a
     detection model the targets its losses need (one box per image; masks and keypoints for
     Mask and Keypoint R-CNN)."""
-    args = example_input(task, in_channels, size, seed=seed)
+    args = example_input(task, in_channels, size, seed=seed, frames=frames)
     if task != "detection":
         return args if isinstance(args, tuple) else (args,)
     images = args[0]

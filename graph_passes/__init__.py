@@ -5,7 +5,7 @@ to bottom::
 
     gm = trace(model)                           # qualnames preserved, eval-mode control flow
     sites = find_sites(gm, example_input)       # strided convs and max/avg pools (Site)
-    gm = decompose(gm, sites)                   # conv(stride=s) -> conv(stride=1); SkipPool2d(s)
+    gm = decompose(gm, sites)                   # conv(stride=s) -> conv(stride=1); SkipPool2d(s) (3-D: SkipPool3d)
     gm, placed = move_pools(gm, placement="exact")  # pools past BN/activations/1x1 convs/joins
     gm, replaced = replace_pools(gm, factory, find_sites(gm, example_input))  # pool -> factory(site)
 
@@ -24,7 +24,7 @@ from .partial import Converted, Part, Plan, Untraced, capture_inputs, convert_pa
 from .pipeline import Report, pipeline
 from .replace import PoolFactory, Replaced, replace_pools
 from .sites import Site, find_sites, is_strided_conv, pool_kind
-from .skip_pool import SkipPool2d
+from .skip_pool import SkipPool, SkipPool2d, SkipPool3d, skip_pool
 from .trace import LeafTracer, TraceError, register_leaf_module, trace, untraced_state_keys
 
 __all__ = [
@@ -40,7 +40,10 @@ __all__ = [
     "find_sites",
     "is_strided_conv",
     "pool_kind",
+    "SkipPool",
     "SkipPool2d",
+    "SkipPool3d",
+    "skip_pool",
     "decompose",
     "stride1_conv",
     "move_pools",

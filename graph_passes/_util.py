@@ -140,6 +140,29 @@ def set_submodule(gm: GraphModule, qualname: str, module: nn.Module) -> None:
         raise ValueError(f"cannot install a module at {qualname!r}: a non-module attribute is in the way")
 
 
+def _mutable(value: Any) -> Any:
+    """Plain lists and dicts for torch.fx's immutable argument containers (nested)."""
+    if isinstance(value, list):  # torch.fx's immutable_list is a list subclass
+        return [_mutable(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    if type(value).__name__ == "immutable_dict":
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
+
+
+class _CallerOwnedArgs(ShapeProp):
+    """ShapeProp whose calls get plain list and dict arguments, as the generated code passes them.
+
+    The interpreter hands a node's list literals over as torch.fx's immutable lists, while a
+    GraphModule's generated Python passes fresh lists; functions that mutate an argument they
+    were given (Swin3D's ``_get_window_and_shift_size``) run in the model but fail in ShapeProp.
+    """
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return super().call_function(target, _mutable(args), _mutable(kwargs))
+
+
 class _ShapePropRunner(nn.Module):
     """Lets ``torch.func.functional_call`` swap ``gm``'s tensors for the duration of a ShapeProp."""
 
@@ -148,7 +171,7 @@ class _ShapePropRunner(nn.Module):
         self.gm = gm
 
     def forward(self, *args: Any) -> object:
-        return ShapeProp(self.gm).propagate(*args)
+        return _CallerOwnedArgs(self.gm).propagate(*args)
 
 
 def _to_meta(value: Any) -> Any:

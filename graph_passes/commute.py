@@ -1,11 +1,14 @@
 """Which fx nodes commute with spatial subsampling ``x[..., ::s_h, ::s_w]`` (eval mode).
 
 The tables and predicates :func:`graph_passes.move_pools` decides with. Values are 4-D
-``(N, C, H, W)`` (SkipPool2d accepts nothing else), so dims 0 and 1 are batch and channel.
+``(N, C, H, W)`` (SkipPool2d) or 5-D ``(N, C, T, H, W)`` (SkipPool3d, subsampling T as well), so
+dims 0 and 1 are batch and channel; a value's rank comes from ShapeProp's ``tensor_meta`` where
+a rule needs it (4-D is assumed without it).
 """
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -41,7 +44,7 @@ _POINTWISE_MODULES: frozenset[type] = frozenset(
         nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.PReLU,
         nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.LogSigmoid,
         nn.RReLU,  # random only in training mode
-        nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout,  # identity in eval mode
+        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,  # identity in eval mode
         nn.Identity,
     )
     # StochasticDepth scales whole samples ((N, 1, 1, 1) noise): it commutes even in training.
@@ -93,9 +96,16 @@ _ELEMENTWISE_FUNCTIONS = _functions(
     "minimum", "pow",
 )
 _ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum"}
-# Concatenations: they commute when joining along the batch or channel dim of 4-D values.
+# Concatenations: they commute when joining along the batch or channel dim (0 or 1).
 _CAT_FUNCTIONS = _functions(torch, "cat", "concat", "concatenate")
-_CAT_DIMS = {0, 1, -3, -4}
+_CAT_DIMS = {0, 1}
+_CONVS = (nn.Conv2d, nn.Conv3d)
+
+
+def _rank(node: Node, default: int = 4) -> int:
+    """The number of dims of ``node``'s value, from ShapeProp's metadata (``default`` without it)."""
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else default
 
 
 @dataclass(frozen=True)
@@ -107,20 +117,23 @@ class Rule:
     pending: tuple[Node, ...]
 
 
-def _is_pointwise_conv(m: nn.Conv2d) -> bool:
-    """1x1, stride 1, unpadded (any groups, dilation irrelevant): a per-position channel mix."""
-    padding = (0, 0) if m.padding in ("valid", "same") else tuple(m.padding)
-    return tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1) and padding == (0, 0)
+def _is_pointwise_conv(m: nn.Module) -> bool:
+    """1x1 (1x1x1), stride 1, unpadded (any groups, dilation irrelevant): a per-position channel mix."""
+    assert isinstance(m, _CONVS)
+    dims = len(m.kernel_size)
+    padding = (0,) * dims if m.padding in ("valid", "same") else tuple(m.padding)
+    return tuple(m.kernel_size) == (1,) * dims and tuple(m.stride) == (1,) * dims and padding == (0,) * dims
 
 
-def _size_offset(m: nn.Conv2d) -> tuple[int, int]:
+def _size_offset(m: nn.Module) -> tuple[int, ...]:
     """Output minus input size of a stride-1 conv: ``2p - d(k-1)`` per dim (0 for 'same')."""
+    assert isinstance(m, _CONVS)
+    dims = len(m.kernel_size)
     if m.padding == "same":
-        return (0, 0)
-    # Conv2d accepts only the strings "same" and "valid": any other string here is "valid".
-    (ph, pw) = (0, 0) if isinstance(m.padding, str) else m.padding
-    (dh, dw), (kh, kw) = m.dilation, m.kernel_size
-    return (2 * ph - dh * (kh - 1), 2 * pw - dw * (kw - 1))
+        return (0,) * dims
+    # Convs accept only the strings "same" and "valid": any other string here is "valid".
+    padding = (0,) * dims if isinstance(m.padding, str) else tuple(m.padding)
+    return tuple(2 * p - d * (k - 1) for p, d, k in zip(padding, m.dilation, m.kernel_size))
 
 
 def _contains_node(value: Any) -> bool:
@@ -135,8 +148,9 @@ def _contains_node(value: Any) -> bool:
     return found
 
 
-def _is_spatial_constant(node: Node, gm: GraphModule) -> bool:
-    """A parameter/buffer that cannot vary along H or W once broadcast against a 4-D value."""
+def _is_spatial_constant(node: Node, gm: GraphModule, rank: int = 4) -> bool:
+    """A parameter/buffer that cannot vary along H or W (5-D: T, H or W) once broadcast against a
+    value of ``rank`` dims."""
     if node.op != "get_attr":
         return False
     value: Any = gm
@@ -144,9 +158,9 @@ def _is_spatial_constant(node: Node, gm: GraphModule) -> bool:
         value = getattr(value, item, None)
     if isinstance(value, (int, float, bool)):
         return True
-    if not isinstance(value, torch.Tensor) or value.dim() > 4:
+    if not isinstance(value, torch.Tensor) or value.dim() > rank:
         return False
-    return all(size == 1 for size in value.shape[-2:])
+    return all(size == 1 for size in value.shape[-(rank - 2):])
 
 
 def rule(node: Node, gm: GraphModule, modules: dict[str, nn.Module]) -> Rule | None:
@@ -166,10 +180,10 @@ def rule(node: Node, gm: GraphModule, modules: dict[str, nn.Module]) -> Rule | N
             return Rule("exact", (x,))
         if type(m) in _BATCH_NORMS and m.track_running_stats and m.running_mean is not None:
             return Rule("exact", (x,))
-        if isinstance(m, nn.Conv2d) and _has_plain_conv_forward(m) and tuple(m.stride) == (1, 1):
+        if isinstance(m, _CONVS) and _has_plain_conv_forward(m) and max(m.stride) == 1:
             if _is_pointwise_conv(m):
                 return Rule("exact", (x,))
-            if _size_offset(m) == (0, 0):
+            if not any(_size_offset(m)):
                 return Rule("paper", (x,))
         return None
     if node.op not in ("call_function", "call_method") or not args:
@@ -190,7 +204,7 @@ def rule(node: Node, gm: GraphModule, modules: dict[str, nn.Module]) -> Rule | N
         def visit(a: Any) -> Any:
             nonlocal ok
             if isinstance(a, Node):
-                if not _is_spatial_constant(a, gm) and a not in operands:
+                if not _is_spatial_constant(a, gm, _rank(node)) and a not in operands:
                     operands.append(a)
             elif not isinstance(a, (int, float, bool, str, type(None))):
                 ok = False  # e.g. a dtype or device: not an arithmetic operand we know
@@ -201,6 +215,8 @@ def rule(node: Node, gm: GraphModule, modules: dict[str, nn.Module]) -> Rule | N
     if is_fn and target in _CAT_FUNCTIONS:
         tensors = args[0] if args else kwargs.get("tensors")
         dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+        if isinstance(dim, int) and dim < 0:
+            dim += _rank(node)
         if (
             not isinstance(tensors, (list, tuple))
             or not all(isinstance(t, Node) for t in tensors)
@@ -213,9 +229,9 @@ def rule(node: Node, gm: GraphModule, modules: dict[str, nn.Module]) -> Rule | N
     return None
 
 
-# A size class (root node, dh, dw) means "the spatial size of root's value plus (dh, dw)": two
-# values of one class have the same H and W for every input size.
-SizeClass = tuple[Any, int, int]
+# A size class (root node, (dh, dw)) means "the spatial size of root's value plus (dh, dw)" (3-D:
+# (dt, dh, dw)): two values of one class have the same spatial size for every input size.
+SizeClass = tuple[Any, tuple[int, ...]]
 
 
 def size_classes(gm: GraphModule, rules: dict[Node, Rule], modules: dict[str, nn.Module]) -> dict[Node, SizeClass]:
@@ -223,15 +239,16 @@ def size_classes(gm: GraphModule, rules: dict[Node, Rule], modules: dict[str, nn
     class) keep it, stride-1 convs add ``2p - d(k-1)``, anything else starts a class of its own."""
     classes: dict[Node, SizeClass] = {}
     for node in gm.graph.nodes:
-        cls: SizeClass = (node, 0, 0)
+        cls: SizeClass = (node, ())
         m = modules.get(str(node.target)) if node.op == "call_module" else None
         if (
-            isinstance(m, nn.Conv2d) and _has_plain_conv_forward(m) and tuple(m.stride) == (1, 1)
+            isinstance(m, _CONVS) and _has_plain_conv_forward(m) and max(m.stride) == 1
             and node.args and node.args[0] in classes
         ):
-            root, dh, dw = classes[node.args[0]]
-            oh, ow = _size_offset(m)
-            cls = (root, dh + oh, dw + ow)
+            root, offset = classes[node.args[0]]
+            step = _size_offset(m)
+            total = tuple(a + b for a, b in itertools.zip_longest(offset, step, fillvalue=0))
+            cls = (root, total if any(total) else ())  # () is "no offset" for every rank
         elif node in rules:
             operand_classes = {classes[o] for o in rules[node].pending}
             if len(operand_classes) == 1:

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import TypeVar
 
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from ._util import finish, free_name, owner_of, reroute_uses, set_submodule
 from .sites import Site
-from .skip_pool import SkipPool2d
+from .skip_pool import skip_pool
 
 __all__ = ["decompose", "stride1_conv"]
 
+_Conv = TypeVar("_Conv", nn.Conv2d, nn.Conv3d)
 
-def stride1_conv(conv: nn.Conv2d) -> nn.Conv2d:
-    """A new module equal to ``conv`` except ``stride=(1, 1)``, sharing its Parameters.
+
+def stride1_conv(conv: _Conv) -> _Conv:
+    """A new module equal to ``conv`` except stride 1 (``(1, 1)``, 3-D ``(1, 1, 1)``), sharing its Parameters.
 
     ``conv`` itself is not modified (a traced GraphModule shares its leaves with the model it was
     traced from). Weights, bias, padding, padding_mode, dilation, groups, hooks and any extra
@@ -27,7 +30,7 @@ def stride1_conv(conv: nn.Conv2d) -> nn.Conv2d:
     for key, value in vars(conv).items():
         if isinstance(value, dict):  # _parameters, _buffers, _modules, hook tables
             new.__dict__[key] = copy.copy(value)
-    new.stride = (1, 1)
+    new.stride = (1,) * len(conv.stride)
     return new
 
 
@@ -38,7 +41,7 @@ def decompose(gm: GraphModule, sites: Iterable[Site]) -> GraphModule:
     ``k``, dilation ``d`` and padding ``p`` gives ``floor((H + 2p - d(k-1) - 1) / s) + 1`` rows;
     at stride 1 it gives ``H' = H + 2p - d(k-1)`` rows, of which ``SkipPool2d(s)`` keeps rows
     ``0, s, 2s, ...``, i.e. ``ceil(H' / s) = floor((H' - 1) / s) + 1`` of them: the same rows with
-    the same values. Padding (any ``padding_mode``) is applied to the input before the
+    the same values (per dim: an ``nn.Conv3d`` gets a ``SkipPool3d``). Padding (any ``padding_mode``) is applied to the input before the
     convolution in both cases, so it does not interact with the stride.
 
     Graph before / after (``layer2.0.conv2`` is a 3x3 stride-2 conv)::
@@ -59,7 +62,7 @@ def decompose(gm: GraphModule, sites: Iterable[Site]) -> GraphModule:
     nodes = {n.name: n for n in gm.graph.nodes}
     # Mapping from conv module qualname to the call sites to decompose.
     calls: dict[str, list[Node]] = {}
-    convs: dict[str, nn.Conv2d] = {}
+    convs: dict[str, _Conv] = {}
     for site in sites:
         if site.kind != "conv" or not site.convert:
             continue
@@ -67,8 +70,8 @@ def decompose(gm: GraphModule, sites: Iterable[Site]) -> GraphModule:
         if node is None or node.op != "call_module" or node.target != site.qualname:
             raise ValueError(f"site {site.qualname!r} (node {site.node!r}) is not a call of that module in this graph")
         conv = gm.get_submodule(site.qualname)
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f"site {site.qualname!r} is a {type(conv).__name__}, not an nn.Conv2d")
+        if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+            raise ValueError(f"site {site.qualname!r} is a {type(conv).__name__}, not an nn.Conv2d or nn.Conv3d")
         convs[site.qualname] = conv
         calls.setdefault(site.qualname, [])
         if node not in calls[site.qualname]:
@@ -82,11 +85,11 @@ def decompose(gm: GraphModule, sites: Iterable[Site]) -> GraphModule:
                 "decompose needs all of them (the stride belongs to the shared module)"
             )
         conv = convs[qualname]
-        stride_h, stride_w = conv.stride  # a Conv2d's stride is always a pair
+        stride = tuple(conv.stride)  # a pair (Conv2d) or a triple (Conv3d)
         set_submodule(gm, qualname, stride1_conv(conv))
         for node in call_nodes:
             pool_name = free_name(gm, owner_of(node), "pool")
-            set_submodule(gm, pool_name, SkipPool2d((stride_h, stride_w)))
+            set_submodule(gm, pool_name, skip_pool(stride))
             with gm.graph.inserting_after(node):
                 pool = gm.graph.call_module(pool_name, (node,))
             reroute_uses(node, pool)

@@ -10,7 +10,7 @@ from torch.fx import GraphModule, Node
 
 from ._util import finish, free_name, input_node, node_label, owner_of, reroute_uses, set_submodule
 from .commute import Rule, rule, size_classes
-from .skip_pool import SkipPool2d
+from .skip_pool import SkipPool, skip_pool
 
 __all__ = ["move_pools", "Moved", "PlacedPool", "PLACEMENTS"]
 
@@ -23,8 +23,8 @@ class PlacedPool:
     """Where one skip pool ended up.
 
     Attributes:
-        qualname: the SkipPool2d module's name after the pass.
-        stride: its stride ``(h, w)``.
+        qualname: the skip pool module's name after the pass.
+        stride: its stride ``(h, w)`` (3-D: ``(t, h, w)``).
         after: the op it follows, readable: the module it calls (``layer2.0.relu``) or, for a
             function call, its owner and function (``Conv2d_1a_3x3.relu``).
         after_node: the name of that op's fx node (unique; a module called twice has two).
@@ -34,7 +34,7 @@ class PlacedPool:
     """
 
     qualname: str
-    stride: tuple[int, int]
+    stride: tuple[int, ...]
     after: str
     after_node: str
     sources: tuple[str, ...]
@@ -54,7 +54,7 @@ class Moved(NamedTuple):
 
 
 def move_pools(gm: GraphModule, placement: str = "exact") -> Moved:
-    """Move every ``SkipPool2d`` forward to where the placement puts it; record where they went.
+    """Move every skip pool (``SkipPool2d``, ``SkipPool3d``) forward to where the placement puts it; record where they went.
 
     Invariant (``"exact"`` and ``"local"``): the eval-mode output is unchanged for every input
     size. ``"paper"`` deliberately changes it (docs/method.md section 3), as described below.
@@ -62,7 +62,7 @@ def move_pools(gm: GraphModule, placement: str = "exact") -> Moved:
     Placements:
         ``"local"``: nothing moves.
 
-        ``"exact"``: a pool moves past every op that commutes exactly with ``x[..., ::s, ::s]``:
+        ``"exact"``: a pool moves past every op that commutes exactly with ``x[..., ::s, ::s]`` (3-D: ``x[..., ::s, ::s, ::s]``):
         BatchNorm with running statistics (incl. ``FrozenBatchNorm2d``), elementwise activations
         (modules, functions, methods, in-place variants), dropout (identity in eval mode),
         ``Identity``, ``StochasticDepth``, 1x1 stride-1 unpadded convs (any groups), and
@@ -116,7 +116,7 @@ def move_pools(gm: GraphModule, placement: str = "exact") -> Moved:
     order = list(gm.graph.nodes)
     sources = [
         n for n in order
-        if n.op == "call_module" and isinstance(modules[str(n.target)], SkipPool2d)
+        if n.op == "call_module" and isinstance(modules[str(n.target)], SkipPool)
         and len(n.args) == 1 and not n.kwargs and isinstance(n.args[0], Node)
     ]
     source_label = {p: node_label(input_node(p)) if input_node(p).op == "call_module" else str(p.target) for p in sources}
@@ -134,7 +134,7 @@ def _deferred_nodes(
     modules: dict[str, nn.Module],
     order: list[Node],
     sources: list[Node],
-    stride_of: dict[Node, tuple[int, int]],
+    stride_of: dict[Node, tuple[int, ...]],
     allow_paper: bool,
 ) -> set[Node]:
     """The nodes that will compute on un-pooled values (the "deferred" set S).
@@ -231,7 +231,7 @@ def _rewrite(
     order: list[Node],
     sources: list[Node],
     deferred: set[Node],
-    stride_of: dict[Node, tuple[int, int]],
+    stride_of: dict[Node, tuple[int, ...]],
     source_label: dict[Node, str],
 ) -> list[PlacedPool]:
     """Dissolve the sources whose users are deferred, then pool each deferred value whose users
@@ -243,7 +243,7 @@ def _rewrite(
     position = {n: i for i, n in enumerate(order)}
     # Mapping from each deferred node / dissolved source to the sources its pending pool merges.
     origin: dict[Node, tuple[Node, ...]] = {p: (p,) for p in dissolved}
-    stride: dict[Node, tuple[int, int]] = {p: stride_of[p] for p in dissolved}
+    stride: dict[Node, tuple[int, ...]] = {p: stride_of[p] for p in dissolved}
     for n in order:
         if n in deferred:
             operands = [o for o in n.all_input_nodes if o in origin]
@@ -263,7 +263,7 @@ def _rewrite(
     }
     for m in landings:
         name = free_name(gm, owner_of(m), "pool")
-        set_submodule(gm, name, SkipPool2d(stride[m]))
+        set_submodule(gm, name, skip_pool(stride[m]))
         with gm.graph.inserting_after(m):
             pool = gm.graph.call_module(name, (m,))
         reroute_uses(m, pool)

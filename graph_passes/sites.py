@@ -1,4 +1,4 @@
-"""Find the downsampling sites of a traced model: strided convs and strided max/avg pools."""
+"""Find the downsampling sites of a traced model: strided convs and strided max/avg pools, 2-D and 3-D."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _ntuple, _pair, _triple
 
 from ._util import ExampleInput, free_name, owner_of, propagate_shapes
-from .skip_pool import SkipPool2d
+from .skip_pool import SkipPool
 
 __all__ = ["Site", "find_sites", "is_strided_conv", "pool_kind", "PATCH_EMBED_MIN_STRIDE"]
 
-#: A conv with kernel == stride and stride >= this in both dims is a patch embedding (ViT,
-#: Swin, ConvNeXt stems): it tiles the image instead of filtering it, so it is not decomposed.
+#: A conv with kernel == stride and stride >= this in both spatial dims (H and W; a 3-D conv's
+#: temporal stride may be smaller) is a patch embedding (ViT, Swin, ConvNeXt stems, Swin3D): it
+#: tiles the image instead of filtering it, so it is not decomposed.
 PATCH_EMBED_MIN_STRIDE = 4
 
 
@@ -30,14 +31,15 @@ class Site:
         node: name of the fx node (stable across the passes, which never rename nodes).
         qualname: module qualified name; for a functional call, the name ``replace_pools``
             gives the module that replaces it (``<owner>.max_pool2d``, see ``find_sites``).
-        kind: ``"conv"`` (strided ``nn.Conv2d``), ``"max_pool"``, ``"avg_pool"`` or ``"skip"``
-            (a :class:`SkipPool2d`).
+        kind: ``"conv"`` (strided ``nn.Conv2d`` / ``nn.Conv3d``), ``"max_pool"``, ``"avg_pool"``
+            or ``"skip"`` (a :class:`SkipPool2d` / ``SkipPool3d``).
         channels: channels of the downsampled output, from ShapeProp (``Tensor[N, C, H, W]``).
-        kernel, stride, padding, dilation: pairs ``(h, w)``. For ``"skip"`` the site describes
+        kernel, stride, padding, dilation: pairs ``(h, w)``, or triples ``(t, h, w)`` for a 3-D
+            site (their length is the site's number of spatial dims). For ``"skip"`` the site describes
             the equivalent pool: kernel = stride = s, padding 0, ceil_mode True (``ceil(H / s)``
             outputs, exactly what the skip pool keeps, for every H).
         ceil_mode: output-size rounding of the pool (False for convs).
-        count_include_pad: ``nn.AvgPool2d``'s flag (True elsewhere).
+        count_include_pad: ``nn.AvgPool2d``'s / ``nn.AvgPool3d``'s flag (True elsewhere).
         convert: whether the passes convert this site.
         reason: why not, when ``convert`` is False.
         in_shape, out_shape: shapes seen by ShapeProp for the example input.
@@ -47,13 +49,13 @@ class Site:
     qualname: str
     kind: str
     channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
     ceil_mode: bool = False
     convert: bool = True
     reason: str = ""
-    dilation: tuple[int, int] = (1, 1)
+    dilation: tuple[int, ...] = (1, 1)
     count_include_pad: bool = True
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
@@ -63,45 +65,56 @@ class Site:
         return dataclasses.asdict(self)
 
 
-# Mapping from a functional pool to (site kind, its parameter names in call order).
+# Mapping from a functional pool to (site kind, its parameter names in call order, spatial dims).
 _MAX_POOL_PARAMS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 _AVG_POOL_PARAMS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-_FUNCTIONAL_POOLS: dict[Callable[..., Any], tuple[str, tuple[str, ...]]] = {
-    F.max_pool2d: ("max_pool", _MAX_POOL_PARAMS),
-    F.max_pool2d_with_indices: ("max_pool", _MAX_POOL_PARAMS),
-    torch.max_pool2d: ("max_pool", _MAX_POOL_PARAMS[:-1]),
-    F.avg_pool2d: ("avg_pool", _AVG_POOL_PARAMS),
+_FUNCTIONAL_POOLS: dict[Callable[..., Any], tuple[str, tuple[str, ...], int]] = {
+    F.max_pool2d: ("max_pool", _MAX_POOL_PARAMS, 2),
+    F.max_pool2d_with_indices: ("max_pool", _MAX_POOL_PARAMS, 2),
+    torch.max_pool2d: ("max_pool", _MAX_POOL_PARAMS[:-1], 2),
+    F.avg_pool2d: ("avg_pool", _AVG_POOL_PARAMS, 2),
+    F.max_pool3d: ("max_pool", _MAX_POOL_PARAMS, 3),
+    F.max_pool3d_with_indices: ("max_pool", _MAX_POOL_PARAMS, 3),
+    torch.max_pool3d: ("max_pool", _MAX_POOL_PARAMS[:-1], 3),
+    F.avg_pool3d: ("avg_pool", _AVG_POOL_PARAMS, 3),
 }
-if hasattr(F, "_max_pool2d"):  # the return_indices=False half of F.max_pool2d's boolean dispatch
-    _FUNCTIONAL_POOLS[F._max_pool2d] = ("max_pool", _MAX_POOL_PARAMS)
+for _dims in (2, 3):  # the return_indices=False halves of F.max_pool2d/3d's boolean dispatch
+    if hasattr(F, f"_max_pool{_dims}d"):
+        _FUNCTIONAL_POOLS[getattr(F, f"_max_pool{_dims}d")] = ("max_pool", _MAX_POOL_PARAMS, _dims)
+# Mapping from a functional conv to its spatial dims.
+_FUNCTIONAL_CONVS: dict[Callable[..., Any], int] = {F.conv2d: 2, F.conv3d: 3}
+_CONVS = (nn.Conv2d, nn.Conv3d)
+_MAX_POOLS = (nn.MaxPool2d, nn.MaxPool3d)
+_AVG_POOLS = (nn.AvgPool2d, nn.AvgPool3d)
 
 
-def _has_plain_conv_forward(conv: nn.Conv2d) -> bool:
-    """False for Conv2d subclasses that compute something else (e.g. input-dependent padding)."""
+def _has_plain_conv_forward(conv: nn.Module) -> bool:
+    """False for Conv2d/Conv3d subclasses that compute something else (e.g. input-dependent padding)."""
     cls = type(conv)
-    return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+    base = next((b for b in _CONVS if isinstance(conv, b)), None)
+    return base is not None and cls.forward is base.forward and cls._conv_forward is base._conv_forward
 
 
 def is_strided_conv(node: Node, modules: dict[str, nn.Module]) -> bool:
-    """A ``call_module`` of an ``nn.Conv2d`` (any groups) with stride > 1 in some dim."""
+    """A ``call_module`` of an ``nn.Conv2d`` or ``nn.Conv3d`` (any groups) with stride > 1 in some dim."""
     if node.op != "call_module":
         return False
     m = modules.get(str(node.target))
-    return isinstance(m, nn.Conv2d) and max(m.stride) > 1
+    return isinstance(m, _CONVS) and max(m.stride) > 1
 
 
 def pool_kind(node: Node, modules: dict[str, nn.Module]) -> str | None:
-    """``"max_pool"``, ``"avg_pool"`` or ``"skip"`` for a 2-D pooling node (any stride), else None.
+    """``"max_pool"``, ``"avg_pool"`` or ``"skip"`` for a 2-D or 3-D pooling node (any stride), else None.
 
     Adaptive and global pools are not pools here: they have no fixed geometry to convert.
     """
     if node.op == "call_module":
         m = modules.get(str(node.target))
-        if isinstance(m, nn.MaxPool2d):
+        if isinstance(m, _MAX_POOLS):
             return "max_pool"
-        if isinstance(m, nn.AvgPool2d):
+        if isinstance(m, _AVG_POOLS):
             return "avg_pool"
-        if isinstance(m, SkipPool2d):
+        if isinstance(m, SkipPool):
             return "skip"
     elif node.op == "call_function" and node.target in _FUNCTIONAL_POOLS:
         return _FUNCTIONAL_POOLS[node.target][0]
@@ -122,20 +135,22 @@ def find_sites(
 
     Sites: ``nn.Conv2d`` with stride > 1 (grouped and depthwise included); ``nn.MaxPool2d``,
     ``nn.AvgPool2d`` and ``F.max_pool2d`` / ``F.avg_pool2d`` / ``torch.max_pool2d`` calls with
-    stride > 1; every :class:`SkipPool2d`. Stride-1 and adaptive/global pools are not sites.
+    stride > 1; every skip pool; and the same in 3-D (``nn.Conv3d``, ``nn.MaxPool3d``,
+    ``nn.AvgPool3d``, ``F.max_pool3d``, ...), whose geometry is ``(t, h, w)`` triples. Stride-1 and
+    adaptive/global pools are not sites.
 
     Reported but not converted (``convert=False`` and a ``reason``): patch embeddings
-    (kernel == stride >= 4) unless ``include_patch_embed``; pools with dilation > 1,
-    ``return_indices`` or ``divisor_override``; convs whose input is not 4-D or whose class
-    overrides ``Conv2d``'s forward; functional calls with non-constant geometry; strided
-    ``F.conv2d`` calls (no module to decompose).
+    (kernel == stride >= 4 in H and W) unless ``include_patch_embed``; pools with dilation > 1,
+    ``return_indices`` or ``divisor_override``; convs whose input is not 4-D (3-D convs: 5-D) or
+    whose class overrides the conv's forward; functional calls with non-constant geometry;
+    strided ``F.conv2d`` / ``F.conv3d`` calls (no module to decompose).
 
     Channels and shapes come from ``torch.fx`` ShapeProp run once on ``example_input``
     (``node.meta['tensor_meta']``); with ``example_input=None`` the metadata already on the
     graph is used.
 
     A functional pool's qualname is the module name ``replace_pools`` will give it:
-    ``<owner>.max_pool2d`` / ``<owner>.avg_pool2d`` (``_1``, ``_2``, ... when taken), where
+    ``<owner>.max_pool2d`` / ``<owner>.avg_pool2d`` (3-D: ``max_pool3d``, ...; ``_1``, ``_2``, ... when taken), where
     ``<owner>`` is the module whose forward makes the call (``Mixed_6a.max_pool2d``).
     """
     if example_input is not None:
@@ -149,8 +164,8 @@ def find_sites(
             site = _module_site(node, modules[str(node.target)], include_patch_embed)
         elif node.op == "call_function" and node.target in _FUNCTIONAL_POOLS:
             site = _functional_pool_site(node, gm, taken)
-        elif node.op == "call_function" and node.target is F.conv2d:
-            site = _functional_conv_site(node)
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS:
+            site = _functional_conv_site(node, _FUNCTIONAL_CONVS[node.target])
         if site is not None:
             sites.append(site)
     return sites
@@ -158,42 +173,45 @@ def find_sites(
 
 def _module_site(node: Node, m: nn.Module, include_patch_embed: bool) -> Site | None:
     name, qualname = node.name, str(node.target)
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, _CONVS):
         if max(m.stride) == 1:
             return None
-        stride, kernel, dilation = _pair(m.stride), _pair(m.kernel_size), _pair(m.dilation)
-        padding = (0, 0) if m.padding == "valid" else _pair(m.padding)
+        dims = len(m.stride)
+        stride, kernel, dilation = tuple(m.stride), tuple(m.kernel_size), tuple(m.dilation)
+        padding = (0,) * dims if m.padding == "valid" else _ntuple(dims)(m.padding)
         reason = ""
-        if kernel == stride and min(stride) >= PATCH_EMBED_MIN_STRIDE and not include_patch_embed:
+        if kernel == stride and min(stride[-2:]) >= PATCH_EMBED_MIN_STRIDE and not include_patch_embed:
             reason = f"patch embedding (kernel == stride == {kernel}); pass include_patch_embed to convert"
         elif not _has_plain_conv_forward(m):
-            reason = f"{type(m).__name__} overrides Conv2d.forward"
-        elif len(_shape(node.args[0])) != 4:
-            reason = "input is not 4-D (N, C, H, W)"
+            reason = f"{type(m).__name__} overrides Conv{dims}d.forward"
+        elif len(_shape(node.args[0])) != dims + 2:
+            reason = "input is not 4-D (N, C, H, W)" if dims == 2 else "input is not 5-D (N, C, T, H, W)"
         out = _shape(node)
         return Site(name, qualname, "conv", out[1], kernel, stride, padding, False, not reason, reason,
                     dilation, True, _shape(node.args[0]), out)
-    if isinstance(m, SkipPool2d):
+    if isinstance(m, SkipPool):
         out = _shape(node)
-        return Site(name, qualname, "skip", out[1], m.stride, m.stride, (0, 0), True,
-                    in_shape=_shape(node.args[0]), out_shape=out)
-    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-        kernel = _pair(m.kernel_size)
-        stride = _pair(m.stride) if m.stride is not None else kernel
+        return Site(name, qualname, "skip", out[1], m.stride, m.stride, (0,) * m.dims, True,
+                    dilation=(1,) * m.dims, in_shape=_shape(node.args[0]), out_shape=out)
+    if isinstance(m, _MAX_POOLS + _AVG_POOLS):
+        ntuple = _pair if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) else _triple
+        kernel = ntuple(m.kernel_size)
+        stride = ntuple(m.stride) if m.stride is not None else kernel
         if max(stride) == 1:
             return None
-        if isinstance(m, nn.MaxPool2d):
-            geometry = dict(dilation=_pair(m.dilation), return_indices=m.return_indices)
+        if isinstance(m, _MAX_POOLS):
+            geometry = dict(dilation=ntuple(m.dilation), return_indices=m.return_indices)
         else:
-            geometry = dict(count_include_pad=m.count_include_pad, divisor_override=m.divisor_override)
-        return _pool_site(node, qualname, "max_pool" if isinstance(m, nn.MaxPool2d) else "avg_pool",
-                          kernel, stride, _pair(m.padding), bool(m.ceil_mode), **geometry)
+            geometry = dict(dilation=ntuple(1), count_include_pad=m.count_include_pad,
+                            divisor_override=m.divisor_override)
+        return _pool_site(node, qualname, "max_pool" if isinstance(m, _MAX_POOLS) else "avg_pool",
+                          kernel, stride, ntuple(m.padding), bool(m.ceil_mode), **geometry)
     return None
 
 
 def _pool_site(
-    node: Node, qualname: str, kind: str, kernel: tuple[int, int], stride: tuple[int, int],
-    padding: tuple[int, int], ceil_mode: bool, dilation: tuple[int, int] = (1, 1),
+    node: Node, qualname: str, kind: str, kernel: tuple[int, ...], stride: tuple[int, ...],
+    padding: tuple[int, ...], ceil_mode: bool, dilation: tuple[int, ...] = (1, 1),
     return_indices: bool = False, count_include_pad: bool = True, divisor_override: int | None = None,
 ) -> Site:
     reason = ""
@@ -216,44 +234,48 @@ def _functional_pool_site(node: Node, gm: GraphModule, taken: set[str]) -> Site 
     target = node.target
     if isinstance(target, str):  # a call_function node's target is the function itself
         raise TypeError(f"node {node.name!r}: call_function target is the string {target!r}")
-    kind, params = _FUNCTIONAL_POOLS[target]
+    kind, params, dims = _FUNCTIONAL_POOLS[target]
+    ntuple = _ntuple(dims)
     bound = dict(zip(params, node.args))
     bound.update(node.kwargs)
-    if node.target is F.max_pool2d_with_indices:
+    if node.target in (F.max_pool2d_with_indices, F.max_pool3d_with_indices):
         bound["return_indices"] = True
     constant = all(not isinstance(v, Node) for k, v in bound.items() if k != "input")
-    kernel = _pair(bound["kernel_size"]) if constant else (0, 0)
+    kernel = ntuple(bound["kernel_size"]) if constant else (0,) * dims
     stride_arg = bound.get("stride")
-    stride = kernel if stride_arg is None or stride_arg == [] or not constant else _pair(stride_arg)
+    stride = kernel if stride_arg is None or stride_arg == [] or not constant else ntuple(stride_arg)
     if constant and max(stride) == 1:
         return None
-    qualname = free_name(gm, owner_of(node), "max_pool2d" if kind == "max_pool" else "avg_pool2d", taken)
+    base = f"{'max' if kind == 'max_pool' else 'avg'}_pool{dims}d"
+    qualname = free_name(gm, owner_of(node), base, taken)
     taken.add(qualname)
     if not constant:
         out = _shape(node)
-        return Site(node.name, qualname, kind, out[1], kernel, stride, (0, 0), False, False,
-                    "non-constant geometry arguments", in_shape=_shape(node.args[0]), out_shape=out)
+        return Site(node.name, qualname, kind, out[1], kernel, stride, (0,) * dims, False, False,
+                    "non-constant geometry arguments", dilation=(1,) * dims, in_shape=_shape(node.args[0]),
+                    out_shape=out)
     extra: dict[str, Any] = {}
     if kind == "max_pool":
-        extra = dict(dilation=_pair(bound.get("dilation", 1)), return_indices=bool(bound.get("return_indices", False)))
+        extra = dict(dilation=ntuple(bound.get("dilation", 1)), return_indices=bool(bound.get("return_indices", False)))
     else:
-        extra = dict(count_include_pad=bool(bound.get("count_include_pad", True)),
+        extra = dict(dilation=(1,) * dims, count_include_pad=bool(bound.get("count_include_pad", True)),
                      divisor_override=bound.get("divisor_override"))
-    return _pool_site(node, qualname, kind, kernel, stride, _pair(bound.get("padding", 0)),
+    return _pool_site(node, qualname, kind, kernel, stride, ntuple(bound.get("padding", 0)),
                       bool(bound.get("ceil_mode", False)), **extra)
 
 
-def _functional_conv_site(node: Node) -> Site | None:
+def _functional_conv_site(node: Node, dims: int) -> Site | None:
+    ntuple = _ntuple(dims)
     params = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     bound = dict(zip(params, node.args))
     bound.update(node.kwargs)
     stride = bound.get("stride", 1)
-    if isinstance(stride, Node) or max(_pair(stride)) == 1:
+    if isinstance(stride, Node) or max(ntuple(stride)) == 1:
         return None
     out = _shape(node)
-    weight = _shape(bound["weight"]) if isinstance(bound.get("weight"), Node) else (0, 0, 0, 0)
+    weight = _shape(bound["weight"]) if isinstance(bound.get("weight"), Node) else (0,) * (dims + 2)
     padding = bound.get("padding", 0)
-    padding = (0, 0) if padding == "valid" or isinstance(padding, Node) else _pair(padding)
-    return Site(node.name, node.name, "conv", out[1], (weight[-2], weight[-1]), _pair(stride), padding,
-                convert=False, reason="functional conv2d: no module to decompose",
+    padding = (0,) * dims if padding == "valid" or isinstance(padding, Node) else ntuple(padding)
+    return Site(node.name, node.name, "conv", out[1], tuple(weight[-dims:]), ntuple(stride), padding,
+                convert=False, reason=f"functional conv{dims}d: no module to decompose", dilation=(1,) * dims,
                 in_shape=_shape(node.args[0]), out_shape=out)

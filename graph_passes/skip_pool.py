@@ -1,20 +1,54 @@
-"""SkipPool2d: keep the top-left element of every s_h x s_w cell (docs/method.md section 3)."""
+"""Skip pools: keep the first element of every stride cell (docs/method.md section 3), 2-D and 3-D."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
-__all__ = ["SkipPool2d"]
+__all__ = ["SkipPool", "SkipPool2d", "SkipPool3d", "skip_pool"]
 
 
-class SkipPool2d(nn.Module):
-    """Spatial subsampling ``x[..., ::stride_h, ::stride_w]``.
+class SkipPool(nn.Module):
+    """Spatial subsampling ``x[:, :, ::s_1, ..., ::s_d]`` over the last ``dims`` dims.
 
-    A convolution with stride ``s`` equals the same convolution at stride 1 followed by
-    ``SkipPool2d(s)`` for every input size: the strided output size
-    ``floor((H' - 1) / s) + 1`` equals ``ceil(H' / s)``, the number of rows this module keeps
-    from the stride-1 output of height ``H'``.
+    A convolution with stride ``s`` equals the same convolution at stride 1 followed by a skip
+    pool of stride ``s`` for every input size: the strided output size ``floor((H' - 1) / s) + 1``
+    equals ``ceil(H' / s)``, the number of rows this module keeps from the stride-1 output of
+    height ``H'`` (per dim). Use :class:`SkipPool2d` or :class:`SkipPool3d` (or
+    :func:`skip_pool`, which picks one by the stride's length); the passes match this base class.
+
+    The output is a view of the input (no copy), like ``x[..., ::2, ::2]``.
+    """
+
+    dims = 0  # spatial dims; set by the subclasses
+
+    def __init__(self, stride: int | Sequence[int]) -> None:
+        super().__init__()
+        try:
+            values = (stride,) * self.dims if isinstance(stride, int) else tuple(stride)
+        except TypeError:
+            values = ()
+        if len(values) != self.dims or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                               for s in values):
+            raise ValueError(f"{type(self).__name__}: stride must be a positive int or a tuple of {self.dims} of them, "
+                             f"got {stride!r}")
+        self.stride: tuple[int, ...] = values
+
+    def forward(self, x: Tensor) -> Tensor:
+        # graph_passes.move_pools relies on the last dims being spatial and dim 1 being C.
+        if x.dim() != self.dims + 2:
+            layout = "(N, C, H, W)" if self.dims == 2 else "(N, C, T, H, W)"
+            raise ValueError(f"{type(self).__name__} expects a {self.dims + 2}-D input {layout}, "
+                             f"got shape {tuple(x.shape)}")
+        return x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride[0]}" if len(set(self.stride)) == 1 else f"stride={self.stride}"
+
+
+class SkipPool2d(SkipPool):
+    """``x[..., ::stride_h, ::stride_w]``: the skip pool of a strided ``nn.Conv2d``.
 
     Args:
         stride (int or tuple[int, int]): subsampling step ``(stride_h, stride_w)``, each >= 1.
@@ -23,28 +57,37 @@ class SkipPool2d(nn.Module):
         - input: ``Tensor[N, C, H, W]``
         - output: ``Tensor[N, C, ceil(H / stride_h), ceil(W / stride_w)]``
 
-    The output is a view of the input (no copy), like ``x[..., ::2, ::2]``.
-
     Examples::
 
         >>> SkipPool2d(2)(torch.randn(1, 8, 7, 6)).shape
         torch.Size([1, 8, 4, 3])
     """
 
-    def __init__(self, stride: int | tuple[int, int]) -> None:
-        super().__init__()
-        stride_h, stride_w = _pair(stride)
-        if not (isinstance(stride_h, int) and isinstance(stride_w, int)) or min(stride_h, stride_w) < 1:
-            raise ValueError(f"SkipPool2d: stride must be a positive int or a pair of them, got {stride!r}")
-        self.stride: tuple[int, int] = (stride_h, stride_w)
+    dims = 2
 
-    def forward(self, x: Tensor) -> Tensor:
-        # 4-D only: graph_passes.move_pools relies on dims -2/-1 being H/W and dim 1 being C.
-        if x.dim() != 4:
-            raise ValueError(f"SkipPool2d expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-        return x[:, :, :: self.stride[0], :: self.stride[1]]
 
-    def extra_repr(self) -> str:
-        stride_h, stride_w = self.stride
-        return f"stride={stride_h}" if stride_h == stride_w else f"stride={self.stride}"
+class SkipPool3d(SkipPool):
+    """``x[..., ::stride_t, ::stride_h, ::stride_w]``: the skip pool of a strided ``nn.Conv3d``.
 
+    Args:
+        stride (int or tuple[int, int, int]): subsampling step ``(stride_t, stride_h, stride_w)``.
+
+    Shape:
+        - input: ``Tensor[N, C, T, H, W]``
+        - output: ``Tensor[N, C, ceil(T / stride_t), ceil(H / stride_h), ceil(W / stride_w)]``
+
+    Examples::
+
+        >>> SkipPool3d((1, 2, 2))(torch.randn(1, 8, 5, 7, 6)).shape
+        torch.Size([1, 8, 5, 4, 3])
+    """
+
+    dims = 3
+
+
+def skip_pool(stride: Sequence[int]) -> SkipPool:
+    """A :class:`SkipPool2d` for a pair, a :class:`SkipPool3d` for a triple."""
+    kinds: dict[int, type[SkipPool]] = {2: SkipPool2d, 3: SkipPool3d}
+    if len(stride) not in kinds:
+        raise ValueError(f"a skip pool has 2 or 3 spatial dims, got stride={tuple(stride)}")
+    return kinds[len(stride)](tuple(stride))

@@ -9,7 +9,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ._util import input_node
-from .skip_pool import SkipPool2d
+from .skip_pool import SkipPool
 
 __all__ = ["randomize_norms", "skip_pools", "assert_same_function", "max_relative_error"]
 
@@ -34,14 +34,14 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def skip_pools(gm: GraphModule) -> dict[str, tuple[str, tuple[int, int]]]:
+def skip_pools(gm: GraphModule) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The skip pools of ``gm`` in graph order: ``{qualname: (name of the pooled node, stride)}``."""
-    found: dict[str, tuple[str, tuple[int, int]]] = {}
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for n in gm.graph.nodes:
         if n.op != "call_module":
             continue
         pool = gm.get_submodule(str(n.target))
-        if isinstance(pool, SkipPool2d):
+        if isinstance(pool, SkipPool):
             found[str(n.target)] = (input_node(n).name, pool.stride)
     return found
 

@@ -8,7 +8,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 from torch import nn
 from torch.fx import GraphModule, Tracer
 
-from .skip_pool import SkipPool2d
+from .sites import _has_plain_conv_forward
+from .skip_pool import SkipPool
 
 __all__ = ["TraceError", "LeafTracer", "register_leaf_module", "trace", "untraced_state_keys"]
 
@@ -22,7 +23,7 @@ class TraceError(ValueError):
 
 
 def _default_leaf_types() -> list[type[nn.Module]]:
-    types: list[type[nn.Module]] = [SkipPool2d]
+    types: list[type[nn.Module]] = [SkipPool]
     try:  # torchvision is optional for the passes themselves
         from torchvision.ops.misc import FrozenBatchNorm2d
         from torchvision.ops.stochastic_depth import StochasticDepth
@@ -39,13 +40,16 @@ class LeafTracer(Tracer):
     ``LeafTracer.leaf_types`` (extend it with :func:`register_leaf_module`) holds the types every
     trace keeps whole: pooling layers that a conversion inserts must stay one node per pool when
     a converted model is traced again. ``leaf_modules`` adds types for one tracer only. Modules
-    of ``torch.nn`` other than ``Sequential`` are leaves too (the ``torch.fx`` default).
+    of ``torch.nn`` other than ``Sequential`` are leaves too (the ``torch.fx`` default), and so
+    are subclasses of ``nn.Conv2d`` / ``nn.Conv3d`` that keep the conv's forward (torchvision's
+    video ResNets build their convs as such subclasses): they compute exactly a conv, so they
+    stay the one ``call_module`` node that a site is.
 
     While tracing, the qualified names of the modules being traced are kept on a stack so a
     failure can name the innermost one (:class:`TraceError`).
     """
 
-    #: Module types every LeafTracer keeps as one node (SkipPool2d and pool layers register here).
+    #: Module types every LeafTracer keeps as one node (skip pools and pool layers register here).
     leaf_types: ClassVar[list[type[nn.Module]]] = _default_leaf_types()
 
     def __init__(self, leaf_modules: Iterable[type[nn.Module]] = ()) -> None:
@@ -57,7 +61,7 @@ class LeafTracer(Tracer):
         self.failed_scope: list[str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, tuple(self.leaf_types) + self.extra_leaf_types):
+        if isinstance(m, tuple(self.leaf_types) + self.extra_leaf_types) or _has_plain_conv_forward(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -66,7 +66,7 @@ def test_conversion_downloads_no_backbone_weights(monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["fcn_resnt50"], "unknown model 'fcn_resnt50'; did you mean fcn_resnet50? (torchvision's task families: classification, "
                       "segmentation, detection, optical_flow, quantization, video"),
-    (["r3d_18"], "r3d_18 is a video model: its downsampling is 3-D"),
+    (["resnet18", "--frames", "8"], "--frames applies to video models (clips), not to resnet18 (classification)"),
     (["quantized_resnet18", "--kwarg", "quantize=True"], "with quantize=True is an int8 model"),
     (["resnet18", "--weights-backbone", "IMAGENET1K_V1"], "--weights-backbone applies to detection and segmentation models"),
     (["resnet18", "--kwarg", "depth=3"], "cannot build resnet18 with {'depth': 3}: ResNet.__init__() got an unexpected keyword"),

@@ -7,11 +7,12 @@ one training-mode forward and backward (a detection model's own losses on synthe
 with finite, non-zero gradients on the GFGP parameters, and a checkpoint round trip.
 
 - ``test_zoo_model_of_every_task`` (marker ``zoo``, ``make test-zoo``): every name of
-  ``torchvision.models.list_models()`` outside the video task (2-D pooling; refused in one line,
-  checked by ``test_video_models_are_refused_in_one_line``); detectors built with
-  ``check_kwargs`` (``min_size=max_size=320``; SSD at its own size), as in the README's table.
+  ``torchvision.models.list_models()``, video models included (3-D pooling, their default
+  16-frame clips), exported too; detectors built with ``check_kwargs``
+  (``min_size=max_size=320``; SSD at its own size), as in the README's table.
 - ``test_task_representative`` (fast suite): one model per task, exported and verified in
-  onnxruntime too (a detection model's converted backbone; the whole detector is refused).
+  onnxruntime too (a detection model's converted backbone; the whole detector is refused); the
+  video representative on 8-frame 64 x 64 clips.
 Weights are random (``weights=None``, nothing downloads); the checkpoint files go to tmp_path.
 """
 
@@ -30,7 +31,10 @@ TASK_REPRESENTATIVES = {
     "detection": "fasterrcnn_mobilenet_v3_large_320_fpn",
     "optical_flow": "raft_small",
     "quantization": "quantized_mobilenet_v3_large",
+    "video": "r3d_18",
 }
+# Example sizes of the fast suite where a model's default is slow on 2 cores (16 x 112 x 112).
+REPRESENTATIVE_KWARGS = {"r3d_18": {"image_size": 64, "frames": 8}}
 # Where a model torch.fx cannot trace whole is converted: derived from torchvision's code (the
 # forward loops over a list of images / iterates RAFT's updates; the backbone and the two
 # encoders are plain CNNs).
@@ -39,10 +43,12 @@ EXPECTED_PARTS = {
     "raft_small": ["feature_encoder", "context_encoder"],
 }
 
-ALL_2D = [name for name in zoo.list_model_names() if zoo.task_of(name) != "video"]
-# Models whose only strided conv is a patch embedding (kernel == stride >= 4), which is not
-# converted by default: they get no GFGP layer (and still train and round-trip).
-NO_GFGP_LAYER = {name for name in ALL_2D if name.startswith(("vit_", "swin_"))}
+ALL_MODELS = zoo.list_model_names()
+# Models that take one input size only: the layout check's second size is refused by the original.
+FIXED_SIZE = ("vit_", "mvit_", "swin_", "maxvit_", "regnet", "inception", "googlenet", "quantized_")
+# Models whose only strided conv is a patch embedding (kernel == stride >= 4 in H and W), which
+# is not converted by default: they get no GFGP layer (and still train and round-trip).
+NO_GFGP_LAYER = {name for name in ALL_MODELS if name.startswith(("vit_", "swin_", "swin3d_"))}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -52,7 +58,8 @@ def _assert_row(row: dict) -> None:
     assert "error" not in row, row["error"]
     assert row["converts"] and (row["gfgp_layers"] > 0) == (row["model"] not in NO_GFGP_LAYER), row
     assert row["exact"] is True, f"layout check: {row['exact_error']:.3g} x output scale on {row['exact_inputs']}"
-    assert len(row["exact_inputs"]) == 2 or row["task"] == "classification", row["exact_inputs"]  # two sizes
+    # Two sizes, except models of a fixed input size (ViT, MViT: positional embeddings of one size).
+    assert len(row["exact_inputs"]) == 2 or row["model"].startswith(FIXED_SIZE), row["exact_inputs"]
     assert row["trains"] is True, row
     assert row["roundtrip"] is True, row
 
@@ -60,7 +67,7 @@ def _assert_row(row: dict) -> None:
 @pytest.mark.parametrize("task", sorted(TASK_REPRESENTATIVES))
 def test_task_representative(task, tmp_path):
     name = TASK_REPRESENTATIVES[task]
-    row = check_model(name, export=True, workdir=tmp_path)
+    row = check_model(name, export=True, workdir=tmp_path, **REPRESENTATIVE_KWARGS.get(name, {}))
     assert row["task"] == task
     _assert_row(row)
     assert row["parts"] == EXPECTED_PARTS.get(name, [""])
@@ -70,19 +77,23 @@ def test_task_representative(task, tmp_path):
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name", ALL_2D)
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_zoo_model_of_every_task(name, tmp_path):
-    row = check_model(name, export=False, workdir=tmp_path, **check_kwargs(name))
+    video = zoo.task_of(name) == "video"
+    row = check_model(name, export=video, workdir=tmp_path, **check_kwargs(name))
     print(f"{name} ({row['task']}): {row.get('gfgp_layers')} GFGP layers, parts {row.get('parts')}, "
           f"converted in {row.get('convert_s')} s, layout error {row.get('exact_error')}")
     _assert_row(row)
+    if video:
+        assert row["exports"] is True, row.get("export_note")
 
 
-@pytest.mark.parametrize("name", zoo.list_model_names("video"))
-def test_video_models_are_refused_in_one_line(name):
-    with pytest.raises(BadInputError, match=f"^{name} is a video model: its downsampling is 3-D") as info:
-        zoo.build(name, {})
-    assert "\n" not in str(info.value)
+def test_frames_are_for_video_models_only():
+    with pytest.raises(BadInputError, match="^--frames applies to video models"):
+        zoo.check_frames("resnet18", "classification", 8)
+    with pytest.raises(BadInputError, match="^frames must be a positive int"):
+        zoo.check_frames("r3d_18", "video", 0)
+    assert zoo.check_frames("r3d_18", "video", None) == zoo.VIDEO_FRAMES
 
 
 def test_every_name_has_one_task():

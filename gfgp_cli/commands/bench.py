@@ -25,32 +25,41 @@ def bench() -> None:
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs per contender.")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(choices.DTYPES), help="Input dtype.")
-@click.option("--case", "cases", multiple=True, metavar="NxCxHxW:kK:sS[:pP]",
-              help="Input shape and geometry (repeatable); default: the two reference cases "
-                   "16x256x56x56:k2:s2 and 16x64x112x112:k3:s2:p1.")
+@click.option("--dims", type=click.IntRange(2, 3), default=None,
+              help="2: maxent_pool2d vs max/avg_pool2d; 3: maxent_pool3d vs max/avg_pool3d on video-shaped "
+                   "input. Chooses the default cases; every --case must match it. [default: the rank of "
+                   "the --case shapes, else 2]")
+@click.option("--case", "cases", multiple=True, metavar="NxCx[T]xHxW:kK:sS[:pP]",
+              help="Input shape and geometry (repeatable); K, S, P an int or one per spatial dim "
+                   "(e.g. k1x2x2). A 5-D shape is a 3-D case. Default: 16x256x56x56:k2:s2 and "
+                   "16x64x112x112:k3:s2:p1; with --dims 3, 8x64x16x56x56:k1x2x2:s1x2x2 and "
+                   "8x128x8x28x28:k2:s2.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
-              help="Also run every case on channels_last input.")
+              help="Also run every case on channels_last (3-D: channels_last_3d) input.")
 @click.option("--reference/--no-reference", default=True, show_default=True,
-              help="Also time maxent_pool2d's reference (unfold) path.")
+              help="Also time the maxent op's reference (unfold) path.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def bench_pool_command(device, repeats, dtype, cases, channels_last, reference, as_json) -> None:
-    """Time maxent_pool2d against F.max_pool2d and F.avg_pool2d (forward, forward+backward).
+def bench_pool_command(device, repeats, dtype, dims, cases, channels_last, reference, as_json) -> None:
+    """Time maxent_pool2d/3d against F.max_pool2d/3d and F.avg_pool2d/3d (forward, forward+backward).
 
-    Prints medians of interleaved runs, the ratio of each to max_pool2d, and the bytes autograd
-    saves for backward. lam has shape (N, C, 1, 1), as in GFGP.
+    Prints medians of interleaved runs, the ratio of each to max_pool2d (3-D cases: max_pool3d),
+    and the bytes autograd saves for backward. lam has shape (N, C, 1, 1) ((N, C, 1, 1, 1) for
+    3-D), as in GFGP.
 
     \b
     Examples:
       gfgp bench pool
       gfgp bench pool --device cuda --dtype bfloat16 --json
       gfgp bench pool --case 8x64x32x32:k2:s2 --repeats 5
+      gfgp bench pool --dims 3 --repeats 5
+      gfgp bench pool --case 2x64x8x28x28:k1x3x3:s1x2x2:p0x1x1
     """
     from ..bench.pool import bench_pool, parse_case
     from ..bench.report import print_pool_report
 
     result = bench_pool(device=device, repeats=repeats, dtype=dtype,
                         cases=[parse_case(c) for c in cases] or None, channels_last=channels_last,
-                        implementations=("auto", "reference") if reference else ("auto",))
+                        implementations=("auto", "reference") if reference else ("auto",), dims=dims)
     print_pool_report(result, as_json)
 
 

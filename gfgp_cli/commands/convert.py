@@ -43,7 +43,10 @@ def _kwarg(ctx, param, values):
               help="Another torchvision constructor argument (repeatable): aux_loss=True, min_size=320, quantize=False ...")
 @click.option("--list", "list_models", is_flag=True, help="List every torchvision model gfgp can name, by task, and exit.")
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Input size of the example used for shapes and MACs [default: 224; inception_v3 299].")
+              help="Input size of the example used for shapes and MACs [default: 224; inception_v3 299; "
+                   "video ResNets 112].")
+@click.option("--frames", type=click.IntRange(min=1), default=None,
+              help="Frames T of a video model's example clip (N, 3, T, size, size) [default: 16].")
 @click.option("--module", "comparison", type=click.Choice(choices.COMPARISON_MODULES), default=None,
               help="Insert this comparison block (GFGP's parameter count) before each max/avg pool, which stays.")
 @click.option("--include-patch-embed", is_flag=True, help="Also convert patch-embedding convs (kernel == stride >= 4).")
@@ -52,7 +55,7 @@ def _kwarg(ctx, param, values):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 def convert_cmd(model, out, pool, placement, activation, weights, num_classes, weights_backbone, kwargs, list_models,
-                image_size, comparison, include_patch_embed, seed, dry_run, as_json, force):
+                image_size, frames, comparison, include_patch_embed, seed, dry_run, as_json, force):
     """Convert MODEL (a torchvision model name, any task) to GFGP pooling and write a checkpoint.
 
     Finds the strided convolutions and pooling layers, splits each strided conv into a stride-1
@@ -87,8 +90,8 @@ def convert_cmd(model, out, pool, placement, activation, weights, num_classes, w
     pool = pool or ("skip" if comparison else choices.DEFAULT_POOL)
     report = convert_to_file(
         model, out, force=force, dry_run=dry_run, pool=pool, placement=placement, activation=activation,
-        weights=weights, weights_backbone=weights_backbone, image_size=image_size, comparison=comparison, seed=seed,
-        include_patch_embed=include_patch_embed, **kwargs,
+        weights=weights, weights_backbone=weights_backbone, image_size=image_size, frames=frames, comparison=comparison,
+        seed=seed, include_patch_embed=include_patch_embed, **kwargs,
     )
     render_conversion(report, out=None if dry_run else out, as_json=as_json)
 

@@ -2,8 +2,12 @@
 
 - :mod:`.cluttered`: "cluttered digits", scikit-learn's real handwritten digits at a random
   position and scale among fragments of other digits (the default data of ``gfgp study``).
+- :mod:`.moving`: "moving digits", clips of one of those digits moving across the frame and
+  bouncing off its borders (Moving MNIST's construction), for video classifiers.
 """
 
 from .cluttered import ClutteredDigits, ClutteredDigitsDataset, cached_cluttered_digits, make_cluttered_digits
+from .moving import MovingDigits, MovingDigitsDataset, cached_moving_digits, make_moving_digits
 
-__all__ = ["ClutteredDigits", "ClutteredDigitsDataset", "make_cluttered_digits", "cached_cluttered_digits"]
+__all__ = ["ClutteredDigits", "ClutteredDigitsDataset", "make_cluttered_digits", "cached_cluttered_digits",
+           "MovingDigits", "MovingDigitsDataset", "make_moving_digits", "cached_moving_digits"]

@@ -55,9 +55,11 @@ def bench_export(
     warmup: int = 2,
     threads: Optional[int] = None,
     opset: Optional[int] = None,
+    frames: Optional[int] = None,
 ) -> BenchExportResult:
     """Export ``checkpoint_or_model`` (a gfgp checkpoint path or an nn.Module) to a temporary ONNX
-    file and time PyTorch eager and onnxruntime (CPU provider) on the same Tensor[batch, C, S, S].
+    file and time PyTorch eager and onnxruntime (CPU provider) on the same Tensor[batch, C, S, S]
+    (a video model: Tensor[batch, C, frames, S, S], ``frames`` as in :func:`.export_onnx`).
 
     ``threads`` defaults to ``torch.get_num_threads()`` and is used by both.
     """
@@ -66,7 +68,7 @@ def bench_export(
     from torch import nn
 
     from ..checkpoint import load
-    from .checks import resolve_in_channels
+    from .checks import resolve_frames, resolve_in_channels
     from .onnx_export import export_onnx
     from .runtime import make_session, run_session
     from .verify import random_input
@@ -85,17 +87,18 @@ def bench_export(
     else:
         raise BadInputError(f"bench_export needs a checkpoint path or an nn.Module, got {type(checkpoint_or_model).__name__}")
     threads = int(threads or torch.get_num_threads())
+    frames = resolve_frames(model, frames)
 
     with tempfile.TemporaryDirectory(prefix="gfgp-bench-") as folder:
         path = Path(folder) / "model.onnx"
-        report = export_onnx(model, path, image_size=image_size, opset=opset, verify=False)
+        report = export_onnx(model, path, image_size=image_size, opset=opset, verify=False, frames=frames)
         session = make_session(str(path), providers=["CPUExecutionProvider"], threads=threads)
 
     was_training, previous_threads = model.training, torch.get_num_threads()
     model.eval()
     torch.set_num_threads(threads)
     try:
-        x = random_input(batch, resolve_in_channels(model), image_size, 0, torch.device("cpu"))
+        x = random_input(batch, resolve_in_channels(model, frames), image_size, 0, torch.device("cpu"), frames)
         feed = [x.numpy()]
 
         def run_torch():

@@ -1,8 +1,9 @@
 """Argument and input checks of the ONNX export, run before any work is done.
 
 What the caller passed (model, output path, opset, batch size), what the model is traced at
-(image size and input channels: the caller's, else the model's conversion spec, else a default)
-and whether the model runs at that size. Every failure is a ``BadInputError`` (exit 2).
+(image size, frames and input channels: the caller's, else the model's conversion spec, else a default)
+and whether the model runs at that size. A video model (``Tensor[N, C, T, H, W]`` input) is also
+traced at a number of frames T (:func:`resolve_frames`). Every failure is a ``BadInputError`` (exit 2).
 
 The spec is read here only, by :func:`_spec` (and its fields by :func:`resolve_image_size` and
 :func:`resolve_in_channels`), so that changing how export reads it changes this one module.
@@ -25,12 +26,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
+    "DEFAULT_FRAMES",
     "check_model",
     "check_output_path",
     "check_opset",
     "check_batch_size",
     "resolve_image_size",
     "resolve_in_channels",
+    "resolve_frames",
     "check_model_takes",
     "resolve_inputs",
     "check_exportable",
@@ -39,6 +42,9 @@ __all__ = [
 
 # Image size traced when neither the caller nor the model's spec gives one (torchvision's).
 DEFAULT_IMAGE_SIZE = 224
+# Frames T of the traced clip of a video model when the caller gives none (torchvision's video
+# classifiers are trained on 16-frame clips).
+DEFAULT_FRAMES = 16
 
 
 def check_model(model: Any) -> None:
@@ -102,15 +108,37 @@ def resolve_image_size(model: "nn.Module", image_size: Optional[int]) -> int:
     return image_size
 
 
-def resolve_in_channels(model: "nn.Module") -> int:
-    """Input channels: the spec's ``in_channels``, else (a model gfgp did not convert) the first Conv2d's."""
+def resolve_in_channels(model: "nn.Module", frames: Optional[int] = None) -> int:
+    """Input channels: the spec's ``in_channels``, else (a model gfgp did not convert) the first
+    Conv2d's (with ``frames``, a video model's: the first Conv3d's)."""
     from torch import nn
 
     spec = _spec(model)
     if spec is not None:
         return spec.in_channels
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    kind = nn.Conv2d if frames is None else nn.Conv3d
+    conv = next((m for m in model.modules() if isinstance(m, kind)), None)
     return conv.in_channels if conv is not None else 3
+
+
+def resolve_frames(model: "nn.Module", frames: Optional[int]) -> Optional[int]:
+    """T of the traced ``Tensor[N, C, T, H, W]`` input of a video model; None for a model that
+    takes images (``Tensor[N, C, H, W]``).
+
+    ``frames`` given: the model takes clips of that many frames. Else a video model (its spec's
+    task is ``"video"``, or its first convolution is a Conv3d) is traced at
+    :data:`DEFAULT_FRAMES`, and any other model takes images.
+    """
+    from torch import nn
+
+    if frames is not None:
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise BadInputError(f"frames must be a positive int, got {frames!r}")
+        return frames
+    spec = _spec(model)
+    conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+    video = (spec is not None and spec.task == "video") or isinstance(conv, nn.Conv3d)
+    return DEFAULT_FRAMES if video else None
 
 
 def resolve_inputs(model: "nn.Module") -> int:
@@ -147,7 +175,8 @@ def check_model_takes(model: "nn.Module", example: "tuple") -> None:
             model(*example)
     except (ValueError, RuntimeError, IndexError, TypeError) as e:
         shape = "x".join(str(d) for d in example[0].shape[1:])
-        raise BadInputError(f"the model cannot take a {shape} input: {first_line(e)}; choose another --image-size") from e
+        choose = "--image-size" if example[0].dim() <= 4 else "--image-size or number of frames"
+        raise BadInputError(f"the model cannot take a {shape} input: {first_line(e)}; choose another {choose}") from e
 
 
 def first_line(e: BaseException) -> str:

@@ -1,12 +1,14 @@
-"""Export a gfgp model to ONNX (dynamo exporter) with one ``gfgp::MaxEntPool2d`` node per pool, then verify.
+"""Export a gfgp model to ONNX (dynamo exporter) with one ``gfgp::MaxEntPool2d`` (3-D:
+``gfgp::MaxEntPool3d``) node per pool, then verify.
 
 Pipeline, top to bottom (:func:`export_onnx`):
 
-1. check the arguments (output path, opset, image size) and that the model runs at that size
-   (:mod:`.checks`);
+1. check the arguments (output path, opset, image size, frames of a video model) and that the
+   model runs at that size (:mod:`.checks`);
 2. ``torch.onnx.export(..., dynamo=True)`` with a translation table that writes every
-   ``torch.ops.gfgp.maxent_pool2d`` as one ``gfgp::MaxEntPool2d`` node (:mod:`.translation`);
-3. attach the op's body as a model-local function at the model's opset (:mod:`.maxent_function`),
+   ``torch.ops.gfgp.maxent_pool2d`` / ``maxent_pool3d`` as one ``gfgp::MaxEntPool2d`` /
+   ``gfgp::MaxEntPool3d`` node (:mod:`.translation`);
+3. attach each op's body as a model-local function at the model's opset (:mod:`.maxent_function`),
    set an IR version onnxruntime loads, optionally inline, ``onnx.checker`` with ``full_check``
    (:mod:`.proto`);
 4. write the file atomically (:mod:`.proto`);
@@ -30,11 +32,12 @@ from .checks import (
     check_opset,
     check_output_path,
     first_line,
+    resolve_frames,
     resolve_image_size,
     resolve_in_channels,
     resolve_inputs,
 )
-from .maxent_function import DOMAIN, MIN_OPSET
+from .maxent_function import DOMAIN, MIN_OPSET, OP_TYPE, OP_TYPES
 from .proto import all_nodes, complete, default_opset, min_ir_version, tensor_bytes, write
 from .verify import RTOL, compare_with_pytorch, random_inputs
 
@@ -59,19 +62,26 @@ class ExportReport:
     file_bytes: int  # the model file plus its data file
     param_bytes: int  # bytes of the model's parameters (the weights the file must hold once)
     buffer_bytes: int  # bytes of its buffers (BN statistics are folded away; index tables are kept)
-    custom_nodes: int  # gfgp::MaxEntPool2d nodes in the file (0 when inlined)
+    custom_nodes: int  # gfgp::MaxEntPool2d/3d nodes in the file (0 when inlined)
     maxent_layers: int  # max-entropy pool calls in the traced model
     opset: int
     ir_version: int
     inline: bool
     dynamic_batch: bool
-    input_shape: List[Union[int, str]]  # ["batch", C, H, W] or [N, C, H, W], of each input
+    input_shape: List[Union[int, str]]  # ["batch", C, H, W] or [N, C, H, W] (video: C, T, H, W), of each input
     max_abs_diffs: Dict[int, float]  # batch size -> max |onnxruntime - PyTorch| (empty: not verified)
     tolerance: Optional[float]  # RTOL * output scale (None: not verified)
     passed: Optional[bool]  # None: not verified
     provider: Optional[str]  # onnxruntime execution provider used for verification
     inputs: int = 1  # image tensors the model takes (2: an optical-flow model's frames)
     part: Optional[str] = None  # the converted submodule exported, or None: the whole model
+    # node type -> max-entropy pools of that type in the traced model ({"gfgp::MaxEntPool2d": 3});
+    # in the file as that many nodes unless inlined. Left empty, maxent_layers MaxEntPool2d.
+    pool_nodes: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.pool_nodes and self.maxent_layers:
+            self.pool_nodes = {f"{DOMAIN}::{OP_TYPE}": self.maxent_layers}
 
     @property
     def size_ratio(self) -> float:
@@ -111,15 +121,18 @@ def export_onnx(
     force: bool = False,
     batch_size: int = 1,
     seed: int = 0,
+    frames: Optional[int] = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it against PyTorch.
 
-    Every max-entropy pool becomes one ``gfgp::MaxEntPool2d(X, LAM)`` node (attributes
-    kernel_shape, strides, pads, ceil_mode) whose body, made of standard ops, ships in the file
-    as a model-local function, so a stock onnxruntime runs it; the lam estimator is plain ONNX.
+    Every max-entropy pool becomes one ``gfgp::MaxEntPool2d(X, LAM)`` node (a 3-D pool:
+    ``gfgp::MaxEntPool3d``; attributes kernel_shape, strides, pads, ceil_mode) whose body, made
+    of standard ops, ships in the file as a model-local function, so a stock onnxruntime runs
+    it; the lam estimator is plain ONNX.
 
     Args:
-        model (nn.Module): a model taking Tensor[N, C, H, W] (C from its first Conv2d).
+        model (nn.Module): a model taking Tensor[N, C, H, W] (C from its first Conv2d), or a
+            video model taking Tensor[N, C, T, H, W] (C from its first Conv3d; see ``frames``).
         path: output file; its folder is created if missing.
         image_size (int, optional): H = W of the traced input; default from the model's gfgp
             spec if it records one, else 224.
@@ -131,6 +144,9 @@ def export_onnx(
         force (bool): overwrite an existing file.
         batch_size (int): the fixed batch size when ``dynamic_batch`` is False.
         seed (int): seed of the random inputs.
+        frames (int, optional): T of the traced clip ``Tensor[N, C, T, H, W]``: the model takes
+            video. Default: 16 for a video model (spec task ``"video"`` or a Conv3d as its first
+            convolution), else the model takes images.
 
     Returns:
         ExportReport.
@@ -150,7 +166,8 @@ def export_onnx(
     opset = check_opset(opset, supported_opsets)
     size = resolve_image_size(model, image_size)
     check_batch_size(batch_size)
-    channels = resolve_in_channels(model)
+    frames = resolve_frames(model, frames)
+    channels = resolve_in_channels(model, frames)
     inputs = resolve_inputs(model)
     # An optical-flow model (RAFT) splits its concatenated frames with chunk(2): torch.export
     # then specializes the batch of the second frame, so such models export with a fixed batch.
@@ -161,19 +178,22 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        example = random_inputs(inputs, trace_batch, channels, size, seed, device)
+        example = random_inputs(inputs, trace_batch, channels, size, seed, device, frames)
         check_model_takes(model, example)
         # 2. export
         program = _export(model, example, opset, dynamic_batch)
-        layers = _count_maxent_calls(program.exported_program)
+        pools = _count_maxent_calls(program.exported_program)
+        layers = sum(pools.values())
         # 3. post-process
         proto = complete(program.model_proto)
         del program  # the exporter's copies of the weights
-        custom = sum(1 for n in all_nodes(proto) if n.domain == DOMAIN)
-        if custom != layers:
+        nodes = _count_custom_nodes(proto)
+        if nodes != pools:
             raise WorkFailedError(
-                f"the ONNX graph has {custom} {DOMAIN}::MaxEntPool2d nodes for {layers} max-entropy pools in the model"
+                f"the ONNX graph's {DOMAIN} nodes ({_counts(nodes)}) do not match the model's max-entropy pools "
+                f"({_counts(pools)})"
             )
+        custom = sum(nodes.values())
         # 4. write (inlined if asked) and check
         data_path = write(proto, out_path, inline)
         if inline:
@@ -181,7 +201,7 @@ def export_onnx(
         # 5. verify
         if verify:
             batches = VERIFY_BATCHES if dynamic_batch else (trace_batch,)
-            comparison = compare_with_pytorch(model, out_path, batches, channels, size, seed, device, inputs)
+            comparison = compare_with_pytorch(model, out_path, batches, channels, size, seed, device, inputs, frames)
             verified: Dict[str, Any] = dataclasses.asdict(comparison)
         else:
             verified = {"max_abs_diffs": {}, "tolerance": None, "passed": None, "provider": None}
@@ -197,8 +217,9 @@ def export_onnx(
             ir_version=int(proto.ir_version),
             inline=inline,
             dynamic_batch=dynamic_batch,
-            input_shape=["batch" if dynamic_batch else trace_batch, channels, size, size],
+            input_shape=["batch" if dynamic_batch else trace_batch, channels, *([frames] if frames else []), size, size],
             inputs=inputs,
+            pool_nodes=pools,
             **verified,
         )
     finally:
@@ -260,24 +281,40 @@ def _export(model: "nn.Module", example: tuple, opset: Optional[int], dynamic_ba
             )
     except Exception as e:  # the exporter raises many types; all mean the export failed
         raise WorkFailedError(f"torch.onnx.export failed: {_root_cause(e)}") from e
+    if program is None:  # pragma: no cover - dynamo=True always returns a program
+        raise WorkFailedError("torch.onnx.export returned no program")
     got = program.model.opset_imports.get("")
     if opset is not None and got != opset:
         raise WorkFailedError(f"the exporter could not convert the model to opset {opset} (it stayed at {got})")
     return program
 
 
-def _count_maxent_calls(exported_program: Any) -> int:
-    """Max-entropy pool calls in the traced program (what the ONNX graph must have as nodes)."""
-    import torch
+def _count_maxent_calls(exported_program: Any) -> Dict[str, int]:
+    """Max-entropy pool calls in the traced program by the node type they become (what the ONNX
+    graph must have as nodes): ``{"gfgp::MaxEntPool2d": 3}``; types with no call left out."""
+    from .translation import pool_targets
 
-    target = torch.ops.gfgp.maxent_pool2d.default
-    return sum(
-        1
+    targets = pool_targets()
+    found = [
+        targets[node.target]
         for module in exported_program.graph_module.modules()
         if hasattr(module, "graph")
         for node in module.graph.nodes
-        if node.op == "call_function" and node.target is target
-    )
+        if node.op == "call_function" and node.target in targets
+    ]
+    return {f"{DOMAIN}::{op}": found.count(dims) for dims, op in OP_TYPES.items() if dims in found}
+
+
+def _count_custom_nodes(proto: Any) -> Dict[str, int]:
+    """The gfgp-domain nodes of ``proto`` by type, as :func:`_count_maxent_calls` counts pools."""
+    names = [f"{n.domain}::{n.op_type}" for n in all_nodes(proto) if n.domain == DOMAIN]
+    order = [f"{DOMAIN}::{op}" for op in OP_TYPES.values()]
+    return {name: names.count(name) for name in order + sorted(set(names) - set(order)) if name in names}
+
+
+def _counts(counts: Dict[str, int]) -> str:
+    """``{"gfgp::MaxEntPool2d": 3}`` as "3 gfgp::MaxEntPool2d" (empty: "none")."""
+    return ", ".join(f"{n} {name}" for name, n in counts.items()) or "none"
 
 
 def _root_cause(e: BaseException) -> str:

@@ -1,11 +1,12 @@
 """Post-processing of the exporter's ONNX ModelProto, and writing it.
 
 What happens between ``torch.onnx.export`` and a file onnxruntime loads: the
-``gfgp::MaxEntPool2d`` body attached as a model-local function at the model's opset, an IR
-version the opset needs, the exporter's debug-only node metadata dropped, optionally the
-functions inlined; then the file written atomically (weights beside it when too large for one
-protobuf) and checked by ``onnx.checker``. Also the small readers of a proto (every node, the
-default-domain opset) and the byte count of a model's tensors that the export report gives.
+``gfgp::MaxEntPool2d`` / ``gfgp::MaxEntPool3d`` bodies attached as model-local functions at the
+model's opset, an IR version the opset needs, the exporter's debug-only node metadata dropped,
+optionally the functions inlined; then the file written atomically (weights beside it when too
+large for one protobuf) and checked by ``onnx.checker``. Also the small readers of a proto (every
+node, the default-domain opset) and the byte count of a model's tensors that the export report
+gives.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 from .._io import atomic_open
 from ..errors import BadInputError, WorkFailedError
 from .checks import first_line
-from .maxent_function import DOMAIN, DOMAIN_VERSION, maxent_pool2d_function
+from .maxent_function import DOMAIN, DOMAIN_VERSION, OP_TYPES, maxent_pool_function
 
 if TYPE_CHECKING:
     import onnx
@@ -85,15 +86,19 @@ def min_ir_version(opset: int) -> int:
 
 
 def complete(proto: "onnx.ModelProto") -> "onnx.ModelProto":
-    """Attach the MaxEntPool2d body at the model's opset and set an IR version onnxruntime loads."""
+    """Attach the body of each gfgp op the graph uses (MaxEntPool2d, MaxEntPool3d) at the model's
+    opset and set an IR version onnxruntime loads."""
     import onnx
 
     from .runtime import ort_limits
 
     opset = default_opset(proto)
     _strip_debug_metadata(proto)
-    if any(n.domain == DOMAIN for n in all_nodes(proto)):
-        proto.functions.append(maxent_pool2d_function(opset))
+    used = {n.op_type for n in all_nodes(proto) if n.domain == DOMAIN}
+    if used:
+        for dims, op_type in OP_TYPES.items():
+            if op_type in used:
+                proto.functions.append(maxent_pool_function(opset, dims))
         if not any(o.domain == DOMAIN for o in proto.opset_import):
             proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     # The exporter writes IR 10 for every opset; newer opsets need newer IR versions.

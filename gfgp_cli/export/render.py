@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..console import print_json, print_table
 from .bench import BenchExportResult
+from .maxent_function import DOMAIN, OP_TYPE
 from .onnx_export import ExportReport
 
 __all__ = ["render_export", "render_bench_export"]
@@ -23,7 +24,12 @@ def render_export(report: ExportReport, as_json: bool = False) -> None:
         ("file", report.path + (f" + {report.data_path}" if report.data_path else "")),
         ("input", shape if report.inputs == 1 else f"{report.inputs} x {shape}"),
         ("opset / IR", f"{report.opset} / {report.ir_version}"),
-        ("gfgp::MaxEntPool2d nodes", f"{report.custom_nodes}" + (" (inlined)" if report.inline else "")),
+    ]
+    # one row per node type in the file (gfgp::MaxEntPool2d, gfgp::MaxEntPool3d)
+    inlined = " (inlined)" if report.inline else ""
+    for op, count in (report.pool_nodes or {f"{DOMAIN}::{OP_TYPE}": 0}).items():
+        rows.append((f"{op} nodes", f"{0 if report.inline else count}{inlined}"))
+    rows += [
         ("max-entropy pools in the model", str(report.maxent_layers)),
         ("file size", _mb(report.file_bytes)),
         ("parameter bytes", f"{_mb(report.param_bytes)} (file / params = {report.size_ratio:.3f})"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -38,8 +38,10 @@ class Comparison:
     passed: bool
 
 
-def random_input(batch: int, channels: int, size: int, seed: int, device: "torch.device") -> "torch.Tensor":
-    """Tensor[batch, channels, size, size] of N(0, 1), the same for the same arguments.
+def random_input(batch: int, channels: int, size: int, seed: int, device: "torch.device",
+                 frames: Optional[int] = None) -> "torch.Tensor":
+    """Tensor[batch, channels, size, size] (with ``frames``: a clip, Tensor[batch, channels,
+    frames, size, size]) of N(0, 1), the same for the same arguments.
 
     Drawn on the CPU from a private generator and then moved, so it does not depend on the
     device or touch the global RNG; the seed mixes in the batch so each batch size differs.
@@ -47,19 +49,22 @@ def random_input(batch: int, channels: int, size: int, seed: int, device: "torch
     import torch
 
     generator = torch.Generator().manual_seed(seed * 1000 + batch)
-    return torch.randn(batch, channels, size, size, generator=generator).to(device)
+    shape = (batch, channels, size, size) if frames is None else (batch, channels, frames, size, size)
+    return torch.randn(*shape, generator=generator).to(device)
 
 
-def random_inputs(count: int, batch: int, channels: int, size: int, seed: int, device: "torch.device") -> tuple:
+def random_inputs(count: int, batch: int, channels: int, size: int, seed: int, device: "torch.device",
+                  frames: Optional[int] = None) -> tuple:
     """``count`` different :func:`random_input` tensors: the positional inputs of a model that
     takes several images (an optical-flow model's two frames); the first is ``random_input``'s."""
-    return tuple(random_input(batch, channels, size, seed + 7919 * i, device) for i in range(count))
+    return tuple(random_input(batch, channels, size, seed + 7919 * i, device, frames) for i in range(count))
 
 
 def compare_with_pytorch(model: "nn.Module", path: Path, batches: Sequence[int], channels: int, size: int, seed: int,
-                         device: "torch.device", inputs: int = 1) -> Comparison:
+                         device: "torch.device", inputs: int = 1, frames: Optional[int] = None) -> Comparison:
     """Run the file at ``path`` in onnxruntime and ``model`` (in eval mode) on the same random
-    inputs (``inputs`` tensors, :func:`random_inputs`) of each batch size in ``batches``.
+    inputs (``inputs`` tensors, :func:`random_inputs`; clips of ``frames`` frames for a video
+    model) of each batch size in ``batches``.
 
     Raises:
         WorkFailedError: onnxruntime cannot load the file, outputs of other shapes, or a
@@ -80,7 +85,7 @@ def compare_with_pytorch(model: "nn.Module", path: Path, batches: Sequence[int],
     scale = 0.0
     for batch in batches:
         # seed + 1: not the input the model was traced on
-        xs = random_inputs(inputs, batch, channels, size, seed + 1, device)
+        xs = random_inputs(inputs, batch, channels, size, seed + 1, device, frames)
         with torch.no_grad():
             expected = [t.detach().float().cpu().numpy() for t in flatten_outputs(model(*xs))]
         got = run_session(session, [x.cpu().numpy() for x in xs])
@@ -90,11 +95,11 @@ def compare_with_pytorch(model: "nn.Module", path: Path, batches: Sequence[int],
                 f"PyTorch {[e.shape for e in expected]}; the file was kept at {path}"
             )
         diff = 0.0
-        for g, e in zip(got, expected):
-            if e.size:
-                d = np.abs(g.astype(np.float64) - e.astype(np.float64))
+        for g, want in zip(got, expected):
+            if want.size:
+                d = np.abs(g.astype(np.float64) - want.astype(np.float64))
                 diff = max(diff, float(d.max()) if np.isfinite(d).all() else float("inf"))  # NaN fails too
-                scale = max(scale, float(np.abs(e).max()))
+                scale = max(scale, float(np.abs(want).max()))
         diffs[batch] = diff
     tolerance = RTOL * max(scale, 1e-6)  # the floor keeps an all-zero output from needing exact equality
     passed = all(d <= tolerance for d in diffs.values())

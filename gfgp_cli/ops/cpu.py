@@ -1,14 +1,17 @@
 """The fast CPU path of max-entropy pooling: a fused C++ kernel built at first use.
 
 ``csrc/maxent_pool_cpu.cpp`` makes one pass over the input per direction (the reference path
-materialises the k*k weights of every window several times). It has no PyTorch headers: it is
+materialises the weights of every window several times). One kernel serves both ranks: a 5-D
+input ``[N, C, T, H, W]`` (3-D pooling, ``(t, h, w)`` geometry) runs as it is, a 4-D input
+``[N, C, H, W]`` as the 5-D problem with ``T = 1`` and a temporal kernel of 1 (the same memory,
+no copy). It has no PyTorch headers: it is
 compiled with the system C++ compiler (``$CXX``, default ``g++``) in about a second, the first
 time it is needed, into a cache directory (``$GFGP_CACHE_DIR``, else ``$XDG_CACHE_HOME/gfgp``,
 else ``~/.cache/gfgp``) under a name that hashes the source, the flags, the compiler and the
 CPU, so a rebuild happens only when one of them changes (not when the compiler is upgraded or
 gains OpenMP: delete the cache directory then); it is loaded with ctypes (which releases
-the GIL during the call). Work is split into tasks, (n, c) planes for NCHW input and (n, channel
-block) for channels_last input, run with OpenMP on ``torch.get_num_threads()`` threads. Built
+the GIL during the call). Work is split into tasks, (n, c) planes for NCHW/NCDHW input and (n,
+channel block) for channels_last/channels_last_3d input, run with OpenMP on ``torch.get_num_threads()`` threads. Built
 with g++, the library links ``libgomp.so.1``, which PyTorch's Linux wheels have already loaded,
 so the kernel runs on PyTorch's own thread pool: a separate pool would compete with PyTorch's
 workers, which spin for a while after each op (that cost about 3 ms per call). ``CXX=clang++``
@@ -19,7 +22,9 @@ If the library cannot be built or loaded (no compiler, say), :func:`build_error`
 the op runs the reference path, after one warning line (:mod:`gfgp_cli.ops.dispatch`).
 
 float32 and float64 run natively; float16 and bfloat16 are computed in float32. The output
-(and grad_x) has the memory format of the input, as ``F.max_pool2d``'s.
+(and grad_x) has the memory format of the input, as ``F.max_pool2d``'s and ``F.max_pool3d``'s:
+channels_last (4-D) or channels_last_3d (5-D) when the input is in it (and not also contiguous),
+else contiguous.
 """
 
 from __future__ import annotations
@@ -115,9 +120,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.gfgp_maxent_has_openmp.restype = c_int
     for suffix in ("f32", "f64"):
         fwd = getattr(lib, f"gfgp_maxent_forward_{suffix}")
+        # x, lam, y, geo (18 int64), ls (5 int64), nhwc, threads
         fwd.argtypes = [p, p, p, p, p, c_int, c_int]
         fwd.restype = None
         bwd = getattr(lib, f"gfgp_maxent_backward_{suffix}")
+        # x, lam, y, gy, gx, gl, geo, ls, gs (5 int64), per_window, nhwc, threads
         bwd.argtypes = [p, p, p, p, p, p, p, p, p, c_int, c_int, c_int]
         bwd.restype = None
 
@@ -157,8 +164,13 @@ def has_openmp() -> bool:
     return lib is not None and bool(lib.gfgp_maxent_has_openmp())
 
 
+def _channels_last_format(x: Tensor) -> torch.memory_format:
+    """The channels-last memory format of x's rank: channels_last (4-D) or channels_last_3d (5-D)."""
+    return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+
+
 def _is_nhwc(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return x.is_contiguous(memory_format=_channels_last_format(x)) and not x.is_contiguous()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -173,23 +185,45 @@ def _channel_block(n: int, c: int) -> int:
     return block
 
 
-def _geometry(x: Tensor, kernel, stride, padding, ceil_mode) -> Tuple[Tensor, Tuple[int, int]]:
-    n, c, h, w = x.shape
-    oh = pool_output_size(h, kernel[0], stride[0], padding[0], ceil_mode)
-    ow = pool_output_size(w, kernel[1], stride[1], padding[1], ceil_mode)
-    geo = torch.tensor([n, c, h, w, oh, ow, *kernel, *stride, *padding, _channel_block(n, c)], dtype=torch.int64)
-    return geo, (oh, ow)
+def _check_rank(x: Tensor, kernel, stride, padding) -> None:
+    if x.dim() not in (4, 5) or not len(kernel) == len(stride) == len(padding) == x.dim() - 2:
+        raise ValueError(f"x must be 4-D with pairs or 5-D with (t, h, w) triples, got a {x.dim()}-D tensor with "
+                         f"kernel_size={list(kernel)}, stride={list(stride)}, padding={list(padding)}")
 
 
-def _prepare(x: Tensor, lam: Tensor, out_hw) -> Tuple[Tensor, Tensor, Tensor, bool, torch.memory_format]:
-    """x in its kernel layout and compute dtype, lam likewise, lam's strides as Tensor[N, C, OH, OW]."""
+def _geometry(x: Tensor, kernel, stride, padding, ceil_mode) -> Tuple[Tensor, Tuple[int, ...]]:
+    """The kernel's geometry array (a 4-D problem as T = 1, kernel 1, stride 1, padding 0) and the output size."""
+    _check_rank(x, kernel, stride, padding)
+    out = tuple(pool_output_size(size, k, s, p, ceil_mode) for size, k, s, p in zip(x.shape[2:], kernel, stride, padding))
+    t, ot, kernel3, stride3, padding3 = 1, 1, [1, *kernel], [1, *stride], [0, *padding]
+    if x.dim() == 5:
+        t, ot, kernel3, stride3, padding3 = x.shape[2], out[0], list(kernel), list(stride), list(padding)
+    n, c, h, w = x.shape[0], x.shape[1], x.shape[-2], x.shape[-1]
+    geo = torch.tensor([n, c, t, h, w, ot, *out[-2:], *kernel3, *stride3, *padding3, _channel_block(n, c)],
+                       dtype=torch.int64)
+    return geo, out
+
+
+def _strides5(t: Tensor) -> Tensor:
+    """t's strides as the kernel reads them, for Tensor[N, C, OT, OH, OW] (a 4-D t gets 0 for OT)."""
+    st = list(t.stride())
+    return torch.tensor(st if t.dim() == 5 else [st[0], st[1], 0, st[2], st[3]], dtype=torch.int64)
+
+
+def _per_window(lam: Tensor) -> bool:
+    """Whether lam holds one value per output window (else one per (n, c), broadcast)."""
+    return any(size != 1 for size in lam.shape[2:])
+
+
+def _prepare(x: Tensor, lam: Tensor, out) -> Tuple[Tensor, Tensor, Tensor, bool, torch.memory_format]:
+    """x in its kernel layout and compute dtype, lam likewise, lam's strides as Tensor[N, C, OT, OH, OW]."""
     nhwc = _is_nhwc(x)
-    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    fmt = _channels_last_format(x) if nhwc else torch.contiguous_format
     ct = _compute_dtype(x.dtype)
     xk = x.to(ct).contiguous(memory_format=fmt)
     lamk = lam.to(ct)
-    lamk = lamk.contiguous(memory_format=fmt) if lamk.shape[2:] != (1, 1) else lamk.contiguous()
-    ls = torch.tensor(lamk.expand(x.shape[0], x.shape[1], *out_hw).stride(), dtype=torch.int64)
+    lamk = lamk.contiguous(memory_format=fmt) if _per_window(lamk) else lamk.contiguous()
+    ls = _strides5(lamk.expand(x.shape[0], x.shape[1], *out))
     return xk, lamk, ls, nhwc, fmt
 
 
@@ -199,10 +233,13 @@ def _fn(kind: str, dtype: torch.dtype):
 
 def forward(x: Tensor, lam: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
             ceil_mode: bool) -> Tensor:
-    """y = sum_i p_i x_i per window; Tensor[N, C, out_h, out_w] in x's dtype and memory format."""
-    geo, out_hw = _geometry(x, kernel_size, stride, padding, ceil_mode)
-    xk, lamk, ls, nhwc, fmt = _prepare(x, lam, out_hw)
-    y = torch.empty((x.shape[0], x.shape[1], *out_hw), dtype=xk.dtype, memory_format=fmt)
+    """y = sum_i p_i x_i per window; Tensor[N, C, *out] in x's dtype and memory format.
+
+    ``x`` is Tensor[N, C, H, W] with pairs or Tensor[N, C, T, H, W] with (t, h, w) triples.
+    """
+    geo, out = _geometry(x, kernel_size, stride, padding, ceil_mode)
+    xk, lamk, ls, nhwc, fmt = _prepare(x, lam, out)
+    y = torch.empty((x.shape[0], x.shape[1], *out), dtype=xk.dtype, memory_format=fmt)
     fn = _fn("forward", xk.dtype)
     args = (xk.data_ptr(), lamk.data_ptr(), y.data_ptr(), geo.data_ptr(), ls.data_ptr(), int(nhwc))
     fn(*args, torch.get_num_threads())
@@ -212,26 +249,26 @@ def forward(x: Tensor, lam: Tensor, kernel_size: List[int], stride: List[int], p
 def backward(grad: Tensor, x: Tensor, lam: Tensor, out: Tensor, kernel_size: List[int], stride: List[int],
              padding: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
     """(dL/dx in x's dtype and memory format, dL/dlam of lam's shape), docs/method.md section 1."""
-    geo, out_hw = _geometry(x, kernel_size, stride, padding, ceil_mode)
-    xk, lamk, ls, nhwc, fmt = _prepare(x, lam, out_hw)
+    geo, out_size = _geometry(x, kernel_size, stride, padding, ceil_mode)
+    xk, lamk, ls, nhwc, fmt = _prepare(x, lam, out_size)
     ct = xk.dtype
     yk = out.to(ct).contiguous(memory_format=fmt)
     gk = grad.to(ct).contiguous(memory_format=fmt)
     gx = torch.empty_like(xk)
     n, c = x.shape[:2]
-    per_window = lam.shape[2:] != (1, 1)
+    per_window = _per_window(lam)
     if per_window:
-        gl = torch.empty((n, c, *out_hw), dtype=ct, memory_format=fmt)
-        gs = torch.tensor(gl.stride(), dtype=torch.int64)
+        gl = torch.empty((n, c, *out_size), dtype=ct, memory_format=fmt)
+        gs = _strides5(gl)
     else:
         gl = torch.empty((n, c), dtype=ct)  # one sum per (n, c) plane
-        gs = torch.zeros(4, dtype=torch.int64)
+        gs = torch.zeros(5, dtype=torch.int64)
     fn = _fn("backward", ct)
     args = (xk.data_ptr(), lamk.data_ptr(), yk.data_ptr(), gk.data_ptr(), gx.data_ptr(), gl.data_ptr(),
             geo.data_ptr(), ls.data_ptr(), gs.data_ptr(), int(per_window), int(nhwc))
     fn(*args, torch.get_num_threads())
     if not per_window:
-        gl = gl.reshape(n, c, 1, 1)
+        gl = gl.reshape(n, c, *[1] * (x.dim() - 2))
         dims = [d for d in range(2) if lam.shape[d] == 1]
         if dims:
             gl = gl.sum(dim=dims, keepdim=True)

@@ -11,8 +11,18 @@ SPEC is one of:
   download): scikit-learn's real digits at a random position and scale among fragments of other
   digits on a 32x32 canvas, 6,000 train and 2,000 val images from disjoint source digits,
   generated from SEED (default 0), resized bilinearly to the model's input size, 3 channels.
+- ``moving-digits`` or ``moving-digits:SEED``, optionally followed by ``:frames=T``,
+  ``:train=N`` and ``:val=N`` (in any order): *video clips* for video models
+  (:mod:`gfgp_cli.datasets.moving`, no download): one of scikit-learn's real digits moving across
+  a 32x32 canvas and bouncing off its borders, T frames (default 16), 2,000 train and 500 val
+  clips from disjoint source digits, generated from SEED (default 0), every frame resized
+  bilinearly to the model's input size; samples are ``Tensor[3, T, S, S]``.
 - ``fake`` or ``fake:N``: torchvision FakeData (256 train, 64 val images) with N classes (default:
   the model's number of outputs), for smoke runs.
+
+Every other kind holds images (``Tensor[3, S, S]``); :func:`data_frames` tells the two apart
+from the SPEC alone (before any data is made), so a video model given images, or an image model
+given clips, is refused in one line.
 
 Exact resume needs the data order and the augmentation of every sample to depend only on
 (seed, epoch, position), never on the process history: :class:`ResumableSampler` draws each
@@ -26,7 +36,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sized, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +47,8 @@ from ..errors import BadInputError
 
 __all__ = [
     "DataBundle", "load_data", "parse_data_spec", "DigitsDataset", "ResumableSampler", "ShardSampler",
-    "SeededSamples", "DIGITS_VAL_FRACTION",
+    "SeededSamples", "DIGITS_VAL_FRACTION", "MOVING_DIGITS", "MOVING_DIGITS_FORM", "moving_digits_options",
+    "data_frames",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,6 +64,12 @@ FAKE_TRAIN, FAKE_VAL = 256, 64
 
 _SPEC_HELP = f"give {DATA_SPEC_HELP}"
 
+#: The clip data set's kind, and its full form (the options after SEED may come in any order).
+MOVING_DIGITS = "moving-digits"
+MOVING_DIGITS_FORM = "moving-digits[:SEED][:frames=T][:train=N][:val=N]"
+# Option name in the SPEC -> make_moving_digits keyword.
+_MOVING_OPTIONS = {"frames": "frames", "train": "n_train", "val": "n_val"}
+
 
 @dataclass
 class DataBundle:
@@ -62,10 +79,11 @@ class DataBundle:
     train: Dataset
     val: Dataset
     num_classes: int
+    frames: Optional[int] = None  # frames per clip of a video set (samples Tensor[3, T, S, S]); None: images
 
 
 def parse_data_spec(spec: str) -> Tuple[str, Optional[str]]:
-    """``(kind, argument)``: kind in {folder, cifar10, cifar100, digits, cluttered, fake}."""
+    """``(kind, argument)``: kind in {folder, cifar10, cifar100, digits, cluttered, moving-digits, fake}."""
     if not isinstance(spec, str) or not spec.strip():
         raise BadInputError(f"--data is empty; {_SPEC_HELP}")
     spec = spec.strip()
@@ -76,6 +94,10 @@ def parse_data_spec(spec: str) -> Tuple[str, Optional[str]]:
         if arg is not None and not arg.isdigit():
             raise BadInputError(f"--data {spec}: cluttered:SEED needs a seed that is an integer >= 0")
         return "cluttered", arg
+    if spec == MOVING_DIGITS or spec.startswith(MOVING_DIGITS + ":"):
+        arg = spec[len(MOVING_DIGITS) + 1:] or None
+        moving_digits_options(arg, spec)  # bad input now, not when the data is loaded
+        return MOVING_DIGITS, arg
     if spec == "fake" or spec.startswith("fake:"):
         arg = spec[5:] or None
         if arg is not None and not (arg.isdigit() and int(arg) >= 1):
@@ -104,11 +126,68 @@ def load_data(spec: str, image_size: int, num_classes: Optional[int] = None, dow
         seed = int(arg or 0)
         train, val = cached_cluttered_digits(seed).datasets(image_size)
         return DataBundle(f"cluttered:{seed}", train, val, len(train.classes))
+    if kind == MOVING_DIGITS:
+        return _moving_digits(arg, image_size)
     if kind == "fake":
         return _fake(image_size, int(arg) if arg else (num_classes or 10))
+    assert arg is not None  # parse_data_spec: a CIFAR root or a folder is never empty
     if kind in ("cifar10", "cifar100"):
         return _cifar(kind, arg, image_size, download)
     return _image_folder(arg, image_size)
+
+
+def data_frames(spec: str) -> Optional[int]:
+    """Frames per clip of the video data ``spec`` names (``moving-digits``), None for image data;
+    from the SPEC alone (nothing is loaded). Bad input for a malformed SPEC."""
+    kind, arg = parse_data_spec(spec)
+    return moving_digits_options(arg)["frames"] if kind == MOVING_DIGITS else None
+
+
+# --- moving digits (clips) -----------------------------------------------------------------------
+
+
+def moving_digits_options(arg: Optional[str], spec: Optional[str] = None) -> Dict[str, int]:
+    """The ``seed``, ``frames``, ``n_train`` and ``n_val`` of ``moving-digits[:ARG]``: ARG is
+    ``SEED`` and/or ``frames=T``, ``train=N``, ``val=N``, joined by ``:`` (SEED first)."""
+    from ..datasets.moving import DEFAULTS
+
+    shown = spec or (MOVING_DIGITS if arg is None else f"{MOVING_DIGITS}:{arg}")
+    options: Dict[str, int] = {"seed": 0, **{key: int(DEFAULTS[key]) for key in _MOVING_OPTIONS.values()}}
+    if arg is None:
+        return options
+    given = set()
+    for i, field in enumerate(arg.split(":")):
+        key, eq, value = field.partition("=")
+        if not eq:
+            if i == 0 and field.isdigit():
+                options["seed"] = int(field)
+                continue
+            what = "a seed that is an integer >= 0" if i == 0 else "KEY=VALUE options after the seed"
+            raise BadInputError(f"--data {shown}: {MOVING_DIGITS_FORM} needs {what}, got {field!r}")
+        if key not in _MOVING_OPTIONS:
+            raise BadInputError(
+                f"--data {shown}: unknown moving-digits option {key!r}; the options are "
+                f"{', '.join(k + '=N' for k in _MOVING_OPTIONS)} ({MOVING_DIGITS_FORM})"
+            )
+        if key in given:
+            raise BadInputError(f"--data {shown}: {key}= is given twice")
+        if not (value.isdigit() and int(value) >= 1):
+            raise BadInputError(f"--data {shown}: {key}= needs a positive integer, got {value!r}")
+        given.add(key)
+        options[_MOVING_OPTIONS[key]] = int(value)
+    return options
+
+
+def _moving_digits(arg: Optional[str], image_size: int) -> DataBundle:
+    from ..datasets import cached_moving_digits
+    from ..datasets.moving import DEFAULTS
+
+    options = moving_digits_options(arg)
+    seed = options.pop("seed")
+    train, val = cached_moving_digits(seed, **options).datasets(image_size)
+    # The name: the seed always, then the options that differ from the standard set's.
+    extra = "".join(f":{key}={options[name]}" for key, name in _MOVING_OPTIONS.items() if options[name] != DEFAULTS[name])
+    return DataBundle(f"{MOVING_DIGITS}:{seed}{extra}", train, val, len(train.classes), frames=options["frames"])
 
 
 # --- digits --------------------------------------------------------------------------------------
@@ -248,7 +327,7 @@ class SeededSamples(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(cast(Sized, self.dataset))
 
     def __getitem__(self, key: Tuple[int, int]):
         index, seed = key

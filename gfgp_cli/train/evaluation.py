@@ -2,6 +2,11 @@
 eval`` (:func:`evaluate_checkpoint`), with what they share with training and plots: reading a
 trained checkpoint (:func:`load_trained`), loading the data a model fits (:func:`prepare_data`)
 and the validation loader (:func:`eval_loader`).
+
+Image models take ``Tensor[N, 3, S, S]``; video models (task ``video``: torchvision's r3d_18,
+mc3_18, r2plus1d_18, s3d, mvit_v1_b, mvit_v2_s, swin3d_t/s/b) take clips ``Tensor[N, 3, T, S, S]``
+and train on clip data (``--data moving-digits``). Both return class logits ``[N, classes]``;
+:func:`prepare_data` refuses, in one line, a model given the other kind of data.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from ..checkpoint import load, read_checkpoint
 from ..errors import BadInputError
 from ..spec import ConversionSpec, spec_of
 from .config import TrainConfig, check_device_name
-from .data import DataBundle, ShardSampler, load_data
+from .data import MOVING_DIGITS, MOVING_DIGITS_FORM, DataBundle, ShardSampler, data_frames, load_data
 from .distributed import SINGLE_PROCESS, DistInfo, all_reduce_sum
 from .metrics import Meters, Progress
 from .runtime import amp_dtype, autocast, ignore_sigint, resolve_device, to_device
 from .state import trained_image_size
 
-__all__ = ["evaluate", "evaluate_checkpoint", "load_trained", "prepare_data", "eval_loader"]
+__all__ = ["evaluate", "evaluate_checkpoint", "load_trained", "prepare_data", "eval_loader", "check_data_kind",
+           "example_batch"]
 
 
 @torch.inference_mode()
@@ -61,11 +67,16 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 256, im
     amp_dtype(dev, config, [])  # the same checks as training (fp16 on the CPU is bad input)
     loader = eval_loader(bundle.val, batch_size, workers, dev, DistInfo())
     metrics = evaluate(model, nn.CrossEntropyLoss(), loader, dev, config)
-    return {"checkpoint": str(checkpoint), "data": bundle.name, "image_size": size, **metrics}
+    clips = {} if bundle.frames is None else {"frames": bundle.frames}
+    return {"checkpoint": str(checkpoint), "data": bundle.name, "image_size": size, **clips, **metrics}
 
 
-#: Tasks whose models take an image batch and return class logits (docs: "What converts").
-TRAINABLE_TASKS = ("classification", "quantization")
+#: Tasks whose models take an image batch (or, ``video``, a batch of clips) and return class
+#: logits (docs: "What converts").
+TRAINABLE_TASKS = ("classification", "quantization", "video")
+
+#: torchvision's video classifiers, named in the errors of a model given the wrong kind of data.
+_VIDEO_MODELS = "r3d_18, mc3_18, r2plus1d_18, s3d, mvit_v1_b, mvit_v2_s, swin3d_t"
 
 
 def load_trained(checkpoint, module: Optional[nn.Module] = None) -> Tuple[nn.Module, ConversionSpec, Optional[int]]:
@@ -79,14 +90,18 @@ def load_trained(checkpoint, module: Optional[nn.Module] = None) -> Tuple[nn.Mod
 
 def prepare_data(model: nn.Module, spec: ConversionSpec, data: str, image_size: Optional[int], device: torch.device,
                  download: bool) -> Tuple[DataBundle, int]:
-    """Resolve the image size, load SPEC's data and check the classifier fits its classes."""
+    """Resolve the image size, load SPEC's data and check the classifier fits its classes (and
+    that clips go to a video model, images to an image model)."""
     if spec.task not in TRAINABLE_TASKS:
         raise BadInputError(
             f"{spec.model_name} is a {spec.task.replace('_', ' ')} model; gfgp train and eval handle classification models "
-            "(quantizable float models included) for now: the losses and metrics of other tasks are not built yet"
+            "(quantizable float models and video classifiers included) for now: the losses and metrics of other tasks "
+            "are not built yet"
         )
+    frames = data_frames(data)
+    check_data_kind(spec, data, frames)
     size = image_size or spec.image_size
-    outputs = _num_outputs(model, size, device)
+    outputs = _num_outputs(model, size, device, frames)
     bundle = load_data(data, size, num_classes=outputs, download=download)
     if bundle.num_classes != outputs:
         raise BadInputError(
@@ -104,18 +119,42 @@ def eval_loader(dataset, batch_size: int, workers: int, device: torch.device, in
                       worker_init_fn=ignore_sigint)
 
 
-def _num_outputs(model: nn.Module, image_size: int, device: torch.device) -> int:
-    """Number of classes the model predicts, from one forward pass of two blank images."""
+def check_data_kind(spec: ConversionSpec, data: str, frames: Optional[int]) -> None:
+    """Bad input (one line) for a video model given image data, or an image model given clips
+    (``frames``: the clip length of ``data``, None for images)."""
+    if spec.task == "video" and frames is None:
+        raise BadInputError(
+            f"{spec.model_name} is a video model (it takes clips, Tensor[N, 3, T, H, W]) but --data {data} holds images; "
+            f"train and evaluate it on clips: --data {MOVING_DIGITS} ({MOVING_DIGITS_FORM})"
+        )
+    if spec.task != "video" and frames is not None:
+        raise BadInputError(
+            f"--data {data} holds video clips (Tensor[N, 3, T, H, W]) but {spec.model_name} is an image model "
+            f"({spec.task}, it takes Tensor[N, 3, H, W]); give it image data, or convert a video model "
+            f"({_VIDEO_MODELS}, ...) for the clips"
+        )
+
+
+def example_batch(image_size: int, device: torch.device, frames: Optional[int] = None) -> torch.Tensor:
+    """Two blank inputs: images ``Tensor[2, 3, S, S]``, or clips ``Tensor[2, 3, frames, S, S]``."""
+    shape = (2, 3, image_size, image_size) if frames is None else (2, 3, frames, image_size, image_size)
+    return torch.zeros(shape, device=device)
+
+
+def _num_outputs(model: nn.Module, image_size: int, device: torch.device, frames: Optional[int] = None) -> int:
+    """Number of classes the model predicts, from one forward pass of two blank images (or
+    clips of ``frames`` frames)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, 3, image_size, image_size, device=device))
-    except (RuntimeError, ValueError) as e:
-        raise BadInputError(
-            f"the model does not run on {image_size}x{image_size} images ({' '.join(str(e).split())[:160]}); "
-            "choose another --image-size"
-        ) from e
+            out = model(example_batch(image_size, device, frames))
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        # (torchvision's MViT asserts its input's shape; S3D's pooling fails on small clips)
+        what = f"{image_size}x{image_size} images" if frames is None else f"{frames}-frame {image_size}x{image_size} clips"
+        fix = "choose another --image-size" + ("" if frames is None else
+                                                f" (or another clip length: --data {MOVING_DIGITS}:SEED:frames=T)")
+        raise BadInputError(f"the model does not run on {what} ({' '.join(str(e).split())[:160]}); {fix}") from e
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:

@@ -36,10 +36,14 @@ def render_eval(metrics: Dict[str, Any], as_json: bool = False) -> None:
     if as_json:
         print_json(metrics)
         return
-    print_table(f"gfgp eval: {metrics['checkpoint']} on {metrics['data']} (validation, {metrics['image_size']}px)",
-                ["images", "loss", "top-1 (%)", "top-5 (%)"],
+    # Clip data (a video model) says so: "(validation, 16-frame 32px clips)".
+    frames = metrics.get("frames")
+    size = f"{metrics['image_size']}px" if frames is None else f"{frames}-frame {metrics['image_size']}px clips"
+    samples = "images" if frames is None else "clips"
+    print_table(f"gfgp eval: {metrics['checkpoint']} on {metrics['data']} (validation, {size})",
+                [samples, "loss", "top-1 (%)", "top-5 (%)"],
                 [(metrics["images"], f"{metrics['loss']:.4f}", _pct(metrics["top1"]), _pct(metrics["top5"]))],
-                justify_right=["images", "loss", "top-1 (%)", "top-5 (%)"])
+                justify_right=[samples, "loss", "top-1 (%)", "top-5 (%)"])
 
 
 def render_plots(paths: List, as_json: bool = False) -> None:

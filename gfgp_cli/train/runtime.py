@@ -7,6 +7,10 @@
 - the device: :func:`wants_cuda`, :func:`resolve_device`, :func:`collective_device`, :func:`to_device`;
 - mixed precision: :func:`amp_dtype` (checks and notes), :func:`autocast`, :func:`grad_scaler`;
 - model wrappers: :func:`sync_batchnorm`, :func:`wrap_model` (channels_last, DDP, torch.compile).
+
+``--channels-last`` is rank-aware: a 4-D tensor (an image batch, a Conv2d weight) goes to
+``torch.channels_last``, a 5-D one (a batch of clips, a Conv3d weight) to
+``torch.channels_last_3d`` (:func:`channels_last_format`); other tensors are left as they are.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import random
 import signal
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
@@ -30,7 +34,7 @@ from .state import restore_rng
 __all__ = [
     "StopControl", "stop_on_signals", "ignore_sigint", "seed_everything", "seed_process", "determinism",
     "kept_num_threads", "wants_cuda", "resolve_device", "collective_device", "to_device", "amp_dtype", "autocast",
-    "grad_scaler", "sync_batchnorm", "wrap_model",
+    "grad_scaler", "sync_batchnorm", "wrap_model", "channels_last_format", "to_channels_last",
 ]
 
 
@@ -148,10 +152,31 @@ def collective_device(device: torch.device, info: DistInfo) -> torch.device:
 
 
 def to_device(images: torch.Tensor, device: torch.device, config: Optional[TrainConfig]) -> torch.Tensor:
+    """An input batch on ``device``; with --channels-last in the channels-last format of its rank
+    (images ``Tensor[N, C, H, W]``: channels_last; clips ``Tensor[N, C, T, H, W]``: channels_last_3d)."""
     images = images.to(device, non_blocking=True)
     if config is not None and config.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+        fmt = channels_last_format(images)
+        if fmt is not None:
+            images = images.contiguous(memory_format=fmt)
     return images
+
+
+def channels_last_format(t: torch.Tensor) -> Optional[torch.memory_format]:
+    """The channels-last memory format of a tensor's rank: ``channels_last`` for 4-D,
+    ``channels_last_3d`` for 5-D, None (no such format) for any other rank."""
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Every 4-D and 5-D parameter and buffer of ``model`` in the channels-last format of its rank
+    (in place; :meth:`nn.Module.to` takes one format for every rank, which a model with Conv3d
+    weights and 4-D tensors, or the reverse, cannot use)."""
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        fmt = channels_last_format(t)
+        return t if fmt is None else t.contiguous(memory_format=fmt)
+
+    return model._apply(convert)
 
 
 # --- mixed precision -----------------------------------------------------------------------------
@@ -204,14 +229,15 @@ def sync_batchnorm(model: nn.Module, config: TrainConfig, device: torch.device, 
 
 def wrap_model(model: nn.Module, config: TrainConfig, device: torch.device,
                info: DistInfo) -> Tuple[nn.Module, Optional[nn.parallel.DistributedDataParallel]]:
-    """``(the module to run, its DDP wrapper or None)``: channels_last memory (in place), DDP under
-    torchrun, then torch.compile. The unwrapped ``model`` is what checkpoints save."""
+    """``(the module to run, its DDP wrapper or None)``: channels-last memory (in place, by rank:
+    :func:`to_channels_last`), DDP under torchrun, then torch.compile. The unwrapped ``model`` is
+    what checkpoints save."""
     if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     ddp = None
     if info.enabled:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         model = ddp
     if config.compile:
-        model = torch.compile(model)
+        model = cast(nn.Module, torch.compile(model))
     return model, ddp

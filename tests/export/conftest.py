@@ -47,6 +47,7 @@ def tiny_net(seed: int = 0) -> TinyNet:
     # Non-trivial BN statistics, so that folding them is exercised.
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     return model.eval()

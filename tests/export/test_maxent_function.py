@@ -48,7 +48,7 @@ def one_node_model(kernel, stride, padding, ceil_mode, opset=20, dtype=torch.flo
     return model
 
 
-_SESSIONS = {}
+_SESSIONS: dict = {}
 
 
 def run_onnx(x, lam, kernel, stride, padding, ceil_mode, opset=20):

@@ -1,4 +1,7 @@
 // Fused max-entropy pooling on the CPU (docs/method.md section 1): one pass over the input per direction.
+// One implementation for both ranks: 3-D pooling over [N, C, T, H, W], and 2-D pooling over
+// [N, C, H, W] as the 3-D problem with T = OT = KT = ST = 1 and PT = 0 (the extra loop level has
+// one iteration).
 //
 // Plain C++ with no PyTorch headers, compiled at run time by gfgp_cli/ops/cpu.py (g++, cached by
 // source hash) and called through ctypes (which releases the GIL). Work is split into tasks and
@@ -7,10 +10,13 @@
 // runs on PyTorch's own OpenMP thread pool: no second pool competes with PyTorch's spinning
 // workers. Built without OpenMP (a compiler without it), every call runs on the calling thread.
 //
-// Geometry array `geo` (int64): N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, CB (NHWC channel block).
-// lam is read as Tensor[N, C, OH, OW] through strides `ls` (0 where lam broadcasts).
-// Layouts: NCHW (x, y, g, gx contiguous; one task per (n, c) plane) and NHWC (channels_last
-// contiguous; one task per (n, block of CB channels)). Padded positions take part in nothing.
+// Geometry array `geo` (int64): N, C, T, H, W, OT, OH, OW, KT, KH, KW, ST, SH, SW, PT, PH, PW, CB
+// (CB: the NHWC channel block).
+// lam is read as Tensor[N, C, OT, OH, OW] through 5 strides `ls` (0 where lam broadcasts); a
+// per-window dL/dlam is written through 5 strides `gs`.
+// Layouts: NCHW (x, y, g, gx contiguous [N, C, T, H, W]; one task per (n, c) plane) and NHWC
+// (channels last, [N, T, H, W, C] in memory: channels_last for 4-D tensors, channels_last_3d for
+// 5-D ones; one task per (n, block of CB channels)). Padded positions take part in nothing.
 //
 // Per window (stable for every finite input: m is the true window maximum of lam * x):
 //   e_i = exp(lam x_i - m),  S = sum e_i,  y = sum e_i x_i / S
@@ -58,18 +64,25 @@ inline double exp_nonpos(double x) { return std::exp(x); }
 constexpr int64_t kMaxChannelBlock = 256;  // NHWC: at most this many channels per task
 
 struct Geo {
-  int64_t N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, CB;
+  int64_t N, C, T, H, W, OT, OH, OW, KT, KH, KW, ST, SH, SW, PT, PH, PW, CB;
   explicit Geo(const int64_t* g)
-      : N(g[0]), C(g[1]), H(g[2]), W(g[3]), OH(g[4]), OW(g[5]), KH(g[6]), KW(g[7]), SH(g[8]), SW(g[9]),
-        PH(g[10]), PW(g[11]), CB(std::max<int64_t>(1, std::min(g[12], kMaxChannelBlock))) {}
+      : N(g[0]), C(g[1]), T(g[2]), H(g[3]), W(g[4]), OT(g[5]), OH(g[6]), OW(g[7]), KT(g[8]), KH(g[9]),
+        KW(g[10]), ST(g[11]), SH(g[12]), SW(g[13]), PT(g[14]), PH(g[15]), PW(g[16]),
+        CB(std::max<int64_t>(1, std::min(g[17], kMaxChannelBlock))) {}
+  int64_t K() const { return KT * KH * KW; }      // positions per window
+  int64_t rows() const { return OT * OH; }        // output rows (ot, oh) per plane
+  int64_t in_plane() const { return T * H * W; }  // input positions per (n, c)
+  int64_t out_plane() const { return OT * OH * OW; }
 };
 
 
 // ---------------------------------------------------------------------------------- NCHW
-// For one output row i of one plane, gather every window offset q = (a, b) of every window j into
-// contiguous rows zb[q][j] = lam x (-inf where padded) and xb[q][j] = x (0 where padded), so that
-// the arithmetic below runs over contiguous memory and vectorises. The column strides 1 and 2 get
-// their own instantiations (S > 0): with the stride known the compiler vectorises the loads.
+// An output row is the pair (ot, oh), numbered i = ot * OH + oh (the rows of a plane are
+// contiguous in y in that order). For one output row i of one plane, gather every window offset
+// q = (ct, a, b) of every window j into contiguous rows zb[q][j] = lam x (-inf where padded) and
+// xb[q][j] = x (0 where padded), so that the arithmetic below runs over contiguous memory and
+// vectorises. The column strides 1 and 2 get their own instantiations (S > 0): with the stride
+// known the compiler vectorises the loads.
 
 // The windows j in [j0, j1) whose column j * sw + off lies inside [0, W).
 inline void inner_range(int64_t off, int64_t sw, int64_t W, int64_t OW, int64_t& j0, int64_t& j1) {
@@ -92,26 +105,32 @@ void gather_cols(const T* __restrict__ src, const T* __restrict__ lr, T* __restr
 template <typename T>
 void gather_row(const T* xp, const T* lamrow, const Geo& g, int64_t i, T* zb, T* xb, int64_t qs) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  for (int64_t a = 0; a < g.KH; ++a) {
-    const int64_t r = i * g.SH + a - g.PH;
-    const bool row_ok = r >= 0 && r < g.H;
-    for (int64_t b = 0; b < g.KW; ++b) {
-      T* z = zb + (a * g.KW + b) * qs;
-      T* xv = xb + (a * g.KW + b) * qs;
-      int64_t j0 = 0, j1 = 0;
-      if (row_ok) inner_range(b - g.PW, g.SW, g.W, g.OW, j0, j1);
-      std::fill(z, z + j0, neg_inf);
-      std::fill(xv, xv + j0, T(0));
-      std::fill(z + j1, z + g.OW, neg_inf);
-      std::fill(xv + j1, xv + g.OW, T(0));
-      if (j1 <= j0) continue;
-      const T* src = xp + r * g.W + (b - g.PW);
-      if (g.SW == 1)
-        gather_cols<T, 1>(src, lamrow, z, xv, j0, j1, 1);
-      else if (g.SW == 2)
-        gather_cols<T, 2>(src, lamrow, z, xv, j0, j1, 2);
-      else
-        gather_cols<T, 0>(src, lamrow, z, xv, j0, j1, g.SW);
+  const int64_t ot = i / g.OH, oh = i % g.OH;
+  for (int64_t ct = 0; ct < g.KT; ++ct) {
+    const int64_t f = ot * g.ST + ct - g.PT;  // input frame
+    const bool frame_ok = f >= 0 && f < g.T;
+    for (int64_t a = 0; a < g.KH; ++a) {
+      const int64_t r = oh * g.SH + a - g.PH;
+      const bool row_ok = frame_ok && r >= 0 && r < g.H;
+      for (int64_t b = 0; b < g.KW; ++b) {
+        const int64_t q = (ct * g.KH + a) * g.KW + b;
+        T* z = zb + q * qs;
+        T* xv = xb + q * qs;
+        int64_t j0 = 0, j1 = 0;
+        if (row_ok) inner_range(b - g.PW, g.SW, g.W, g.OW, j0, j1);
+        std::fill(z, z + j0, neg_inf);
+        std::fill(xv, xv + j0, T(0));
+        std::fill(z + j1, z + g.OW, neg_inf);
+        std::fill(xv + j1, xv + g.OW, T(0));
+        if (j1 <= j0) continue;
+        const T* src = xp + (f * g.H + r) * g.W + (b - g.PW);
+        if (g.SW == 1)
+          gather_cols<T, 1>(src, lamrow, z, xv, j0, j1, 1);
+        else if (g.SW == 2)
+          gather_cols<T, 2>(src, lamrow, z, xv, j0, j1, 2);
+        else
+          gather_cols<T, 0>(src, lamrow, z, xv, j0, j1, g.SW);
+      }
     }
   }
 }
@@ -175,18 +194,20 @@ void weights_row(int64_t K, int64_t OW, int64_t qs, T* __restrict__ zb, T* __res
   }
 }
 
+// lam of the windows of output row i = (ot, oh) of plane (n, c).
 template <typename T>
-void lam_row(const T* lam, const int64_t* ls, int64_t n, int64_t c, int64_t i, int64_t OW, T* out) {
-  const T* base = lam + n * ls[0] + c * ls[1] + i * ls[2];
-  for (int64_t j = 0; j < OW; ++j) out[j] = base[j * ls[3]];
+void lam_row(const T* lam, const int64_t* ls, const Geo& g, int64_t n, int64_t c, int64_t i, T* out) {
+  const T* base = lam + n * ls[0] + c * ls[1] + (i / g.OH) * ls[2] + (i % g.OH) * ls[3];
+  for (int64_t j = 0; j < g.OW; ++j) out[j] = base[j * ls[4]];
 }
 
 // Output rows per block: narrow maps (deep layers, OW of 7 or 14) are processed several rows at a
 // time, their windows side by side in one vector of about kMinBlock, so the loops stay vectorised.
+// A block may span frames (rows (ot, OH - 1) and (ot + 1, 0) are neighbours).
 constexpr int64_t kMinBlock = 64;
 inline int64_t rows_per_block(const Geo& g) {
   if (g.OW <= 0) return 1;  // an empty output: the loops below do nothing
-  return std::max<int64_t>(1, std::min<int64_t>(g.OH, (kMinBlock + g.OW - 1) / g.OW));
+  return std::max<int64_t>(1, std::min<int64_t>(g.rows(), (kMinBlock + g.OW - 1) / g.OW));
 }
 
 // Gather the windows of output rows [i, i + R) of one plane: row r's windows at [r OW, (r+1) OW)
@@ -195,22 +216,22 @@ template <typename T>
 void gather_block(const T* xp, const T* lam, const int64_t* ls, const Geo& g, int64_t n, int64_t c, int64_t i,
                   int64_t R, int64_t qs, T* zb, T* xb, T* lr) {
   for (int64_t r = 0; r < R; ++r) {
-    lam_row(lam, ls, n, c, i + r, g.OW, lr + r * g.OW);
+    lam_row(lam, ls, g, n, c, i + r, lr + r * g.OW);
     gather_row(xp, lr + r * g.OW, g, i + r, zb + r * g.OW, xb + r * g.OW, qs);
   }
 }
 
 template <typename T>
 void forward_nchw(const T* x, const T* lam, T* y, const Geo& g, const int64_t* ls, int64_t t0, int64_t t1) {
-  const int64_t K = g.KH * g.KW, RB = rows_per_block(g), qs = RB * g.OW;
+  const int64_t K = g.K(), RB = rows_per_block(g), qs = RB * g.OW, rows = g.rows();
   std::vector<T> buf((2 * K + 4) * qs);
   T *zb = buf.data(), *xb = zb + K * qs, *m = xb + K * qs, *s = m + qs, *acc = s + qs, *lr = acc + qs;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / g.C, c = t % g.C;
-    const T* xp = x + t * g.H * g.W;
-    T* yp = y + t * g.OH * g.OW;
-    for (int64_t i = 0; i < g.OH; i += RB) {
-      const int64_t R = std::min(RB, g.OH - i), len = R * g.OW;
+    const T* xp = x + t * g.in_plane();
+    T* yp = y + t * g.out_plane();
+    for (int64_t i = 0; i < rows; i += RB) {
+      const int64_t R = std::min(RB, rows - i), len = R * g.OW;
       gather_block(xp, lam, ls, g, n, c, i, R, qs, zb, xb, lr);
       weights_row(K, len, qs, zb, m, s);
       std::fill(acc, acc + len, T(0));
@@ -227,21 +248,21 @@ void forward_nchw(const T* x, const T* lam, T* y, const Geo& g, const int64_t* l
 template <typename T>
 void backward_nchw(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* gl, const Geo& g, const int64_t* ls,
                    const int64_t* gs, bool per_window, int64_t t0, int64_t t1) {
-  const int64_t K = g.KH * g.KW, RB = rows_per_block(g), qs = RB * g.OW;
+  const int64_t K = g.K(), RB = rows_per_block(g), qs = RB * g.OW, rows = g.rows();
   const int64_t nph = g.SW * (g.OW + (g.KW - 1) / g.SW + 1);  // scatter_row's phase sums
   std::vector<T> buf((2 * K + 6) * qs + nph);
   T *zb = buf.data(), *xb = zb + K * qs, *m = xb + K * qs, *s = m + qs, *v = s + qs, *lr = v + qs,
     *gp = lr + qs, *vcol = gp + qs, *ph = vcol + qs;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / g.C, c = t % g.C;
-    const T* xp = x + t * g.H * g.W;
-    const T* yp = y + t * g.OH * g.OW;
-    const T* gyp = gy + t * g.OH * g.OW;
-    T* gxp = gx + t * g.H * g.W;
-    std::fill(gxp, gxp + g.H * g.W, T(0));
+    const T* xp = x + t * g.in_plane();
+    const T* yp = y + t * g.out_plane();
+    const T* gyp = gy + t * g.out_plane();
+    T* gxp = gx + t * g.in_plane();
+    std::fill(gxp, gxp + g.in_plane(), T(0));
     std::fill(vcol, vcol + qs, T(0));  // per-column sums of dL/dlam (vectorised; summed at the end)
-    for (int64_t i = 0; i < g.OH; i += RB) {
-      const int64_t R = std::min(RB, g.OH - i), len = R * g.OW;
+    for (int64_t i = 0; i < rows; i += RB) {
+      const int64_t R = std::min(RB, rows - i), len = R * g.OW;
       gather_block(xp, lam, ls, g, n, c, i, R, qs, zb, xb, lr);
       weights_row(K, len, qs, zb, m, s);
       const T* yr = yp + i * g.OW;
@@ -256,15 +277,23 @@ void backward_nchw(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
           e[j] = w * (T(1) + lr[j] * d);   // dL/dx_i from this window, scattered below
         }
       }
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t a = 0; a < g.KH; ++a) {
-          const int64_t row = (i + r) * g.SH + a - g.PH;
-          if (row >= 0 && row < g.H) scatter_row(gxp + row * g.W, zb + a * g.KW * qs + r * g.OW, g, ph, qs);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t ot = (i + r) / g.OH, oh = (i + r) % g.OH;
+        for (int64_t ct = 0; ct < g.KT; ++ct) {
+          const int64_t f = ot * g.ST + ct - g.PT;
+          if (f < 0 || f >= g.T) continue;
+          for (int64_t a = 0; a < g.KH; ++a) {
+            const int64_t row = oh * g.SH + a - g.PH;
+            if (row >= 0 && row < g.H)
+              scatter_row(gxp + (f * g.H + row) * g.W, zb + (ct * g.KH + a) * g.KW * qs + r * g.OW, g, ph, qs);
+          }
         }
+      }
       if (per_window) {
         for (int64_t r = 0; r < R; ++r) {
-          T* out = gl + n * gs[0] + c * gs[1] + (i + r) * gs[2];
-          for (int64_t j = 0; j < g.OW; ++j) out[j * gs[3]] = v[r * g.OW + j];
+          const int64_t ot = (i + r) / g.OH, oh = (i + r) % g.OH;
+          T* out = gl + n * gs[0] + c * gs[1] + ot * gs[2] + oh * gs[3];
+          for (int64_t j = 0; j < g.OW; ++j) out[j * gs[4]] = v[r * g.OW + j];
         }
       } else {
         for (int64_t j = 0; j < len; ++j) vcol[j] += v[j];
@@ -279,26 +308,30 @@ void backward_nchw(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
 }
 
 // ---------------------------------------------------------------------------------- NHWC
-// One task = (n, block of channels [c0, c0 + L)); tasks own disjoint channels, so backward's
-// scatter never races. Channels are contiguous in memory: each window is computed V channels at a
-// time, V fixed at compile time (so the per-channel state lives in vector registers) and a
-// run-time V for the block's tail.
+// Memory order [N, T, H, W, C]. One task = (n, block of channels [c0, c0 + L)); tasks own
+// disjoint channels, so backward's scatter never races. Channels are contiguous in memory: each
+// window is computed V channels at a time, V fixed at compile time (so the per-channel state
+// lives in vector registers) and a run-time V for the block's tail.
 template <typename T>
-void lam_block(const T* lam, const int64_t* ls, int64_t n, int64_t c0, int64_t L, int64_t i, int64_t j, T* out) {
-  const T* base = lam + n * ls[0] + c0 * ls[1] + i * ls[2] + j * ls[3];
+void lam_block(const T* lam, const int64_t* ls, int64_t n, int64_t c0, int64_t L, int64_t ot, int64_t oh, int64_t ow,
+               T* out) {
+  const T* base = lam + n * ls[0] + c0 * ls[1] + ot * ls[2] + oh * ls[3] + ow * ls[4];
   for (int64_t c = 0; c < L; ++c) out[c] = base[c * ls[1]];
 }
 
-// Pointers to channel c0 of every valid position of window (i, j); returns how many.
-template <typename T>
-int64_t window_offsets(const T* base, const Geo& g, int64_t i, int64_t j, int64_t* off) {
+// Offsets (from channel c0 of the sample) of every valid position of window (ot, oh, ow); returns how many.
+inline int64_t window_offsets(const Geo& g, int64_t ot, int64_t oh, int64_t ow, int64_t* off) {
   int64_t nq = 0;
-  for (int64_t a = 0; a < g.KH; ++a) {
-    const int64_t r = i * g.SH + a - g.PH;
-    if (r < 0 || r >= g.H) continue;
-    for (int64_t b = 0; b < g.KW; ++b) {
-      const int64_t col = j * g.SW + b - g.PW;
-      if (col >= 0 && col < g.W) off[nq++] = (r * g.W + col) * g.C;
+  for (int64_t ct = 0; ct < g.KT; ++ct) {
+    const int64_t f = ot * g.ST + ct - g.PT;
+    if (f < 0 || f >= g.T) continue;
+    for (int64_t a = 0; a < g.KH; ++a) {
+      const int64_t r = oh * g.SH + a - g.PH;
+      if (r < 0 || r >= g.H) continue;
+      for (int64_t b = 0; b < g.KW; ++b) {
+        const int64_t col = ow * g.SW + b - g.PW;
+        if (col >= 0 && col < g.W) off[nq++] = ((f * g.H + r) * g.W + col) * g.C;
+      }
     }
   }
   return nq;
@@ -370,23 +403,24 @@ template <typename T>
 void forward_nhwc(const T* x, const T* lam, T* y, const Geo& g, const int64_t* ls, int64_t t0, int64_t t1) {
   constexpr int V = kVec<T>;
   const int64_t nb = (g.C + g.CB - 1) / g.CB;
-  std::vector<int64_t> off(g.KH * g.KW);
+  std::vector<int64_t> off(g.K());
   std::vector<T> lb(g.CB);
-  const bool lam_per_window = ls[2] != 0 || ls[3] != 0;
+  const bool lam_per_window = ls[2] != 0 || ls[3] != 0 || ls[4] != 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / nb, c0 = (t % nb) * g.CB, L = std::min(g.CB, g.C - c0);
-    const T* xn = x + n * g.H * g.W * g.C + c0;
-    if (!lam_per_window) lam_block(lam, ls, n, c0, L, 0, 0, lb.data());
-    for (int64_t i = 0; i < g.OH; ++i) {
-      for (int64_t j = 0; j < g.OW; ++j) {
-        if (lam_per_window) lam_block(lam, ls, n, c0, L, i, j, lb.data());
-        const int64_t nq = window_offsets(xn, g, i, j, off.data());
-        T* out = y + ((n * g.OH + i) * g.OW + j) * g.C + c0;
-        int64_t c = 0;
-        for (; c + V <= L; c += V) window_forward<T, V>(xn + c, off.data(), nq, lb.data() + c, out + c, V);
-        if (c < L) window_forward<T, 0>(xn + c, off.data(), nq, lb.data() + c, out + c, L - c);
+    const T* xn = x + n * g.in_plane() * g.C + c0;
+    if (!lam_per_window) lam_block(lam, ls, n, c0, L, 0, 0, 0, lb.data());
+    for (int64_t ot = 0; ot < g.OT; ++ot)
+      for (int64_t i = 0; i < g.OH; ++i) {
+        for (int64_t j = 0; j < g.OW; ++j) {
+          if (lam_per_window) lam_block(lam, ls, n, c0, L, ot, i, j, lb.data());
+          const int64_t nq = window_offsets(g, ot, i, j, off.data());
+          T* out = y + (((n * g.OT + ot) * g.OH + i) * g.OW + j) * g.C + c0;
+          int64_t c = 0;
+          for (; c + V <= L; c += V) window_forward<T, V>(xn + c, off.data(), nq, lb.data() + c, out + c, V);
+          if (c < L) window_forward<T, 0>(xn + c, off.data(), nq, lb.data() + c, out + c, L - c);
+        }
       }
-    }
   }
 }
 
@@ -395,38 +429,39 @@ void backward_nhwc(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
                    const int64_t* gs, bool per_window, int64_t t0, int64_t t1) {
   constexpr int V = kVec<T>;
   constexpr int64_t kMax = V > 16 ? V : 16;  // the eb row length window_backward uses for either width
-  const int64_t K = g.KH * g.KW, nb = (g.C + g.CB - 1) / g.CB;
+  const int64_t K = g.K(), nb = (g.C + g.CB - 1) / g.CB;
   std::vector<int64_t> off(K);
   std::vector<T> lb(g.CB), vrow(g.CB), eb(K * kMax);
   std::vector<double> plane(g.CB);
-  const bool lam_per_window = ls[2] != 0 || ls[3] != 0;
+  const bool lam_per_window = ls[2] != 0 || ls[3] != 0 || ls[4] != 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / nb, c0 = (t % nb) * g.CB, L = std::min(g.CB, g.C - c0);
-    const T* xn = x + n * g.H * g.W * g.C + c0;
-    T* gxn = gx + n * g.H * g.W * g.C + c0;
-    for (int64_t p = 0; p < g.H * g.W; ++p) std::fill_n(gxn + p * g.C, L, T(0));
+    const T* xn = x + n * g.in_plane() * g.C + c0;
+    T* gxn = gx + n * g.in_plane() * g.C + c0;
+    for (int64_t p = 0; p < g.in_plane(); ++p) std::fill_n(gxn + p * g.C, L, T(0));
     std::fill(plane.begin(), plane.end(), 0.0);
-    if (!lam_per_window) lam_block(lam, ls, n, c0, L, 0, 0, lb.data());
-    for (int64_t i = 0; i < g.OH; ++i) {
-      for (int64_t j = 0; j < g.OW; ++j) {
-        if (lam_per_window) lam_block(lam, ls, n, c0, L, i, j, lb.data());
-        const int64_t nq = window_offsets(xn, g, i, j, off.data());
-        const int64_t o = ((n * g.OH + i) * g.OW + j) * g.C + c0;
-        int64_t c = 0;
-        for (; c + V <= L; c += V)
-          window_backward<T, V>(xn + c, gxn + c, off.data(), nq, lb.data() + c, y + o + c, gy + o + c, eb.data(),
-                                vrow.data() + c, V);
-        if (c < L)
-          window_backward<T, 0>(xn + c, gxn + c, off.data(), nq, lb.data() + c, y + o + c, gy + o + c, eb.data(),
-                                vrow.data() + c, L - c);
-        if (per_window) {
-          T* out = gl + n * gs[0] + c0 * gs[1] + i * gs[2] + j * gs[3];
-          for (int64_t cc = 0; cc < L; ++cc) out[cc * gs[1]] = vrow[cc];
-        } else {
-          for (int64_t cc = 0; cc < L; ++cc) plane[cc] += vrow[cc];
+    if (!lam_per_window) lam_block(lam, ls, n, c0, L, 0, 0, 0, lb.data());
+    for (int64_t ot = 0; ot < g.OT; ++ot)
+      for (int64_t i = 0; i < g.OH; ++i) {
+        for (int64_t j = 0; j < g.OW; ++j) {
+          if (lam_per_window) lam_block(lam, ls, n, c0, L, ot, i, j, lb.data());
+          const int64_t nq = window_offsets(g, ot, i, j, off.data());
+          const int64_t o = (((n * g.OT + ot) * g.OH + i) * g.OW + j) * g.C + c0;
+          int64_t c = 0;
+          for (; c + V <= L; c += V)
+            window_backward<T, V>(xn + c, gxn + c, off.data(), nq, lb.data() + c, y + o + c, gy + o + c, eb.data(),
+                                  vrow.data() + c, V);
+          if (c < L)
+            window_backward<T, 0>(xn + c, gxn + c, off.data(), nq, lb.data() + c, y + o + c, gy + o + c, eb.data(),
+                                  vrow.data() + c, L - c);
+          if (per_window) {
+            T* out = gl + n * gs[0] + c0 * gs[1] + ot * gs[2] + i * gs[3] + j * gs[4];
+            for (int64_t cc = 0; cc < L; ++cc) out[cc * gs[1]] = vrow[cc];
+          } else {
+            for (int64_t cc = 0; cc < L; ++cc) plane[cc] += vrow[cc];
+          }
         }
       }
-    }
     if (!per_window)
       for (int64_t cc = 0; cc < L; ++cc) gl[n * g.C + c0 + cc] = static_cast<T>(plane[cc]);
   }
@@ -474,7 +509,7 @@ int gfgp_maxent_has_openmp() {
   void gfgp_maxent_forward_##SUFFIX(const T* x, const T* lam, T* y, const int64_t* geo, const int64_t* ls,     \
                                     int nhwc, int threads) {                                                   \
     const Geo g(geo);                                                                                          \
-    parallel_tasks(num_tasks(g, nhwc), g.N * g.C * g.OH * g.OW, threads, [&](int64_t t0, int64_t t1) {         \
+    parallel_tasks(num_tasks(g, nhwc), g.N * g.C * g.out_plane(), threads, [&](int64_t t0, int64_t t1) {         \
       if (nhwc)                                                                                                \
         forward_nhwc<T>(x, lam, y, g, ls, t0, t1);                                                             \
       else                                                                                                     \
@@ -485,7 +520,7 @@ int gfgp_maxent_has_openmp() {
                                      const int64_t* geo, const int64_t* ls, const int64_t* gs, int per_window, \
                                      int nhwc, int threads) {                                                  \
     const Geo g(geo);                                                                                          \
-    parallel_tasks(num_tasks(g, nhwc), g.N * g.C * g.OH * g.OW, threads, [&](int64_t t0, int64_t t1) {         \
+    parallel_tasks(num_tasks(g, nhwc), g.N * g.C * g.out_plane(), threads, [&](int64_t t0, int64_t t1) {         \
       if (nhwc)                                                                                                \
         backward_nhwc<T>(x, lam, y, gy, gx, gl, g, ls, gs, per_window != 0, t0, t1);                           \
       else                                                                                                     \

@@ -1,8 +1,10 @@
 """The CUDA path of max-entropy pooling: Triton kernels (:mod:`.kernels`), imported lazily.
 
 Nothing here imports Triton until a CUDA tensor needs it, so CPU-only installs never pay for
-it. Covers float32, float16 and bfloat16 (float32 arithmetic), every lam shape, padding and
-ceil_mode, NCHW and channels_last. Triton compiles each kernel variant at its first launch and
+it. Covers 2-D pooling of Tensor[N, C, H, W] and 3-D pooling of Tensor[N, C, T, H, W] (one set
+of kernels: 2-D input runs as 3-D with T = 1), float32, float16 and bfloat16 (float32
+arithmetic), every lam shape, padding and ceil_mode, NCHW / channels_last and NCDHW /
+channels_last_3d. Triton compiles each kernel variant at its first launch and
 caches the build (its own cache, ``~/.triton/cache``); when that build fails the op warns once,
 in one line, and runs the reference path from then on.
 """
@@ -69,9 +71,12 @@ def _run_or_fall_back(name: str, *args):
 
 def forward(x: Tensor, lam: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
             ceil_mode: bool) -> Tensor:
+    """Tensor[N, C, *out] in x's dtype: x is Tensor[N, C, H, W] with pairs or Tensor[N, C, T, H, W]
+    with (t, h, w) triples; channels_last (channels_last_3d) input gives such output."""
     return _run_or_fall_back("forward", x, lam, kernel_size, stride, padding, ceil_mode)
 
 
 def backward(grad: Tensor, x: Tensor, lam: Tensor, out: Tensor, kernel_size: List[int], stride: List[int],
              padding: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
+    """(dL/dx with x's dtype and strides, dL/dlam with lam's shape and dtype), 2-D or 3-D as ``forward``."""
     return _run_or_fall_back("backward", grad, x, lam, out, kernel_size, stride, padding, ceil_mode)
