@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Union
 
 from torch import nn
 from torch.fx import GraphModule, Node
@@ -15,7 +15,7 @@ from .skip_pool import skip_pool
 
 __all__ = ["decompose", "stride1_conv"]
 
-_Conv = TypeVar("_Conv", nn.Conv2d, nn.Conv3d)
+_Conv = Union[nn.Conv2d, nn.Conv3d]
 
 
 def stride1_conv(conv: _Conv) -> _Conv:

@@ -92,7 +92,7 @@ def _has_plain_conv_forward(conv: nn.Module) -> bool:
     """False for Conv2d/Conv3d subclasses that compute something else (e.g. input-dependent padding)."""
     cls = type(conv)
     base = next((b for b in _CONVS if isinstance(conv, b)), None)
-    return base is not None and cls.forward is base.forward and cls._conv_forward is base._conv_forward
+    return base is not None and cls.forward is base.forward and getattr(cls, "_conv_forward", None) is base._conv_forward
 
 
 def is_strided_conv(node: Node, modules: dict[str, nn.Module]) -> bool:

@@ -233,7 +233,10 @@ def test_data_spec_forms_parse():
     assert moving_digits_options("train=9") == {"seed": 0, "frames": 16, "n_train": 9, "n_val": 500}
     assert data_frames("moving-digits:1:frames=12") == 12 and data_frames("moving-digits") == 16
     for images in ("digits", "cluttered:2", "fake:3", "cifar10:data"):
-        assert data_frames(images) is None
+        assert data_frames(images) is None and data_frames(images, 8) is None
+    # Without frames=T the clips follow the model's clip length (its spec's frames), when it has one.
+    assert data_frames("moving-digits", 8) == 8 and data_frames("moving-digits:2:frames=4", 8) == 4
+    assert moving_digits_options("1:train=3", frames=8) == {"seed": 1, "frames": 8, "n_train": 3, "n_val": 500}
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -258,3 +261,6 @@ def test_load_data_gives_clips_at_the_image_size():
     torch.testing.assert_close(b.train[7][0], d.datasets(24)[0][7][0])
     # the standard set's name is its seed alone; options equal to the defaults are not repeated
     assert load_data("moving-digits:0:frames=16", 32).name == "moving-digits:0"
+    # the model's clip length where the SPEC gives none; the name says it
+    b = load_data("moving-digits:1:train=4:val=2", 16, frames=5)
+    assert (b.frames, b.name, b.train[0][0].shape) == (5, "moving-digits:1:frames=5:train=4:val=2", (3, 5, 16, 16))

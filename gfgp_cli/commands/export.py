@@ -11,7 +11,7 @@ __all__ = ["COMMANDS", "export_cmd", "bench_export_command"]
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (its folder is created).")
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's]; 18 up to what onnxruntime loads.")
-@click.option("--inline", is_flag=True, help="Inline the gfgp::MaxEntPool2d functions into standard ops (no custom-domain node).")
+@click.option("--inline", is_flag=True, help="Inline the gfgp::MaxEntPool2d/3d functions into standard ops (no custom-domain node).")
 @click.option("--static", is_flag=True, help="Fix the batch dimension to 1 instead of leaving it dynamic.")
 @click.option("--image-size", type=int, default=None, help="Height = width of the traced input [default: the checkpoint's, else 224].")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -23,7 +23,7 @@ __all__ = ["COMMANDS", "export_cmd", "bench_export_command"]
 def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, verify, part, as_json, force):
     """Export CHECKPOINT (made by gfgp convert or train) to ONNX and verify it.
 
-    Every max-entropy pool becomes one gfgp::MaxEntPool2d node whose body, made of standard ONNX
+    Every max-entropy pool becomes one gfgp::MaxEntPool2d (3-D: MaxEntPool3d) node whose body, made of standard ONNX
     ops, ships inside the file as a model-local function: a stock onnxruntime runs it with no
     plugin. Verification runs onnxruntime against PyTorch on random inputs and exits 1 if the
     max abs difference exceeds 1e-4 times the output scale.

@@ -42,8 +42,8 @@ __all__ = [
 
 # Image size traced when neither the caller nor the model's spec gives one (torchvision's).
 DEFAULT_IMAGE_SIZE = 224
-# Frames T of the traced clip of a video model when the caller gives none (torchvision's video
-# classifiers are trained on 16-frame clips).
+# Frames T of the traced clip of a video model when neither the caller nor its spec gives one
+# (gfgp_cli.zoo.VIDEO_FRAMES: torchvision's video classifiers are trained on 16-frame clips).
 DEFAULT_FRAMES = 16
 
 
@@ -125,9 +125,10 @@ def resolve_frames(model: "nn.Module", frames: Optional[int]) -> Optional[int]:
     """T of the traced ``Tensor[N, C, T, H, W]`` input of a video model; None for a model that
     takes images (``Tensor[N, C, H, W]``).
 
-    ``frames`` given: the model takes clips of that many frames. Else a video model (its spec's
-    task is ``"video"``, or its first convolution is a Conv3d) is traced at
-    :data:`DEFAULT_FRAMES`, and any other model takes images.
+    ``frames`` given: the model takes clips of that many frames. Else the spec's ``frames`` (the
+    clip the model was converted at), else a video model (its spec's task is ``"video"``, or its
+    first convolution is a Conv3d) is traced at :data:`DEFAULT_FRAMES`, and any other model
+    takes images.
     """
     from torch import nn
 
@@ -136,6 +137,8 @@ def resolve_frames(model: "nn.Module", frames: Optional[int]) -> Optional[int]:
             raise BadInputError(f"frames must be a positive int, got {frames!r}")
         return frames
     spec = _spec(model)
+    if spec is not None and spec.frames:
+        return spec.frames
     conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
     video = (spec is not None and spec.task == "video") or isinstance(conv, nn.Conv3d)
     return DEFAULT_FRAMES if video else None

@@ -1,8 +1,8 @@
 """Training, evaluation and plots for converted models (``gfgp train``, ``gfgp eval``, ``gfgp plot``).
 
 - :mod:`.config`: the frozen :class:`TrainConfig`, the paper's recipes and the LR schedules.
-- :mod:`.data`: ``--data SPEC`` (ImageFolder, CIFAR, scikit-learn digits, FakeData) and the
-  resumable, sharded sampler.
+- :mod:`.data`: ``--data SPEC`` (ImageFolder, CIFAR, scikit-learn digits, cluttered digits,
+  FakeData; moving-digit clips for video models) and the resumable, sharded sampler.
 - :mod:`.loop`: :func:`train` and :func:`main`, which put the pieces below together.
 - :mod:`.engine`: :func:`train_one_epoch` and the epoch driver (shared with ``gfgp study``).
 - :mod:`.optim`: the optimizer, its parameter groups and the LR schedule.

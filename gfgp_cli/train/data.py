@@ -14,9 +14,10 @@ SPEC is one of:
 - ``moving-digits`` or ``moving-digits:SEED``, optionally followed by ``:frames=T``,
   ``:train=N`` and ``:val=N`` (in any order): *video clips* for video models
   (:mod:`gfgp_cli.datasets.moving`, no download): one of scikit-learn's real digits moving across
-  a 32x32 canvas and bouncing off its borders, T frames (default 16), 2,000 train and 500 val
-  clips from disjoint source digits, generated from SEED (default 0), every frame resized
-  bilinearly to the model's input size; samples are ``Tensor[3, T, S, S]``.
+  a 32x32 canvas and bouncing off its borders, T frames (default: the model's clip length, its
+  spec's ``frames``, else 16), 2,000 train and 500 val clips from disjoint source digits,
+  generated from SEED (default 0), every frame resized bilinearly to the model's input size;
+  samples are ``Tensor[3, T, S, S]``.
 - ``fake`` or ``fake:N``: torchvision FakeData (256 train, 64 val images) with N classes (default:
   the model's number of outputs), for smoke runs.
 
@@ -112,10 +113,13 @@ def parse_data_spec(spec: str) -> Tuple[str, Optional[str]]:
     return "folder", spec
 
 
-def load_data(spec: str, image_size: int, num_classes: Optional[int] = None, download: bool = False) -> DataBundle:
+def load_data(spec: str, image_size: int, num_classes: Optional[int] = None, download: bool = False,
+              frames: Optional[int] = None) -> DataBundle:
     """The train and validation sets named by ``spec`` at ``image_size`` x ``image_size``.
 
     ``num_classes`` is the model's number of outputs; only ``fake`` uses it (as its class count).
+    ``frames`` is the model's clip length (its spec's ``frames``); clip data whose SPEC has no
+    ``frames=T`` uses it (else 16); image data ignores it.
     """
     kind, arg = parse_data_spec(spec)
     if kind == "digits":
@@ -127,7 +131,7 @@ def load_data(spec: str, image_size: int, num_classes: Optional[int] = None, dow
         train, val = cached_cluttered_digits(seed).datasets(image_size)
         return DataBundle(f"cluttered:{seed}", train, val, len(train.classes))
     if kind == MOVING_DIGITS:
-        return _moving_digits(arg, image_size)
+        return _moving_digits(arg, image_size, frames)
     if kind == "fake":
         return _fake(image_size, int(arg) if arg else (num_classes or 10))
     assert arg is not None  # parse_data_spec: a CIFAR root or a folder is never empty
@@ -136,23 +140,28 @@ def load_data(spec: str, image_size: int, num_classes: Optional[int] = None, dow
     return _image_folder(arg, image_size)
 
 
-def data_frames(spec: str) -> Optional[int]:
+def data_frames(spec: str, frames: Optional[int] = None) -> Optional[int]:
     """Frames per clip of the video data ``spec`` names (``moving-digits``), None for image data;
-    from the SPEC alone (nothing is loaded). Bad input for a malformed SPEC."""
+    from the SPEC alone (nothing is loaded), ``frames`` (the model's) where the SPEC gives none.
+    Bad input for a malformed SPEC."""
     kind, arg = parse_data_spec(spec)
-    return moving_digits_options(arg)["frames"] if kind == MOVING_DIGITS else None
+    return moving_digits_options(arg, frames=frames)["frames"] if kind == MOVING_DIGITS else None
 
 
 # --- moving digits (clips) -----------------------------------------------------------------------
 
 
-def moving_digits_options(arg: Optional[str], spec: Optional[str] = None) -> Dict[str, int]:
+def moving_digits_options(arg: Optional[str], spec: Optional[str] = None,
+                          frames: Optional[int] = None) -> Dict[str, int]:
     """The ``seed``, ``frames``, ``n_train`` and ``n_val`` of ``moving-digits[:ARG]``: ARG is
-    ``SEED`` and/or ``frames=T``, ``train=N``, ``val=N``, joined by ``:`` (SEED first)."""
+    ``SEED`` and/or ``frames=T``, ``train=N``, ``val=N``, joined by ``:`` (SEED first). Options
+    ARG does not give are the standard set's, but ``frames`` when given (the model's clip length)."""
     from ..datasets.moving import DEFAULTS
 
     shown = spec or (MOVING_DIGITS if arg is None else f"{MOVING_DIGITS}:{arg}")
     options: Dict[str, int] = {"seed": 0, **{key: int(DEFAULTS[key]) for key in _MOVING_OPTIONS.values()}}
+    if frames is not None:
+        options["frames"] = frames
     if arg is None:
         return options
     given = set()
@@ -178,11 +187,11 @@ def moving_digits_options(arg: Optional[str], spec: Optional[str] = None) -> Dic
     return options
 
 
-def _moving_digits(arg: Optional[str], image_size: int) -> DataBundle:
+def _moving_digits(arg: Optional[str], image_size: int, frames: Optional[int]) -> DataBundle:
     from ..datasets import cached_moving_digits
     from ..datasets.moving import DEFAULTS
 
-    options = moving_digits_options(arg)
+    options = moving_digits_options(arg, frames=frames)
     seed = options.pop("seed")
     train, val = cached_moving_digits(seed, **options).datasets(image_size)
     # The name: the seed always, then the options that differ from the standard set's.

@@ -98,11 +98,11 @@ def prepare_data(model: nn.Module, spec: ConversionSpec, data: str, image_size: 
             "(quantizable float models and video classifiers included) for now: the losses and metrics of other tasks "
             "are not built yet"
         )
-    frames = data_frames(data)
+    frames = data_frames(data, spec.frames)  # clips follow the model's clip length unless SPEC sets frames=T
     check_data_kind(spec, data, frames)
     size = image_size or spec.image_size
     outputs = _num_outputs(model, size, device, frames)
-    bundle = load_data(data, size, num_classes=outputs, download=download)
+    bundle = load_data(data, size, num_classes=outputs, download=download, frames=spec.frames)
     if bundle.num_classes != outputs:
         raise BadInputError(
             f"the model has {outputs} outputs but {bundle.name} has {bundle.num_classes} classes; convert it with "

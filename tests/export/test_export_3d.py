@@ -438,3 +438,34 @@ def test_bench_export_of_a_video_model():
     result = bench_export(MixedNet().eval(), batch=2, image_size=12, repeats=2, warmup=1, frames=4)
     assert result.torch_ms > 0 and result.ort_ms > 0
     assert result.max_abs_diff < 1e-4 and result.maxent_layers == 2
+
+
+def test_default_frames_are_the_zoo_clip_length():
+    from gfgp_cli.zoo import VIDEO_FRAMES
+
+    assert DEFAULT_FRAMES == VIDEO_FRAMES
+
+
+@pytest.mark.slow
+def test_converted_r3d_18_checkpoint_exports_through_the_cli_at_its_spec_clip(tmp_path):
+    """``gfgp export`` of a converted torchvision video model: the clip (T, size) comes from the
+    checkpoint's spec, every GFGP layer is one gfgp::MaxEntPool3d node, and it verifies."""
+    import json
+
+    from click.testing import CliRunner
+
+    from gfgp_cli import convert, save
+    from gfgp_cli.cli import cli
+
+    model = convert("r3d_18", num_classes=10, image_size=32, frames=4)
+    layers = sum(isinstance(m, GFGPPool3d) for m in model.modules())
+    assert layers > 0
+    save(model, tmp_path / "r3d.pt")
+    out = tmp_path / "r3d.onnx"
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "r3d.pt"), "--onnx", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] is True and report["input_shape"] == ["batch", 3, 4, 32, 32]
+    assert report["custom_nodes"] == report["maxent_layers"] == layers
+    assert report["pool_nodes"] == {"gfgp::MaxEntPool3d": layers}
+    assert sum(n.op_type == "MaxEntPool3d" and n.domain == DOMAIN for n in onnx.load(out).graph.node) == layers

@@ -227,10 +227,12 @@ def test_cpu_handles_empty_tensors(shape, channels_last):
     assert gx.shape == x.shape and not gx.any() and gl.shape == lam.shape and gl.item() == 0.0
 
 
-def test_cpu_adversarial_input_stays_finite_and_accurate():
-    """|x| ~ 1e4 and |lam| up to 100 (lam x ~ 1e6): the window-maximum shift keeps everything finite."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "ndhwc"])
+def test_cpu_adversarial_input_stays_finite_and_accurate(channels_last):
+    """|x| ~ 1e4 and |lam| up to 100 (lam x ~ 1e6): the shift by the true window maximum keeps
+    everything finite (a shift by anything less overflows exp)."""
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 5, 5, 6, 6, dtype=torch.float64, generator=gen) * 1e4
+    x = to_layout(torch.randn(2, 5, 5, 6, 6, dtype=torch.float64, generator=gen) * 1e4, channels_last)
     lam = torch.empty(2, 5, 1, 1, 1, dtype=torch.float64).uniform_(-100, 100, generator=gen)
     geo = ([3, 3, 3], [2, 2, 2], [1, 1, 1], True)
     grad = torch.randn(2, 5, *out_size(x.shape[2:], *geo), dtype=torch.float64, generator=gen)

@@ -1,39 +1,28 @@
 """Video models (torchvision's r3d_18 & co: ``Tensor[N, 3, T, H, W]`` -> class logits) through
 ``gfgp train`` / ``gfgp eval`` on moving digits: one epoch of a converted r3d_18 end to end, a
-tiny 3-D GFGP network in-process (channels_last_3d, lam plots), and the one-line refusals of a
-video model given images or an image model given clips.
-
-The conversion of a video model by name: while ``gfgp_cli.convert("r3d_18")`` refuses video
-models, :func:`_stand_in_convert` does what it will do -- torchvision's r3d_18, the graph passes
-on a clip example (``graph_passes.pipeline``, GFGP pools from the conversion's own factory), the
-spec with task "video" -- and stands in for the conversion inside the checkpoint layer (so
-``gfgp train CKPT`` / ``gfgp eval CKPT`` rebuild the model by replaying it, strictly loading the
-weights). Once ``convert`` takes video models, the real conversion is used and nothing is
-patched (:func:`_convert_refusal`).
+tiny 3-D GFGP network in-process (channels_last_3d, learning, lam plots), and the one-line
+refusals of a video model given images or an image model given clips.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-from typing import Optional
 
 import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
 
-import gfgp_cli.checkpoint
-from gfgp_cli import conversion
 from gfgp_cli.cli import cli
 from gfgp_cli.errors import BadInputError
-from gfgp_cli.spec import ConversionSpec, ModuleSource, TorchvisionSource, attach_spec, spec_of
+from gfgp_cli.spec import ConversionSpec, ModuleSource, attach_spec, spec_of
 
-SIZE = 32
-# 16 training clips of 8 frames (two steps of 8), 8 validation clips.
-VIDEO_DATA = "moving-digits:0:frames=8:train=16:val=8"
-STAND_IN_FRAMES = 8  # frames of the stand-in conversion's example clip
+SIZE, FRAMES = 32, 8
+# 16 training clips (two steps of 8), 8 validation clips; no frames=T: the clips follow the
+# checkpoint's clip length (its spec's frames, 8).
+VIDEO_DATA = "moving-digits:0:train=16:val=8"
+VIDEO_NAME = "moving-digits:0:frames=8:train=16:val=8"  # the data set it names for that checkpoint
 
 
 def _invoke(*args):
@@ -48,77 +37,15 @@ def _one_line_error(result):
     return lines[0]
 
 
-# --- converting a video model (the real conversion, or its stand-in) -------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _convert_refusal() -> Optional[str]:
-    """Why ``gfgp_cli.convert`` refuses r3d_18, or None once it converts video models."""
-    try:
-        conversion.convert("r3d_18", num_classes=10, image_size=SIZE)
-    except BadInputError as e:
-        return str(e)
-    return None
-
-
-_REAL_CONVERT_WITH_REPORT = conversion.convert_with_report
-
-
-def _stand_in_convert(name, pool="gfgp", placement="paper", *, activation="sigmoid", image_size=None, in_channels=3,
-                      include_patch_embed=False, seed=None, weights=None, comparison=None, **model_kwargs):
-    """``convert(name)`` for a torchvision video model, as gfgp_cli.convert will do it: build it
-    with random weights, run the graph passes on an example clip ``Tensor[2, C, 8, S, S]`` with
-    the conversion's pool factory, record a spec of task "video"."""
-    import torchvision
-
-    import graph_passes
-
-    assert weights is None and comparison is None, "the stand-in converts from random weights only"
-    size = image_size or 112
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        original = torchvision.models.get_model(name, weights=None, **model_kwargs).eval()
-        example = torch.randn(2, in_channels, STAND_IN_FRAMES, size, size, generator=torch.Generator().manual_seed(0))
-        gm, record = graph_passes.pipeline(original, example, placement=placement,
-                                           factory=conversion.POOLS[pool](activation),
-                                           include_patch_embed=include_patch_embed, partial=True)
-    attach_spec(gm, ConversionSpec(
-        source=TorchvisionSource(name, dict(model_kwargs)), pool=pool, placement=placement, activation=activation,
-        image_size=size, in_channels=in_channels, include_patch_embed=include_patch_embed, task="video",
-        parts=tuple(record.parts), sites=tuple(record.sites), torchvision_version=torchvision.__version__))
-    return gm.train()
-
-
-def _stand_in_convert_with_report(model, pool="gfgp", placement="paper", **options):
-    """What the checkpoint layer replays: the stand-in for video model names, else the real one."""
-    from gfgp_cli import zoo
-
-    if isinstance(model, str) and zoo.task_of(model) == "video":
-        return _stand_in_convert(model, pool, placement, **options), None
-    return _REAL_CONVERT_WITH_REPORT(model, pool, placement, **options)
-
-
 @pytest.fixture(scope="module")
-def video_convert():
-    """convert(name, **options) of a video model: gfgp_cli.convert once it takes video models, else
-    the stand-in, replayed by the checkpoint layer for the whole module."""
-    if _convert_refusal() is None:
-        yield conversion.convert
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gfgp_cli.checkpoint, "convert_with_report", _stand_in_convert_with_report)
-        yield _stand_in_convert
+def r3d_checkpoint(tmp_path_factory):
+    """r3d_18 (10 classes) converted by gfgp_cli.convert for 8-frame 32x32 clips, saved."""
+    from gfgp_cli import convert, save
 
-
-@pytest.fixture(scope="module")
-def r3d_checkpoint(video_convert, tmp_path_factory):
-    """r3d_18 (10 classes) converted at 32x32 and saved as a gfgp checkpoint."""
-    from gfgp_cli import save
-
-    model = video_convert("r3d_18", num_classes=10, image_size=SIZE, seed=0)
+    torch.set_num_threads(1)  # module-scoped: the autouse one_thread fixture has not run yet
+    model = convert("r3d_18", num_classes=10, image_size=SIZE, frames=FRAMES, seed=0)
     spec = spec_of(model)
-    assert spec.task == "video" and spec.image_size == SIZE
+    assert (spec.task, spec.image_size, spec.frames) == ("video", SIZE, FRAMES)
     assert any(type(m).__name__ == "GFGPPool3d" for m in model.modules())
     path = tmp_path_factory.mktemp("video") / "r3d.pt"
     save(model, path)
@@ -153,11 +80,15 @@ def test_gfgp_eval_of_the_video_run_reproduces_its_validation(r3d_run):
     result = _invoke("eval", run / "last.pt", "--data", VIDEO_DATA, "--json")
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout)
-    assert (got["images"], got["image_size"], got["frames"], got["data"]) == (8, SIZE, 8, VIDEO_DATA)
+    assert (got["images"], got["image_size"], got["frames"], got["data"]) == (8, SIZE, FRAMES, VIDEO_NAME)
     assert got["top1"] == report["final"]["val_top1"]
     assert got["loss"] == pytest.approx(report["final"]["val_loss"], rel=1e-4)
     table = _invoke("eval", run / "best.pt", "--data", VIDEO_DATA, "--batch-size", 4)
     assert table.exit_code == 0 and "8-frame 32px clips" in table.output and "top-1" in table.output
+    # frames=T in the SPEC overrides the checkpoint's clip length (r3d_18 takes any)
+    other = _invoke("eval", run / "last.pt", "--data", "moving-digits:0:frames=4:val=8", "--json")
+    assert other.exit_code == 0, other.output
+    assert json.loads(other.stdout)["frames"] == 4
 
 
 def test_video_model_given_images_exits_2_with_one_line(r3d_checkpoint, tmp_path):

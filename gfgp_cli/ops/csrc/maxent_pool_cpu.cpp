@@ -310,8 +310,8 @@ void backward_nchw(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
 // ---------------------------------------------------------------------------------- NHWC
 // Memory order [N, T, H, W, C]. One task = (n, block of channels [c0, c0 + L)); tasks own
 // disjoint channels, so backward's scatter never races. Channels are contiguous in memory: each
-// window is computed V channels at a time, V fixed at compile time (so the per-channel state
-// lives in vector registers) and a run-time V for the block's tail.
+// window is computed one window position at a time over all L channels of the block (long,
+// independent, vectorised loops), the per-channel state (max, sums) in small L1-resident buffers.
 template <typename T>
 void lam_block(const T* lam, const int64_t* ls, int64_t n, int64_t c0, int64_t L, int64_t ot, int64_t oh, int64_t ow,
                T* out) {
@@ -337,74 +337,93 @@ inline int64_t window_offsets(const Geo& g, int64_t ot, int64_t oh, int64_t ow, 
   return nq;
 }
 
-// Forward of one window for V channels (VT > 0: V = VT fixed; VT = 0: V = vn at run time).
-template <typename T, int VT>
+// GCC's unroll-and-jam (on at -O3) fuses two window positions q of the loops below and then loads
+// the second position's channels with gather instructions instead of plain vector loads (about
+// 20% slower); it is switched off for this section only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-loop-unroll-and-jam")
+#endif
+
+// Forward of one window for the task's L channels (xc: channel c0 of the sample; off: the
+// window's valid positions): m = max lam x, then S = sum e and sum e x; out = sum e x / S.
+template <typename T>
 inline void window_forward(const T* __restrict__ xc, const int64_t* off, int64_t nq, const T* __restrict__ lb,
-                           T* __restrict__ out, int64_t vn) {
-  constexpr int64_t kMax = VT > 0 ? VT : 16;
-  const int64_t V = VT > 0 ? VT : vn;
-  T m[kMax], s[kMax], acc[kMax];
-  for (int64_t v = 0; v < V; ++v) m[v] = lb[v] * xc[off[0] + v];
-  for (int64_t q = 1; q < nq; ++q)
-    for (int64_t v = 0; v < V; ++v) {
-      const T z = lb[v] * xc[off[q] + v];
+                           T* __restrict__ out, int64_t L, T* __restrict__ m, T* __restrict__ s,
+                           T* __restrict__ acc) {
+  {
+    const T* __restrict__ p = xc + off[0];
+    for (int64_t v = 0; v < L; ++v) m[v] = lb[v] * p[v];
+  }
+  for (int64_t q = 1; q < nq; ++q) {
+    const T* __restrict__ p = xc + off[q];
+    for (int64_t v = 0; v < L; ++v) {
+      const T z = lb[v] * p[v];
       m[v] = z > m[v] ? z : m[v];
     }
-  for (int64_t v = 0; v < V; ++v) s[v] = acc[v] = T(0);
-  for (int64_t q = 0; q < nq; ++q)
-    for (int64_t v = 0; v < V; ++v) {
-      const T xv = xc[off[q] + v];
+  }
+  for (int64_t v = 0; v < L; ++v) s[v] = acc[v] = T(0);
+  for (int64_t q = 0; q < nq; ++q) {
+    const T* __restrict__ p = xc + off[q];
+    for (int64_t v = 0; v < L; ++v) {
+      const T xv = p[v];
       const T e = exp_nonpos(lb[v] * xv - m[v]);
       s[v] += e;
       acc[v] += e * xv;
     }
-  for (int64_t v = 0; v < V; ++v) out[v] = acc[v] / s[v];
+  }
+  for (int64_t v = 0; v < L; ++v) out[v] = acc[v] / s[v];
 }
 
-// Backward of one window for V channels: gx += dL/dx, v_out = g sum_i p_i (x_i - y)^2.
-template <typename T, int VT>
+// Backward of one window for the task's L channels: gx += dL/dx, v_out = g sum_i p_i (x_i - y)^2.
+// eb holds the nq rows of e (stride L).
+template <typename T>
 inline void window_backward(const T* __restrict__ xc, T* __restrict__ gxc, const int64_t* off, int64_t nq,
                             const T* __restrict__ lb, const T* __restrict__ yv, const T* __restrict__ gv,
-                            T* __restrict__ eb, T* __restrict__ v_out, int64_t vn) {
-  constexpr int64_t kMax = VT > 0 ? VT : 16;
-  const int64_t V = VT > 0 ? VT : vn;
-  T m[kMax], s[kMax], gp[kMax], vv[kMax];
-  for (int64_t v = 0; v < V; ++v) m[v] = lb[v] * xc[off[0] + v];
-  for (int64_t q = 1; q < nq; ++q)
-    for (int64_t v = 0; v < V; ++v) {
-      const T z = lb[v] * xc[off[q] + v];
+                            T* __restrict__ eb, T* __restrict__ v_out, int64_t L, T* __restrict__ m,
+                            T* __restrict__ s) {
+  {
+    const T* __restrict__ p = xc + off[0];
+    for (int64_t v = 0; v < L; ++v) m[v] = lb[v] * p[v];
+  }
+  for (int64_t q = 1; q < nq; ++q) {
+    const T* __restrict__ p = xc + off[q];
+    for (int64_t v = 0; v < L; ++v) {
+      const T z = lb[v] * p[v];
       m[v] = z > m[v] ? z : m[v];
     }
-  for (int64_t v = 0; v < V; ++v) s[v] = T(0);
-  for (int64_t q = 0; q < nq; ++q)
-    for (int64_t v = 0; v < V; ++v) {
-      const T e = exp_nonpos(lb[v] * xc[off[q] + v] - m[v]);
-      eb[q * kMax + v] = e;
-      s[v] += e;
-    }
-  for (int64_t v = 0; v < V; ++v) {
-    gp[v] = gv[v] / s[v];  // g / S
-    vv[v] = T(0);
   }
-  for (int64_t q = 0; q < nq; ++q)
-    for (int64_t v = 0; v < V; ++v) {
-      const T d = xc[off[q] + v] - yv[v];  // x_i - y
-      const T w = gp[v] * eb[q * kMax + v];  // g p_i
-      vv[v] += w * d * d;
-      gxc[off[q] + v] += w * (T(1) + lb[v] * d);
+  for (int64_t v = 0; v < L; ++v) s[v] = T(0);
+  for (int64_t q = 0; q < nq; ++q) {
+    const T* __restrict__ p = xc + off[q];
+    T* __restrict__ e = eb + q * L;
+    for (int64_t v = 0; v < L; ++v) {
+      e[v] = exp_nonpos(lb[v] * p[v] - m[v]);
+      s[v] += e[v];
     }
-  for (int64_t v = 0; v < V; ++v) v_out[v] = vv[v];
+  }
+  for (int64_t v = 0; v < L; ++v) {
+    s[v] = gv[v] / s[v];  // g / S, in place of S
+    v_out[v] = T(0);
+  }
+  for (int64_t q = 0; q < nq; ++q) {
+    const T* __restrict__ p = xc + off[q];
+    T* __restrict__ gp = gxc + off[q];
+    const T* __restrict__ e = eb + q * L;
+    for (int64_t v = 0; v < L; ++v) {
+      const T d = p[v] - yv[v];  // x_i - y
+      const T w = s[v] * e[v];   // g p_i
+      v_out[v] += w * d * d;
+      gp[v] += w * (T(1) + lb[v] * d);
+    }
+  }
 }
-
-template <typename T>
-constexpr int kVec = 64 / sizeof(T);  // channels per fixed-width chunk: 64 bytes
 
 template <typename T>
 void forward_nhwc(const T* x, const T* lam, T* y, const Geo& g, const int64_t* ls, int64_t t0, int64_t t1) {
-  constexpr int V = kVec<T>;
   const int64_t nb = (g.C + g.CB - 1) / g.CB;
   std::vector<int64_t> off(g.K());
-  std::vector<T> lb(g.CB);
+  std::vector<T> lb(g.CB), st(3 * g.CB);
   const bool lam_per_window = ls[2] != 0 || ls[3] != 0 || ls[4] != 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / nb, c0 = (t % nb) * g.CB, L = std::min(g.CB, g.C - c0);
@@ -416,9 +435,7 @@ void forward_nhwc(const T* x, const T* lam, T* y, const Geo& g, const int64_t* l
           if (lam_per_window) lam_block(lam, ls, n, c0, L, ot, i, j, lb.data());
           const int64_t nq = window_offsets(g, ot, i, j, off.data());
           T* out = y + (((n * g.OT + ot) * g.OH + i) * g.OW + j) * g.C + c0;
-          int64_t c = 0;
-          for (; c + V <= L; c += V) window_forward<T, V>(xn + c, off.data(), nq, lb.data() + c, out + c, V);
-          if (c < L) window_forward<T, 0>(xn + c, off.data(), nq, lb.data() + c, out + c, L - c);
+          window_forward(xn, off.data(), nq, lb.data(), out, L, st.data(), st.data() + g.CB, st.data() + 2 * g.CB);
         }
       }
   }
@@ -427,11 +444,9 @@ void forward_nhwc(const T* x, const T* lam, T* y, const Geo& g, const int64_t* l
 template <typename T>
 void backward_nhwc(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* gl, const Geo& g, const int64_t* ls,
                    const int64_t* gs, bool per_window, int64_t t0, int64_t t1) {
-  constexpr int V = kVec<T>;
-  constexpr int64_t kMax = V > 16 ? V : 16;  // the eb row length window_backward uses for either width
   const int64_t K = g.K(), nb = (g.C + g.CB - 1) / g.CB;
   std::vector<int64_t> off(K);
-  std::vector<T> lb(g.CB), vrow(g.CB), eb(K * kMax);
+  std::vector<T> lb(g.CB), vrow(g.CB), eb(K * g.CB), st(2 * g.CB);
   std::vector<double> plane(g.CB);
   const bool lam_per_window = ls[2] != 0 || ls[3] != 0 || ls[4] != 0;
   for (int64_t t = t0; t < t1; ++t) {
@@ -447,13 +462,8 @@ void backward_nhwc(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
           if (lam_per_window) lam_block(lam, ls, n, c0, L, ot, i, j, lb.data());
           const int64_t nq = window_offsets(g, ot, i, j, off.data());
           const int64_t o = (((n * g.OT + ot) * g.OH + i) * g.OW + j) * g.C + c0;
-          int64_t c = 0;
-          for (; c + V <= L; c += V)
-            window_backward<T, V>(xn + c, gxn + c, off.data(), nq, lb.data() + c, y + o + c, gy + o + c, eb.data(),
-                                  vrow.data() + c, V);
-          if (c < L)
-            window_backward<T, 0>(xn + c, gxn + c, off.data(), nq, lb.data() + c, y + o + c, gy + o + c, eb.data(),
-                                  vrow.data() + c, L - c);
+          window_backward(xn, gxn, off.data(), nq, lb.data(), y + o, gy + o, eb.data(), vrow.data(), L, st.data(),
+                          st.data() + g.CB);
           if (per_window) {
             T* out = gl + n * gs[0] + c0 * gs[1] + ot * gs[2] + i * gs[3] + j * gs[4];
             for (int64_t cc = 0; cc < L; ++cc) out[cc * gs[1]] = vrow[cc];
@@ -466,6 +476,10 @@ void backward_nhwc(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
       for (int64_t cc = 0; cc < L; ++cc) gl[n * g.C + c0 + cc] = static_cast<T>(plane[cc]);
   }
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 int64_t num_tasks(const Geo& g, int nhwc) {
   return nhwc ? g.N * ((g.C + g.CB - 1) / g.CB) : g.N * g.C;
