@@ -31,6 +31,7 @@ GEOMETRIES = {
     "1x3x3s122p011": (3, 7, 8, (1, 3, 3), (1, 2, 2), (0, 1, 1), False),
     "3x3x3s2p1-ceil": (6, 7, 6, 3, 2, 1, True),
     "2x2x2s2-odd-ceil": (5, 7, 9, 2, 2, 0, True),
+    "2x2x2s2-odd-floor": (5, 7, 9, 2, 2, 0, False),  # the last frame, row and column are in no window
     "3x3x3s1p1-overlap": (4, 5, 5, 3, 1, 1, False),
     "2x2x2s3-gaps-ceil": (7, 8, 7, 2, 3, 0, True),
     "mixed-3x1x2-s1x2x1-p1x0x1": (5, 6, 7, (3, 1, 2), (1, 2, 1), (1, 0, 1), True),
@@ -41,7 +42,7 @@ GEOMETRIES = {
 LAM_SHAPES = ["11111", "1C111", "NC111", "N1111", "NCTHW"]
 # Tolerance relative to the largest magnitude of the compared tensor (as in test_fast_paths.py).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-N, C = 2, 37  # 37 channels: the channels_last kernel's full 16-channel chunks and a ragged tail
+N, C = 2, 37  # 37 channels: the channels_last kernel's vector loops over channels end in a ragged tail
 
 
 def triple(v):

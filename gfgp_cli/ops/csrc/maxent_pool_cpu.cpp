@@ -375,9 +375,9 @@ inline void window_forward(const T* __restrict__ xc, const int64_t* off, int64_t
   for (int64_t v = 0; v < L; ++v) out[v] = acc[v] / s[v];
 }
 
-// Backward of one window for the task's L channels: gx += dL/dx, v_out = g sum_i p_i (x_i - y)^2.
-// eb holds the nq rows of e (stride L).
-template <typename T>
+// Backward of one window for the task's L channels: gx += dL/dx (Add) or gx = dL/dx (windows that
+// share no position), v_out = g sum_i p_i (x_i - y)^2. eb holds the nq rows of e (stride L).
+template <typename T, bool Add>
 inline void window_backward(const T* __restrict__ xc, T* __restrict__ gxc, const int64_t* off, int64_t nq,
                             const T* __restrict__ lb, const T* __restrict__ yv, const T* __restrict__ gv,
                             T* __restrict__ eb, T* __restrict__ v_out, int64_t L, T* __restrict__ m,
@@ -414,7 +414,8 @@ inline void window_backward(const T* __restrict__ xc, T* __restrict__ gxc, const
       const T d = p[v] - yv[v];  // x_i - y
       const T w = s[v] * e[v];   // g p_i
       v_out[v] += w * d * d;
-      gp[v] += w * (T(1) + lb[v] * d);
+      const T gxv = w * (T(1) + lb[v] * d);
+      gp[v] = Add ? gp[v] + gxv : gxv;
     }
   }
 }
@@ -441,6 +442,14 @@ void forward_nhwc(const T* x, const T* lam, T* y, const Geo& g, const int64_t* l
   }
 }
 
+// Marks the positions of one dim that some window covers (the rest get no gradient).
+inline std::vector<char> covered(int64_t size, int64_t out, int64_t k, int64_t s, int64_t p) {
+  std::vector<char> cov(size, 0);
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t i = std::max<int64_t>(0, o * s - p); i < std::min(size, o * s - p + k); ++i) cov[i] = 1;
+  return cov;
+}
+
 template <typename T>
 void backward_nhwc(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* gl, const Geo& g, const int64_t* ls,
                    const int64_t* gs, bool per_window, int64_t t0, int64_t t1) {
@@ -449,11 +458,21 @@ void backward_nhwc(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
   std::vector<T> lb(g.CB), vrow(g.CB), eb(K * g.CB), st(2 * g.CB);
   std::vector<double> plane(g.CB);
   const bool lam_per_window = ls[2] != 0 || ls[3] != 0 || ls[4] != 0;
+  // Windows that share no position (stride >= kernel in every dim, e.g. 2x2 stride 2) store dL/dx
+  // once per position instead of accumulating into a zeroed gx; positions no window covers are
+  // zeroed (a gap between windows, or the end of a dim that floor mode leaves out).
+  const bool disjoint = g.ST >= g.KT && g.SH >= g.KH && g.SW >= g.KW;
+  const std::vector<char> cov_t = covered(g.T, g.OT, g.KT, g.ST, g.PT), cov_h = covered(g.H, g.OH, g.KH, g.SH, g.PH),
+                          cov_w = covered(g.W, g.OW, g.KW, g.SW, g.PW);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / nb, c0 = (t % nb) * g.CB, L = std::min(g.CB, g.C - c0);
     const T* xn = x + n * g.in_plane() * g.C + c0;
     T* gxn = gx + n * g.in_plane() * g.C + c0;
-    for (int64_t p = 0; p < g.in_plane(); ++p) std::fill_n(gxn + p * g.C, L, T(0));
+    for (int64_t f = 0; f < g.T; ++f)
+      for (int64_t r = 0; r < g.H; ++r)
+        for (int64_t col = 0; col < g.W; ++col)
+          if (!disjoint || !(cov_t[f] && cov_h[r] && cov_w[col]))
+            std::fill_n(gxn + ((f * g.H + r) * g.W + col) * g.C, L, T(0));
     std::fill(plane.begin(), plane.end(), 0.0);
     if (!lam_per_window) lam_block(lam, ls, n, c0, L, 0, 0, 0, lb.data());
     for (int64_t ot = 0; ot < g.OT; ++ot)
@@ -462,8 +481,12 @@ void backward_nhwc(const T* x, const T* lam, const T* y, const T* gy, T* gx, T* 
           if (lam_per_window) lam_block(lam, ls, n, c0, L, ot, i, j, lb.data());
           const int64_t nq = window_offsets(g, ot, i, j, off.data());
           const int64_t o = (((n * g.OT + ot) * g.OH + i) * g.OW + j) * g.C + c0;
-          window_backward(xn, gxn, off.data(), nq, lb.data(), y + o, gy + o, eb.data(), vrow.data(), L, st.data(),
-                          st.data() + g.CB);
+          if (disjoint)
+            window_backward<T, false>(xn, gxn, off.data(), nq, lb.data(), y + o, gy + o, eb.data(), vrow.data(), L,
+                                      st.data(), st.data() + g.CB);
+          else
+            window_backward<T, true>(xn, gxn, off.data(), nq, lb.data(), y + o, gy + o, eb.data(), vrow.data(), L,
+                                     st.data(), st.data() + g.CB);
           if (per_window) {
             T* out = gl + n * gs[0] + c0 * gs[1] + ot * gs[2] + i * gs[3] + j * gs[4];
             for (int64_t cc = 0; cc < L; ++cc) out[cc * gs[1]] = vrow[cc];
