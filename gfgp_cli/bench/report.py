@@ -18,7 +18,7 @@ _LAYOUT = {"contiguous": "NCHW", "channels_last": "NHWC"}
 def _op_label(row: dict) -> str:
     if row.get("implementation") is None:
         return row["op"]
-    # "*" marks the path maxent_pool2d picks by itself; the others are forced.
+    # "*" marks the path the op picks by itself; the others are forced.
     return f"maxent {row['implementation']}" + ("" if row["op"].endswith("]") else "*")
 
 
@@ -27,8 +27,8 @@ def print_pool_report(result: dict, as_json: bool) -> None:
     if as_json:
         print_json(result)
         return
-    out.print(f"maxent_pool2d vs max/avg pooling: {result['dtype']}, median of {result['repeats']} interleaved "
-              f"runs, lam (N,C,1,1); {result['device']}")
+    out.print(f"maxent_pool2d/3d vs max/avg pooling: {result['dtype']}, median of {result['repeats']} interleaved "
+              f"runs, lam (N,C,1,1) (3-D: (N,C,1,1,1)); {result['device']}")
     columns = ["layout", "op", "fwd ms", "fwd/max", "f+b ms", "f+b/max", "saved"]
     for case in dict.fromkeys(r["case"] for r in result["rows"]):
         rows = [
@@ -37,9 +37,9 @@ def print_pool_report(result: dict, as_json: bool) -> None:
             for r in result["rows"] if r["case"] == case
         ]
         print_table(case, columns, rows, justify_right=columns[2:])
-    out.print("f+b = forward+backward; x/max = ratio to max_pool2d on the same input; NHWC = channels_last; "
-              "saved = MiB autograd keeps for backward (unique storages, input included); "
-              "maxent PATH* = the path maxent_pool2d picks by itself, others forced")
+    out.print("f+b = forward+backward; x/max = ratio to max_pool2d (3-D cases: max_pool3d) on the same input; "
+              "NHWC = channels_last (3-D: channels_last_3d); saved = MiB autograd keeps for backward (unique "
+              "storages, input included); maxent PATH* = the path the op picks by itself, others forced")
 
 
 def print_model_report(result: dict, as_json: bool) -> None:

@@ -1,4 +1,4 @@
-"""Which kernels run ``gfgp::maxent_pool2d`` and its backward: the dispatch of the op.
+"""Which kernels run ``gfgp::maxent_pool2d`` / ``gfgp::maxent_pool3d`` and their backward: the dispatch of the ops.
 
 Implementations: each a module with ``forward(x, lam, kernel, stride, padding, ceil_mode)``,
 ``backward(grad, x, lam, out, kernel, stride, padding, ceil_mode)``, ``unsupported(x)`` (why it
@@ -45,7 +45,7 @@ _broken: Dict[str, str] = {}
 
 @contextlib.contextmanager
 def use_implementation(name: str) -> Iterator[None]:
-    """Run ``maxent_pool2d`` (forward and backward) with one implementation inside the block.
+    """Run ``maxent_pool2d`` and ``maxent_pool3d`` (forward and backward) with one implementation inside the block.
 
     ``name`` is ``"auto"`` or one of :data:`IMPLEMENTATIONS`. A forced implementation that does
     not support the tensors it meets raises instead of falling back.
@@ -68,7 +68,7 @@ def mark_broken(name: str, reason: str) -> None:
     """Record that ``name`` cannot run in this process; warn once, in one line."""
     if name not in _broken:
         _broken[name] = reason
-        warnings.warn(f"gfgp: maxent_pool2d {name} path unavailable ({reason}); using the reference path",
+        warnings.warn(f"gfgp: max-entropy pooling {name} path unavailable ({reason}); using the reference path",
                       RuntimeWarning, stacklevel=3)
 
 

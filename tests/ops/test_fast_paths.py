@@ -304,7 +304,7 @@ def test_cpu_path_falls_back_to_reference_with_one_warning(monkeypatch, tmp_path
     monkeypatch.setattr(cpu, "_lib_error", None)
     monkeypatch.setattr(dispatch, "_broken", {})
     x = torch.randn(2, 3, 8, 8)
-    with pytest.warns(RuntimeWarning, match=r"^gfgp: maxent_pool2d cpu path unavailable \(.*no C\+\+ compiler"):
+    with pytest.warns(RuntimeWarning, match=r"^gfgp: max-entropy pooling cpu path unavailable \(.*no C\+\+ compiler"):
         y = maxent_pool2d(x, 1.5, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only

@@ -13,14 +13,20 @@ count, and 4-D input being exactly the 5-D problem with T = 1.
 from __future__ import annotations
 
 import functools
-import itertools
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gfgp_cli.ops import cpu, maxent_pool3d, reference
 from gfgp_cli.ops.dispatch import use_implementation
+
+# The shared float64 loop reference, loaded by path (--import-mode=importlib: no tests dir on sys.path).
+_spec = importlib.util.spec_from_file_location("_loops3d", Path(__file__).with_name("_loops3d.py"))
+_loops3d = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_loops3d)
+triple, out_size, loop_reference = _loops3d.triple, _loops3d.out_size, _loops3d.loop_reference
 
 pytestmark = pytest.mark.skipif(cpu.build_error() is not None, reason=str(cpu.build_error()))
 
@@ -45,18 +51,9 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfl
 N, C = 2, 37  # 37 channels: the channels_last kernel's vector loops over channels end in a ragged tail
 
 
-def triple(v):
-    return list(v) if isinstance(v, tuple) else [v] * 3
-
-
 def geometry_args(name):
     t, h, w, k, s, p, ceil = GEOMETRIES[name]
     return (t, h, w), (triple(k), triple(s), triple(p), ceil)
-
-
-def out_size(spatial, k, s, p, ceil):
-    """PyTorch's pooling output size, taken from F.avg_pool3d itself."""
-    return tuple(F.avg_pool3d(torch.zeros(1, 1, *spatial), k, s, p, ceil).shape[2:])
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,37 +68,6 @@ def make_case(geometry, lam_shape, dtype, seed=0):
     lam = torch.empty(shapes[lam_shape], dtype=torch.float64).uniform_(-1, 3, generator=gen).to(dtype)
     grad = torch.randn(N, C, *out, dtype=torch.float64, generator=gen).to(dtype)
     return x, lam, grad, geo
-
-
-def loop_reference(x, lam, grad, kernel, stride, padding, ceil_mode):
-    """(y, dL/dx, dL/dlam) in float64 by a loop over the output windows.
-
-    For each window, R is its valid (non-padded) positions, cut out of x by slicing:
-    p = e^{lam x} / sum_R e^{lam x}, y = sum_R p x, dL/dx += g p (1 + lam (x - y)) on R,
-    dL/dlam = g sum_R p (x - y)^2, summed over the windows (and samples/channels) lam broadcasts to.
-    """
-    x, lam, grad = x.double(), lam.double(), grad.double()
-    spatial = x.shape[2:]
-    out = out_size(spatial, kernel, stride, padding, ceil_mode)
-    lam_full = lam.expand(*x.shape[:2], *out)
-    y = torch.zeros(*x.shape[:2], *out, dtype=torch.float64)
-    gx = torch.zeros_like(x)
-    gl = torch.zeros_like(y)
-    for o in itertools.product(*map(range, out)):
-        window = tuple(slice(max(oi * s - p, 0), min(oi * s - p + k, size))
-                       for oi, s, p, k, size in zip(o, stride, padding, kernel, spatial))
-        xs = x[(slice(None), slice(None), *window)]
-        lw = lam_full[(slice(None), slice(None), *o)][..., None, None, None]
-        g = grad[(slice(None), slice(None), *o)][..., None, None, None]
-        e = torch.exp(lw * xs)
-        p_ = e / e.sum(dim=(2, 3, 4), keepdim=True)
-        yw = (p_ * xs).sum(dim=(2, 3, 4), keepdim=True)
-        y[(slice(None), slice(None), *o)] = yw[..., 0, 0, 0]
-        d = xs - yw
-        gx[(slice(None), slice(None), *window)] += g * p_ * (1 + lw * d)
-        gl[(slice(None), slice(None), *o)] = (g * p_ * d * d).sum(dim=(2, 3, 4))
-    dims = [d for d in range(5) if lam.shape[d] == 1]
-    return y, gx, gl.sum(dim=dims, keepdim=True) if dims else gl
 
 
 def run_cpu(x, lam, grad, k, s, p, ceil):

@@ -1,7 +1,7 @@
 """maxent_pool3d: the op over (t, h, w) windows against independent oracles.
 
-- a slow float64 loop reference (below: explicit loops over every output window, autograd
-  through them gives both gradients), under hypothesis over shapes, geometries and lam shapes;
+- the slow float64 loop reference of tests/ops/_loops3d.py (explicit loops over every output
+  window, both gradients by their formulas), under hypothesis over shapes, geometries and lam shapes;
 - ``torch.autograd.gradcheck`` in float64 for every lam shape on several geometries (odd sizes,
   padding, ceil_mode, anisotropic kernels such as (1, 3, 3));
 - lam = 0 is ``F.avg_pool3d(count_include_pad=False)``; every output lies between the window's
@@ -14,6 +14,7 @@ Every implementation (``reference`` and, where it builds, the fused ``cpu`` kern
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gfgp_cli import GFGPPool3d, MaxEntPool3d, maxent_pool2d, maxent_pool3d
-from gfgp_cli.ops import cpu, pool_output_size
+from gfgp_cli.ops import cpu
 from gfgp_cli.ops.dispatch import use_implementation
 
 GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "maxent_pool3d_golden.pt"
@@ -46,38 +47,15 @@ def _implementations():
     return ["reference", pytest.param("cpu", marks=pytest.mark.skipif(reason is not None, reason=str(reason)))]
 
 
-def _triple(v):
-    return tuple(v) if isinstance(v, tuple) else (v, v, v)
+# The shared float64 loop reference (tests/ops/_loops3d.py), loaded by path (--import-mode=importlib).
+_spec = importlib.util.spec_from_file_location("_loops3d", Path(__file__).with_name("_loops3d.py"))
+_loops3d = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_loops3d)
+_triple = _loops3d.triple
 
 
 def out_size(x, kernel, stride, padding, ceil):
-    k, s, p = _triple(kernel), _triple(stride), _triple(padding)
-    return tuple(pool_output_size(n, k[i], s[i], p[i], ceil) for i, n in enumerate(x.shape[2:]))
-
-
-def loop_reference(x, lam, kernel, stride, padding, ceil_mode):
-    """Slow, obviously correct 3-D max-entropy pooling, float64: a loop over every output window.
-
-    x: Tensor[N, C, T, H, W]; lam: a float or a Tensor broadcastable to [N, C, *out]. Padded
-    positions are not visited. Differentiable through autograd (gives both gradients).
-    """
-    k, s, p = _triple(kernel), _triple(stride), _triple(padding)
-    n, c = x.shape[:2]
-    out = out_size(x, k, s, p, ceil_mode)
-    lam = torch.as_tensor(lam, dtype=torch.float64) if not torch.is_tensor(lam) else lam.to(torch.float64)
-    lam = lam.reshape(lam.shape if lam.dim() == 5 else (1,) * 5).expand(n, c, *out)
-    x = x.to(torch.float64)
-    values = []
-    for i in range(out[0]):
-        for j in range(out[1]):
-            for m in range(out[2]):
-                lo = [idx * s[d] - p[d] for d, idx in enumerate((i, j, m))]
-                hi = [min(lo[d] + k[d], x.shape[2 + d]) for d in range(3)]
-                lo = [max(v, 0) for v in lo]
-                window = x[:, :, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].reshape(n, c, -1)
-                w = torch.softmax(lam[:, :, i, j, m, None] * window, dim=-1)
-                values.append((w * window).sum(-1))
-    return torch.stack(values, dim=-1).reshape(n, c, *out)
+    return _loops3d.out_size(x.shape[2:], _triple(kernel), _triple(stride), _triple(padding), ceil)
 
 
 def make_lam(kind, n, c, out, dtype, gen, low=-1.0, high=3.0):
@@ -101,12 +79,8 @@ def run(impl, x, lam, geometry, grad):
 
 
 def expected(x, lam, geometry, grad):
-    xr = x.detach().to(torch.float64).requires_grad_(True)
-    lr = lam.detach().to(torch.float64).requires_grad_(True) if torch.is_tensor(lam) else lam
-    y = loop_reference(xr, lr, *geometry)
-    inputs = [xr, lr] if torch.is_tensor(lr) else [xr]
-    grads = torch.autograd.grad(y, inputs, grad.to(torch.float64))
-    return y.detach(), grads[0], grads[1] if len(grads) > 1 else None
+    """(y, dL/dx, dL/dlam or None) of the float64 loop reference."""
+    return _loops3d.loop_reference(x, lam, grad, *geometry)
 
 
 def assert_close(actual, wanted, tol):
@@ -276,8 +250,8 @@ def test_golden_values(impl):
         cases = _golden_cases()
         for case in cases:  # expected values from the loop reference, not from the op
             geo = [tuple(v) for v in case["geometry"][:3]] + [bool(case["geometry"][3])]
-            y = loop_reference(case["x"], case["lam"], *geo)
-            case["y"], case["grad_x"], case["grad_lam"] = expected(case["x"], case["lam"], geo, torch.ones_like(y))
+            ones = torch.ones(2, 1, *out_size(case["x"], *geo[:3], geo[3]), dtype=torch.float64)
+            case["y"], case["grad_x"], case["grad_lam"] = expected(case["x"], case["lam"], geo, ones)
         torch.save(cases, GOLDEN)
     cases = torch.load(GOLDEN, weights_only=True)
     assert len(cases) == 4

@@ -17,7 +17,6 @@ over the windows, and with :mod:`gfgp_cli.ops.reference` on 5-D input.
 from __future__ import annotations
 
 import importlib.util
-import itertools
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,12 @@ import torch.nn.functional as F
 import gfgp_cli.ops.triton as triton_path
 from gfgp_cli.ops import dispatch, maxent_pool2d, maxent_pool3d, reference
 from gfgp_cli.ops.dispatch import use_implementation
+
+# The shared float64 loop reference of the 3-D op, loaded by path (--import-mode=importlib).
+_spec = importlib.util.spec_from_file_location("_loops3d", Path(__file__).with_name("_loops3d.py"))
+_loops3d = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_loops3d)
+loop_reference_3d = _loops3d.loop_reference
 
 KERNELS = Path(triton_path.__file__).with_name("kernels.py")
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -183,7 +188,7 @@ def test_triton_build_failure_falls_back_to_reference_with_one_warning(monkeypat
     monkeypatch.setattr(triton_path, "_kernels", lambda: Unbuildable)
     monkeypatch.setattr(dispatch, "_broken", {})
     x, lam = torch.randn(1, 2, 6, 6), torch.rand(1, 2, 1, 1)
-    with pytest.warns(RuntimeWarning, match=r"^gfgp: maxent_pool2d triton path unavailable \(OutOfResources: out of resource"):
+    with pytest.warns(RuntimeWarning, match=r"^gfgp: max-entropy pooling triton path unavailable \(OutOfResources: out of resource"):
         y = triton_path.forward(x, lam, [2, 2], [2, 2], [0, 0], False)
     torch.testing.assert_close(y, reference.forward(x, lam, [2, 2], [2, 2], [0, 0], False))
     assert "triton" in dispatch._broken
@@ -256,39 +261,6 @@ def make_case_3d(geometry, lam_shape, dtype, channels_last, seed=0):
     lam = torch.empty(shape, dtype=torch.float64).uniform_(-1.0, 3.0, generator=gen).to(dtype)
     grad = torch.randn(N3, C3, *out, dtype=torch.float64, generator=gen).to(dtype)
     return x, lam, grad, (list(k), list(s), list(p), ceil)
-
-
-def loop_reference_3d(x, lam, grad, kernel, stride, padding, ceil_mode):
-    """(y, dL/dx, dL/dlam) in float64, by plain loops over the output windows of a 5-D input.
-
-    Per window, R = its valid (non-padded) positions: y = sum_R x e^{lam x} / sum_R e^{lam x},
-    dL/dx_i += g p_i (1 + lam (x_i - y)), dL/dlam = g sum_R p_i (x_i - y)^2 (summed over the
-    dims on which lam is broadcast)."""
-    x64, g64 = x.double(), grad.double()
-    n, c = x.shape[:2]
-    sizes = x.shape[2:]
-    out = tuple(F.avg_pool3d(x64, kernel, stride, padding, ceil_mode).shape[2:])
-    lam64 = lam.double().expand(n, c, *out)
-    y = torch.zeros(n, c, *out, dtype=torch.float64)
-    gx = torch.zeros_like(x64, memory_format=torch.contiguous_format)
-    glam = torch.zeros(n, c, *out, dtype=torch.float64)
-    for win in itertools.product(*(range(o) for o in out)):
-        starts = [win[d] * stride[d] - padding[d] for d in range(3)]
-        taps = [pos for pos in itertools.product(*(range(starts[d], starts[d] + kernel[d]) for d in range(3)))
-                if all(0 <= pos[d] < sizes[d] for d in range(3))]
-        assert taps, "every window has a valid position"
-        at = tuple(torch.tensor(list(axis)) for axis in zip(*taps))
-        xs = x64[:, :, at[0], at[1], at[2]]  # [N, C, |R|]
-        lw = lam64[(slice(None), slice(None), *win)][..., None]
-        e = torch.exp(lw * xs - (lw * xs).amax(dim=-1, keepdim=True))  # the shift cancels in p
-        prob = e / e.sum(dim=-1, keepdim=True)
-        yw = (prob * xs).sum(dim=-1)
-        gw = g64[(slice(None), slice(None), *win)]
-        y[(slice(None), slice(None), *win)] = yw
-        gx[:, :, at[0], at[1], at[2]] += gw[..., None] * prob * (1 + lw * (xs - yw[..., None]))
-        glam[(slice(None), slice(None), *win)] = gw * (prob * (xs - yw[..., None]) ** 2).sum(dim=-1)
-    dims = [d for d in range(5) if lam.shape[d] == 1 and glam.shape[d] != 1]
-    return y, gx, (glam.sum(dim=dims, keepdim=True) if dims else glam)
 
 
 def _is_cl3d(x):

@@ -345,12 +345,10 @@ inline int64_t window_offsets(const Geo& g, int64_t ot, int64_t oh, int64_t ow, 
 #pragma GCC optimize("no-loop-unroll-and-jam")
 #endif
 
-// Forward of one window for the task's L channels (xc: channel c0 of the sample; off: the
-// window's valid positions): m = max lam x, then S = sum e and sum e x; out = sum e x / S.
+// m[v] = the maximum of lam * x over the nq valid positions of one window, for the task's L channels.
 template <typename T>
-inline void window_forward(const T* __restrict__ xc, const int64_t* off, int64_t nq, const T* __restrict__ lb,
-                           T* __restrict__ out, int64_t L, T* __restrict__ m, T* __restrict__ s,
-                           T* __restrict__ acc) {
+inline void window_max(const T* __restrict__ xc, const int64_t* off, int64_t nq, const T* __restrict__ lb, int64_t L,
+                       T* __restrict__ m) {
   {
     const T* __restrict__ p = xc + off[0];
     for (int64_t v = 0; v < L; ++v) m[v] = lb[v] * p[v];
@@ -362,6 +360,15 @@ inline void window_forward(const T* __restrict__ xc, const int64_t* off, int64_t
       m[v] = z > m[v] ? z : m[v];
     }
   }
+}
+
+// Forward of one window for the task's L channels (xc: channel c0 of the sample; off: the
+// window's valid positions): m = max lam x, then S = sum e and sum e x; out = sum e x / S.
+template <typename T>
+inline void window_forward(const T* __restrict__ xc, const int64_t* off, int64_t nq, const T* __restrict__ lb,
+                           T* __restrict__ out, int64_t L, T* __restrict__ m, T* __restrict__ s,
+                           T* __restrict__ acc) {
+  window_max(xc, off, nq, lb, L, m);
   for (int64_t v = 0; v < L; ++v) s[v] = acc[v] = T(0);
   for (int64_t q = 0; q < nq; ++q) {
     const T* __restrict__ p = xc + off[q];
@@ -382,17 +389,7 @@ inline void window_backward(const T* __restrict__ xc, T* __restrict__ gxc, const
                             const T* __restrict__ lb, const T* __restrict__ yv, const T* __restrict__ gv,
                             T* __restrict__ eb, T* __restrict__ v_out, int64_t L, T* __restrict__ m,
                             T* __restrict__ s) {
-  {
-    const T* __restrict__ p = xc + off[0];
-    for (int64_t v = 0; v < L; ++v) m[v] = lb[v] * p[v];
-  }
-  for (int64_t q = 1; q < nq; ++q) {
-    const T* __restrict__ p = xc + off[q];
-    for (int64_t v = 0; v < L; ++v) {
-      const T z = lb[v] * p[v];
-      m[v] = z > m[v] ? z : m[v];
-    }
-  }
+  window_max(xc, off, nq, lb, L, m);
   for (int64_t v = 0; v < L; ++v) s[v] = T(0);
   for (int64_t q = 0; q < nq; ++q) {
     const T* __restrict__ p = xc + off[q];
