@@ -10,6 +10,7 @@ from torch.fx import GraphModule, Node
 
 from ._util import finish, free_name, input_node, node_label, owner_of, reroute_uses, set_submodule
 from .commute import Rule, rule, size_classes
+from .sites import _has_plain_conv_forward
 from .skip_pool import SkipPool, skip_pool
 
 __all__ = ["move_pools", "Moved", "PlacedPool", "PLACEMENTS"]
@@ -114,19 +115,92 @@ def move_pools(gm: GraphModule, placement: str = "exact") -> Moved:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     modules = dict(gm.named_modules())
     order = list(gm.graph.nodes)
-    sources = [
-        n for n in order
-        if n.op == "call_module" and isinstance(modules[str(n.target)], SkipPool)
-        and len(n.args) == 1 and not n.kwargs and isinstance(n.args[0], Node)
-    ]
-    source_label = {p: node_label(input_node(p)) if input_node(p).op == "call_module" else str(p.target) for p in sources}
+    sources = _skip_pool_calls(order, modules)
+    source_label: dict[Node, tuple[str, ...]] = {p: (_label(p),) for p in sources}
+    composed: set[Node] = set()
+    if placement == "paper":
+        composed = _compose_consecutive(gm, modules, sources, source_label)
+        modules, order = dict(gm.named_modules()), list(gm.graph.nodes)
+        sources = _skip_pool_calls(order, modules)
     stride_of = {p: modules[str(p.target)].stride for p in sources}
 
     deferred: set[Node] = set()
     if placement != "local" and sources:
         deferred = _deferred_nodes(gm, modules, order, sources, stride_of, allow_paper=placement == "paper")
-    placed = _rewrite(gm, order, sources, deferred, stride_of, source_label)
+    placed = _rewrite(gm, order, sources, deferred, stride_of, source_label, composed)
     return Moved(finish(gm), placed)
+
+
+def _skip_pool_calls(order: list[Node], modules: dict[str, nn.Module]) -> list[Node]:
+    return [
+        n for n in order
+        if n.op == "call_module" and isinstance(modules[str(n.target)], SkipPool)
+        and len(n.args) == 1 and not n.kwargs and isinstance(n.args[0], Node)
+    ]
+
+
+def _label(pool: Node) -> str:
+    """Where a skip pool started: the module feeding it (the decomposed conv), else the pool."""
+    return node_label(input_node(pool)) if input_node(pool).op == "call_module" else str(pool.target)
+
+
+def _commutes_along(node: Node, modules: dict[str, nn.Module], gm: GraphModule, stride: tuple[int, ...]) -> bool:
+    """Whether ``node`` computes exactly the same on values subsampled by ``stride``: an exact
+    unary rule (BN, activations, ...), or a stride-1 conv whose kernel is 1 and padding 0 along
+    every subsampled dim (a (3, 1, 1) temporal conv under a (1, 2, 2) pool: each output position
+    reads its own (h, w) only)."""
+    r = rule(node, gm, modules)
+    if r is not None and r.mode == "exact" and len(r.pending) == 1:
+        return True
+    m = modules.get(str(node.target)) if node.op == "call_module" else None
+    if not (isinstance(m, (nn.Conv2d, nn.Conv3d)) and _has_plain_conv_forward(m) and max(m.stride) == 1
+            and len(m.kernel_size) == len(stride) and len(node.args) == 1 and not node.kwargs):
+        return False
+    padding = (0,) * len(stride) if isinstance(m.padding, str) else tuple(m.padding)
+    if m.padding == "same" and any(k != 1 for k, s in zip(m.kernel_size, stride) if s > 1):
+        return False
+    return all(k == 1 and p == 0 for k, p, s in zip(m.kernel_size, padding, stride) if s > 1)
+
+
+def _compose_consecutive(
+    gm: GraphModule, modules: dict[str, nn.Module], sources: list[Node], source_label: dict[Node, tuple[str, ...]]
+) -> set[Node]:
+    """Paper placement: merge a skip pool into the next one when only ops that commute with it
+    lie between them, on a single-user path (``x[::a][::b] == x[::a*b]`` per dim).
+
+    R(2+1)D blocks downsample twice in a row: a (1, 2, 2) spatial conv, BatchNorm, ReLU, then a
+    (2, 1, 1) temporal conv. The first pool passes BN, ReLU and the temporal conv (kernel 1 in H
+    and W) and merges with the second into one (2, 2, 2) pool, which then moves on as any pool
+    (the block's pool after its final ReLU, as for the 2-D ResNets). The ops in between now run
+    at the un-pooled size; the output is unchanged. Returns the pools that absorbed another;
+    ``source_label`` gets the absorbed pool's origins.
+    """
+    composed: set[Node] = set()
+    for a in sources:
+        if a.graph is not gm.graph or len(input_node(a).users) != 1:
+            continue
+        pool_a = gm.get_submodule(str(a.target))  # already merged into, maybe
+        assert isinstance(pool_a, SkipPool)
+        stride_a = pool_a.stride
+        cur = a
+        while len(cur.users) == 1:
+            user = next(iter(cur.users))
+            target = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
+            if isinstance(target, SkipPool) and user in source_label and len(target.stride) == len(stride_a):
+                merged = tuple(x * y for x, y in zip(stride_a, target.stride))
+                set_submodule(gm, str(user.target), skip_pool(merged))
+                source_label[user] = source_label[a] + source_label[user]
+                composed.add(user)
+                target_a = str(a.target)
+                a.replace_all_uses_with(input_node(a))
+                gm.graph.erase_node(a)
+                if not any(n.op == "call_module" and n.target == target_a for n in gm.graph.nodes):
+                    gm.delete_submodule(target_a)
+                break
+            if not _commutes_along(user, modules, gm, stride_a):
+                break
+            cur = user
+    return composed
 
 
 def _deferred_nodes(
@@ -232,7 +306,8 @@ def _rewrite(
     sources: list[Node],
     deferred: set[Node],
     stride_of: dict[Node, tuple[int, ...]],
-    source_label: dict[Node, str],
+    source_label: dict[Node, tuple[str, ...]],
+    composed: set[Node],
 ) -> list[PlacedPool]:
     """Dissolve the sources whose users are deferred, then pool each deferred value whose users
     are not. Deferred nodes keep their place and now read un-pooled operands."""
@@ -259,7 +334,9 @@ def _rewrite(
 
     kept = set(sources) - set(dissolved)
     placed: dict[Node, PlacedPool] = {
-        p: PlacedPool(str(p.target), stride_of[p], node_label(input_node(p)), input_node(p).name, (source_label[p],), False) for p in kept
+        p: PlacedPool(str(p.target), stride_of[p], node_label(input_node(p)), input_node(p).name, source_label[p],
+                      p in composed)
+        for p in kept
     }
     for m in landings:
         name = free_name(gm, owner_of(m), "pool")
@@ -267,7 +344,7 @@ def _rewrite(
         with gm.graph.inserting_after(m):
             pool = gm.graph.call_module(name, (m,))
         reroute_uses(m, pool)
-        labels = tuple(source_label[p] for p in sorted(origin[m], key=position.__getitem__))
+        labels = tuple(label for p in sorted(origin[m], key=position.__getitem__) for label in source_label[p])
         placed[pool] = PlacedPool(name, stride[m], node_label(m), m.name, labels, True)
     final_position = {n: i for i, n in enumerate(gm.graph.nodes)}
     return [placed[n] for n in sorted(placed, key=final_position.__getitem__)]

@@ -100,3 +100,19 @@ def test_every_name_has_one_task():
     names = zoo.list_model_names()
     assert len(names) == len(set(names)) and set(zoo.TASKS) == {zoo.task_of(n) for n in names}
     assert sum(len(zoo.list_model_names(t)) for t in zoo.TASKS) == len(names)
+
+
+@pytest.mark.parametrize("name, strides", [
+    ("r3d_18", (2, 2, 2)), ("mc3_18", (1, 2, 2)), ("r2plus1d_18", (2, 2, 2)),
+])
+def test_video_resnets_get_the_official_layout(name, strides):
+    """Paper placement: the stem's pool after its ReLU, and each downsampling block's one pool
+    after the block's final ReLU, as for the 2-D ResNets (R(2+1)D: its spatial and temporal
+    pools composed into one)."""
+    from gfgp_cli.conversion import convert_with_report
+    from gfgp_cli.nn import GFGPPool3d
+
+    gm, report = convert_with_report(name, image_size=32, frames=4, seed=0)
+    assert [(p["after"], tuple(p["stride"])) for p in report.placed] == [("stem.2", (1, 2, 2))] + [
+        (f"layer{i}.0.relu", strides) for i in (2, 3, 4)]
+    assert sum(isinstance(m, GFGPPool3d) for m in gm.modules()) == 4

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -244,24 +244,31 @@ def _paste(src: Tensor, x0: Tensor, y0: Tensor, side: Tensor, size: int) -> Tens
     return out[:, 0]
 
 
-def _check(seed, size, n_train, n_val, digit_scale, fragments, fragment_pixels, val_fraction) -> None:
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    if not is_int(seed) or seed < 0:
-        raise BadInputError(f"cluttered digits: seed must be an integer >= 0, got {seed!r}")
-    if not is_int(size) or size < SOURCE_SIZE:
-        raise BadInputError(f"cluttered digits: size must be an integer >= {SOURCE_SIZE}, got {size!r}")
-    for name, v in (("n_train", n_train), ("n_val", n_val)):
-        if not is_int(v) or v < 1:
-            raise BadInputError(f"cluttered digits: {name} must be a positive integer, got {v!r}")
-    if not is_int(fragments) or fragments < 0:
-        raise BadInputError(f"cluttered digits: fragments must be an integer >= 0, got {fragments!r}")
+
+def _check_common(what: str, seed, size, counts: Dict[str, Any], digit_scale, val_fraction) -> None:
+    """The checks every generated digit set shares (``what`` names the set in the message):
+    seed, canvas size, the positive counts in ``counts``, the digit scale range, the val fraction."""
+    if not _is_int(seed) or seed < 0:
+        raise BadInputError(f"{what}: seed must be an integer >= 0, got {seed!r}")
+    if not _is_int(size) or size < SOURCE_SIZE:
+        raise BadInputError(f"{what}: size must be an integer >= {SOURCE_SIZE}, got {size!r}")
+    for name, v in counts.items():
+        if not _is_int(v) or v < 1:
+            raise BadInputError(f"{what}: {name} must be a positive integer, got {v!r}")
     low, high = digit_scale
     if not 0 < low <= high <= 1:
-        raise BadInputError(f"cluttered digits: digit_scale must be (low, high) with 0 < low <= high <= 1, got {digit_scale!r}")
-    low, high = fragment_pixels
-    if not (is_int(low) and is_int(high) and 1 <= low <= high <= SOURCE_SIZE):
-        raise BadInputError(f"cluttered digits: fragment_pixels must be integers 1 <= low <= high <= 8, got {fragment_pixels!r}")
+        raise BadInputError(f"{what}: digit_scale must be (low, high) with 0 < low <= high <= 1, got {digit_scale!r}")
     if not 0 < val_fraction < 1:
-        raise BadInputError(f"cluttered digits: val_fraction must be in (0, 1), got {val_fraction!r}")
+        raise BadInputError(f"{what}: val_fraction must be in (0, 1), got {val_fraction!r}")
+
+
+def _check(seed, size, n_train, n_val, digit_scale, fragments, fragment_pixels, val_fraction) -> None:
+    _check_common("cluttered digits", seed, size, {"n_train": n_train, "n_val": n_val}, digit_scale, val_fraction)
+    if not _is_int(fragments) or fragments < 0:
+        raise BadInputError(f"cluttered digits: fragments must be an integer >= 0, got {fragments!r}")
+    low, high = fragment_pixels
+    if not (_is_int(low) and _is_int(high) and 1 <= low <= high <= SOURCE_SIZE):
+        raise BadInputError(f"cluttered digits: fragment_pixels must be integers 1 <= low <= high <= 8, got {fragment_pixels!r}")

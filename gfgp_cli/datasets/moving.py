@@ -61,7 +61,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import BadInputError
-from .cluttered import NUM_CLASSES, SOURCE_SIZE, _sources, _split
+from .cluttered import NUM_CLASSES, SOURCE_SIZE, _check_common, _generator, _sources, _split
 
 __all__ = ["MovingDigits", "MovingDigitsDataset", "make_moving_digits", "cached_moving_digits", "bounce", "DEFAULTS"]
 
@@ -69,8 +69,6 @@ __all__ = ["MovingDigits", "MovingDigitsDataset", "make_moving_digits", "cached_
 DEFAULTS: Dict[str, Any] = dict(size=32, frames=16, n_train=2000, n_val=500, digit_scale=(0.35, 0.6), speed=(0.03, 0.08),
                 val_fraction=0.2)
 
-# Random streams, each from its own generator: seed * _STREAMS + stream (as in .cluttered).
-_STREAMS = 16
 _SPLIT, _TRAIN, _VAL = 0, 1, 2
 _CHUNK = 4096  # frames rendered per batched matmul (bounds the temporaries' memory)
 
@@ -187,10 +185,6 @@ def cached_moving_digits(seed: int = 0, **options) -> MovingDigits:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _generator(seed: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * _STREAMS + stream)
-
-
 def bounce(start: Tensor, velocity: Tensor, steps: Tensor, limit: Tensor) -> Tensor:
     """Positions ``start + velocity * steps`` reflected at 0 and ``limit`` (a triangle wave of
     period ``2 * limit``): a point moving at constant speed that bounces off both walls.
@@ -260,21 +254,9 @@ def _paste_separable(src: Tensor, x0: Tensor, y0: Tensor, side: Tensor, size: in
 
 
 def _check(seed, size, frames, n_train, n_val, digit_scale, speed, val_fraction) -> None:
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if not is_int(seed) or seed < 0:
-        raise BadInputError(f"moving digits: seed must be an integer >= 0, got {seed!r}")
-    if not is_int(size) or size < SOURCE_SIZE:
-        raise BadInputError(f"moving digits: size must be an integer >= {SOURCE_SIZE}, got {size!r}")
-    for name, v in (("frames", frames), ("n_train", n_train), ("n_val", n_val)):
-        if not is_int(v) or v < 1:
-            raise BadInputError(f"moving digits: {name} must be a positive integer, got {v!r}")
-    low, high = digit_scale
-    if not 0 < low <= high <= 1:
-        raise BadInputError(f"moving digits: digit_scale must be (low, high) with 0 < low <= high <= 1, got {digit_scale!r}")
+    _check_common("moving digits", seed, size, {"frames": frames, "n_train": n_train, "n_val": n_val}, digit_scale,
+                  val_fraction)
     low, high = speed
     if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
         raise BadInputError(f"moving digits: speed must be (low, high) with 0 <= low <= high, got {speed!r}")
-    if not 0 < val_fraction < 1:
-        raise BadInputError(f"moving digits: val_fraction must be in (0, 1), got {val_fraction!r}")
+

@@ -11,6 +11,9 @@ through ``export_onnx`` (the public entry point ``gfgp export`` uses) and checks
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -30,44 +33,17 @@ from gfgp_cli.export.runtime import make_session, run_session
 from gfgp_cli.export.verify import RTOL
 from gfgp_cli.ops import pool_output_size
 
-_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUBLE}
+# The one-node models, shared with the 2-D body tests (loaded by path: --import-mode=importlib).
+_spec = importlib.util.spec_from_file_location("_one_node", Path(__file__).with_name("_one_node.py"))
+_one_node = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_one_node)
+one_node_model, run_onnx = _one_node.one_node_model, _one_node.run_onnx
 
 
 # --------------------------------------------------------------------------------------------
 # the function body alone
 
 
-def one_node_model(kernel, stride, padding, ceil_mode, opset=20, dtype=torch.float32, x_shape=None,
-                   lam_shape=None) -> onnx.ModelProto:
-    """One gfgp::MaxEntPool3d node; dynamic shapes unless ``x_shape``/``lam_shape`` fix them."""
-    t = _DTYPES[dtype]
-    node = make_maxent_node("x", "lam", "y", kernel, stride, padding, ceil_mode)
-    graph = helper.make_graph(
-        [node],
-        "maxent3d",
-        [helper.make_tensor_value_info("x", t, list(x_shape or ["n", "c", "t", "h", "w"])),
-         helper.make_tensor_value_info("lam", t, list(lam_shape or ["a", "b", "p", "q", "r"]))],
-        [helper.make_tensor_value_info("y", t, ["n", "c", "ot", "oh", "ow"])],
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-        functions=[maxent_pool3d_function(opset)],
-        ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", opset)]),
-    )
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-_SESSIONS: dict = {}
-
-
-def run_onnx(x, lam, kernel, stride, padding, ceil_mode, opset=20):
-    key = (tuple(kernel), tuple(stride), tuple(padding), ceil_mode, opset, x.dtype)
-    if key not in _SESSIONS:
-        model = one_node_model(kernel, stride, padding, ceil_mode, opset, x.dtype)
-        _SESSIONS[key] = make_session(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return run_session(_SESSIONS[key], [x.numpy(), lam.numpy()])[0]
 
 
 LAM_KINDS = ["11111", "1C111", "NC111", "N1111", "NCTHW"]

@@ -8,6 +8,9 @@ whose lam*x are all far below zero, padding, ceil mode, overlapping windows, eve
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -18,45 +21,16 @@ from onnx import TensorProto, helper
 
 from gfgp_cli import maxent_pool2d
 from gfgp_cli.export import DOMAIN, OP_TYPE, maxent_pool2d_function, supported_opsets
-from gfgp_cli.export.maxent_function import make_maxent_node
 from gfgp_cli.export.runtime import make_session, run_session
 from gfgp_cli.ops import pool_output_size
 
-_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUBLE}
+# The one-node models, shared with the 3-D body tests (loaded by path: --import-mode=importlib).
+_spec = importlib.util.spec_from_file_location("_one_node", Path(__file__).with_name("_one_node.py"))
+_one_node = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_one_node)
+one_node_model, run_onnx = _one_node.one_node_model, _one_node.run_onnx
 
 
-def one_node_model(kernel, stride, padding, ceil_mode, opset=20, dtype=torch.float32, x_shape=None,
-                   lam_shape=None) -> onnx.ModelProto:
-    """One gfgp::MaxEntPool2d node; dynamic shapes unless ``x_shape``/``lam_shape`` fix them (as
-    ``gfgp export --static`` does)."""
-    t = _DTYPES[dtype]
-    node = make_maxent_node("x", "lam", "y", kernel, stride, padding, ceil_mode)
-    graph = helper.make_graph(
-        [node],
-        "maxent",
-        [helper.make_tensor_value_info("x", t, list(x_shape or ["n", "c", "h", "w"])),
-         helper.make_tensor_value_info("lam", t, list(lam_shape or ["a", "b", "p", "q"]))],
-        [helper.make_tensor_value_info("y", t, ["n", "c", "oh", "ow"])],
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-        functions=[maxent_pool2d_function(opset)],
-        ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", opset)]),
-    )
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-_SESSIONS: dict = {}
-
-
-def run_onnx(x, lam, kernel, stride, padding, ceil_mode, opset=20):
-    key = (tuple(kernel), tuple(stride), tuple(padding), ceil_mode, opset, x.dtype)
-    if key not in _SESSIONS:
-        model = one_node_model(kernel, stride, padding, ceil_mode, opset, x.dtype)
-        _SESSIONS[key] = make_session(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return run_session(_SESSIONS[key], [x.numpy(), lam.numpy()])[0]
 
 
 def make_lam(kind, n, c, out_hw, high, generator, dtype):

@@ -87,13 +87,18 @@ def assert_close(actual, expected, tol, what):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} x {scale:.3g}"
 
 
+def _channels_last_format(x):
+    """channels_last (5-D: channels_last_3d) for such an input, else contiguous: the output's layout."""
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return fmt if x.is_contiguous(memory_format=fmt) and not x.is_contiguous() else torch.contiguous_format
+
+
 def check_against_reference(kernels, x, lam, grad, geo, tol):
+    """The kernels (2-D or 3-D) against gfgp_cli.ops.reference: values, layout and both gradients."""
     y = kernels.launch_forward(x, lam, *geo)
     y_ref = reference.forward(x, lam, *geo)
     assert_close(y, y_ref, tol, "output")
-    expected_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
-    assert y.is_contiguous(memory_format=expected_format)
+    assert y.is_contiguous(memory_format=_channels_last_format(x))
     # Both backward paths get the same saved output, so dL/dx and dL/dlam compare exactly.
     gx, gl = kernels.launch_backward(grad, x, lam, y_ref, *geo)
     gx_ref, gl_ref = reference.backward(grad, x, lam, y_ref, *geo)
@@ -263,28 +268,17 @@ def make_case_3d(geometry, lam_shape, dtype, channels_last, seed=0):
     return x, lam, grad, (list(k), list(s), list(p), ceil)
 
 
-def _is_cl3d(x):
-    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-
-
 def check_3d(kernels, x, lam, grad, geo, tol, against_reference=True):
     """The 3-D kernels against the float64 loops (and against gfgp_cli.ops.reference)."""
     y = kernels.launch_forward(x, lam, *geo)
     y64, gx64, gl64 = loop_reference_3d(x, lam, grad, *geo)
     assert_close(y, y64.to(x.dtype), tol, "output vs loops")
-    assert y.is_contiguous(memory_format=torch.channels_last_3d if _is_cl3d(x) else torch.contiguous_format)
+    assert y.is_contiguous(memory_format=_channels_last_format(x))
     gx, gl = kernels.launch_backward(grad, x, lam, y64.to(x.dtype), *geo)
     assert_close(gx, gx64.to(x.dtype), 10 * tol, "dL/dx vs loops")
     assert_close(gl, gl64.to(lam.dtype), 10 * tol, "dL/dlam vs loops")
-    assert gx.stride() == (x if _is_cl3d(x) else x.contiguous()).stride() and gl.shape == lam.shape
-    if against_reference:
-        y_ref = reference.forward(x, lam, *geo)
-        assert_close(y, y_ref, tol, "output vs reference")
-        gx_ref, gl_ref = reference.backward(grad, x, lam, y_ref, *geo)
-        gx, gl = kernels.launch_backward(grad, x, lam, y_ref, *geo)
-        assert_close(gx, gx_ref, 10 * tol, "dL/dx vs reference")
-        assert_close(gl, gl_ref, 10 * tol, "dL/dlam vs reference")
-    return y, gx, gl
+    assert gx.stride() == x.contiguous(memory_format=_channels_last_format(x)).stride() and gl.shape == lam.shape
+    return check_against_reference(kernels, x, lam, grad, geo, tol) if against_reference else (y, gx, gl)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "ndhwc"])
