@@ -86,7 +86,11 @@ def move_pools(gm: GraphModule, placement: str = "exact") -> Moved:
         downsampling residual block). After the join it continues as exact, so it lands after
         the block's final activation: the official GFGP layout of ResNet-18/34, and the same as
         exact for bottleneck ResNets. Output sizes are unchanged because only size-keeping convs
-        are passed; the values change (the conv now sees the un-pooled map).
+        are passed; the values change (the conv now sees the un-pooled map). Before that, paper
+        composes consecutive pools (exactly): a pool whose single-user path reaches the next skip
+        pool through exact unary ops and stride-1 convs with kernel 1 and no padding along every
+        dim it subsamples merges into that pool (``x[::a][::b] == x[::ab]``); R(2+1)D's (1, 2, 2)
+        spatial and (2, 1, 1) temporal pools become the block's one (2, 2, 2) pool.
 
     Graph before / after (``exact``, ResNet-50 ``layer2.0`` after :func:`decompose`)::
 
