@@ -3,12 +3,15 @@
 Each command lives in ``gfgp_cli/commands/<name>.py`` and imports torch only when it runs, so
 ``gfgp --help`` stays fast. Errors are mapped here, once: bad input (``ValueError``,
 ``OSError``) exits 2 with a one-line message, failed work (``WorkFailedError``) exits 1;
-``--debug`` shows the traceback instead.
+``--debug`` also prints the traceback; the exit code is the same. A Ctrl-C that ends a command at once
+prints "Aborted!" and exits 130.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
+import traceback
 
 import click
 
@@ -23,7 +26,10 @@ class BadInput(click.ClickException):
 
 
 class _GFGPGroup(click.Group):
-    """A group that turns library exceptions into one-line messages and exit codes."""
+    """A group that turns library exceptions into one-line messages and exit codes.
+
+    With ``--debug`` the traceback is printed first; the exit code stays the same.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
@@ -31,15 +37,26 @@ class _GFGPGroup(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:
-            raise click.Abort() from None
+            _traceback_if_debug(ctx)
+            click.echo("Aborted!", err=True)
+            raise click.exceptions.Exit(130) from None  # the shell's code for a process stopped by Ctrl-C
         except WorkFailedError as e:
-            if ctx.meta.get("gfgp.debug"):
-                raise
+            _traceback_if_debug(ctx)
             raise click.ClickException(_one_line(e)) from e
-        except (ValueError, OSError, EOFError) as e:
-            if ctx.meta.get("gfgp.debug"):
-                raise
+        except OSError as e:
+            _traceback_if_debug(ctx)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write outside gfgp's atomic writers
+                where = f" writing {e.filename}" if e.filename else ""
+                raise click.ClickException(f"no space left on device{where}; free some space and run again") from e
             raise BadInput(_one_line(e)) from e
+        except (ValueError, EOFError) as e:
+            _traceback_if_debug(ctx)
+            raise BadInput(_one_line(e)) from e
+
+
+def _traceback_if_debug(ctx: click.Context) -> None:
+    if ctx.meta.get("gfgp.debug"):
+        traceback.print_exc()
 
 
 def _one_line(e: BaseException) -> str:
@@ -51,7 +68,7 @@ def _one_line(e: BaseException) -> str:
 
 @click.group(cls=_GFGPGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="gfgp")
-@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("--debug", is_flag=True, help="Also print the full traceback of an error (the exit code stays the same).")
 @click.option("--release-cpu-memory", is_flag=True,
               help="Keep glibc's default of handing large freed blocks back to the OS at once. By default "
                    "gfgp keeps them for reuse, which makes CPU training much faster (no page faults on "

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..devices import check_device_name
 from ..errors import BadInputError
 
-__all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "resolve_config", "lr_factor", "config_from_dict"]
+__all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "resolve_config", "check_config", "lr_factor", "config_from_dict"]
 
 # Mapping from recipe name to its hyper-parameters. `batch_size` is the global batch per optimizer
 # step (all devices and accumulation steps together), as in the paper.
@@ -68,6 +68,7 @@ class TrainConfig:
     workers: int = 0
     download: bool = False
     threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+    skip_bad_images: bool = False  # ImageFolder files PIL cannot read: skipped (and logged) instead of stopping
     # execution
     device: str = "auto"
     amp: bool = False
@@ -131,6 +132,12 @@ def resolve_config(checkpoint: str, data: str, out: str, recipe: str = "paper-re
     return TrainConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), recipe=recipe, **values), notes
 
 
+def check_config(config: TrainConfig) -> None:
+    """The checks of :func:`resolve_config`, on a whole config (a resumed run's, with the options
+    changed on the command line): BadInputError (exit 2) before anything is written."""
+    _check(config.to_dict())
+
+
 def _check(v: Dict[str, Any]) -> None:
     """One-line errors (exit 2) for values no run can use."""
     def positive_int(name: str, flag: str) -> None:
@@ -158,6 +165,8 @@ def _check(v: Dict[str, Any]) -> None:
         raise BadInputError(f"--workers must be >= 0, got {v['workers']!r}")
     if v.get("threads") is not None and (not isinstance(v["threads"], int) or v["threads"] < 1):
         raise BadInputError(f"--threads must be a positive integer, got {v['threads']!r}")
+    if not isinstance(v.get("skip_bad_images", False), bool):
+        raise BadInputError(f"skip_bad_images must be true or false, got {v['skip_bad_images']!r}")
     if v.get("save_every_steps", 0) < 0:
         raise BadInputError(f"--save-every-steps must be >= 0, got {v['save_every_steps']!r}")
     check_device_name(v.get("device", "auto"))

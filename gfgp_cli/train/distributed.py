@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import BadInputError
+from ..errors import BadInputError, WorkFailedError
 
 __all__ = ["DistInfo", "SINGLE_PROCESS", "init_distributed", "cleanup_distributed", "all_reduce_sum", "all_reduce_max", "all_gather_object",
            "run_on_main"]
@@ -86,20 +86,21 @@ def all_gather_object(obj: T, info: DistInfo) -> List[T]:
 
 
 def run_on_main(fn: Callable[[], T], info: DistInfo) -> Optional[T]:
-    """Run ``fn`` on rank 0 only; a bad-input error there is raised on every rank, so no rank is
-    left waiting in a collective for one that gave up."""
+    """Run ``fn`` on rank 0 only; a bad-input error (or a failed-work error) there is raised on
+    every rank, as the same kind, so no rank is left waiting in a collective for one that gave up."""
     if not info.enabled:
         return fn()
-    message, result = None, None
+    message, result, kind = None, None, BadInputError
     if info.is_main:
         try:
             result = fn()
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, WorkFailedError) as e:
             message = " ".join(str(e).split()) or type(e).__name__
-    box = [message]
+            kind = WorkFailedError if isinstance(e, WorkFailedError) else BadInputError
+    box = [(message, kind is WorkFailedError)]
     dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        if info.is_main and message is not None:
-            raise BadInputError(message)
-        raise BadInputError(f"rank 0: {box[0]}")
+    message, failed = box[0]
+    if message is not None:
+        kind = WorkFailedError if failed else BadInputError
+        raise kind(message if info.is_main else f"rank 0: {message}")
     return result

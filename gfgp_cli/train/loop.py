@@ -12,9 +12,11 @@ and metrics of each epoch) and :mod:`.state` (what a checkpoint holds).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,14 +25,14 @@ from torch.utils.data import DataLoader
 from ..checkpoint import load
 from ..errors import BadInputError, WorkFailedError
 from ..spec import ConversionSpec, TorchvisionSource, spec_of
-from .config import RESUME_MUTABLE, TrainConfig, resolve_config
+from .config import RESUME_MUTABLE, TrainConfig, check_config, resolve_config
 from .data import DataBundle, ResumableSampler, SeededSamples
 from .distributed import DistInfo, cleanup_distributed, init_distributed, run_on_main
 from .engine import NonFiniteLoss, Trainer, run_epochs, train_one_epoch
 from .evaluation import eval_loader, evaluate, evaluate_checkpoint, prepare_data
 from .metrics import MetricsLog, Progress
 from .optim import build_optimizer
-from .rundir import RUN_FILES, RunRecorder, TrainResult, prepare_run_dir
+from .rundir import RUN_FILES, RunRecorder, TrainResult, check_checkpoint_space, hold_run_dir, prepare_run_dir
 from .runtime import (
     StopControl,
     amp_dtype,
@@ -63,31 +65,56 @@ def train(checkpoint: str, data: str, out: str, *, recipe: Optional[str] = None,
     written; a bad one raises BadInputError (exit 2).
     """
     run_dir = Path(out)
-    state = None
-    if resume:
-        last = run_dir / LAST
-        if not last.exists():
-            raise BadInputError(f"nothing to resume: {run_dir} has no {LAST}; start the run without --resume")
-        state = read_run_checkpoint(last)
-        config, notes = _resume_config(saved_config(state), data, recipe, flags)
-        # The run continues where it lies now (the folder may have been moved or copied).
-        config = dataclasses.replace(config, out=str(out), checkpoint=str(checkpoint))
-        model = rebuild_model(state, model)
-        spec = state["spec"]
-    else:
-        existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-        if existing and not force:
-            raise BadInputError(
-                f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it "
-                "or --force to start over"
-            )
-        if model is None:
-            model = load(checkpoint)
-            spec = spec_of(model)
-        elif spec is None:
-            raise TypeError("train(model=...) needs the model's conversion spec (spec=...)")
-        config, notes = resolve_config(checkpoint, data, out, recipe or _default_recipe(spec), **flags)
-    return main(config, model, spec, state=state, force=force, notes=notes)
+    notes: List[str] = []
+    with _held(run_dir, resume, notes):
+        state = None
+        if resume:
+            state = read_run_checkpoint(_resumable(run_dir))
+            config, resumed = _resume_config(saved_config(state), data, recipe, flags)
+            # The run continues where it lies now (the folder may have been moved or copied).
+            config = dataclasses.replace(config, out=str(out), checkpoint=str(checkpoint))
+            model = rebuild_model(state, model)
+            spec = state["spec"]
+        else:
+            existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+            if existing and not force:
+                raise BadInputError(
+                    f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it "
+                    "or --force to start over"
+                )
+            if model is None:
+                model = load(checkpoint)
+                spec = spec_of(model)
+            elif spec is None:
+                raise TypeError("train(model=...) needs the model's conversion spec (spec=...)")
+            config, resumed = resolve_config(checkpoint, data, out, recipe or _default_recipe(spec), **flags)
+        return main(config, model, spec, state=state, force=force, notes=resumed + notes)
+
+
+@contextlib.contextmanager
+def _held(run_dir: Path, resume: bool, notes: List[str]) -> Iterator[None]:
+    """The run folder's lock for the whole run (rank 0 of torchrun, which alone writes it)."""
+    if resume and not run_dir.is_dir():
+        raise BadInputError(f"nothing to resume: {run_dir} does not exist; start the run without --resume")
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with hold_run_dir(run_dir, notes):
+        yield
+
+
+def _resumable(run_dir: Path) -> Path:
+    """RUN_DIR/last.pt; bad input, with the way forward, when there is none."""
+    last = run_dir / LAST
+    if last.exists():
+        return last
+    others = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if others:
+        raise BadInputError(
+            f"nothing to resume: {run_dir} has {', '.join(others)} but no {LAST} (the run stopped before its "
+            "first checkpoint); start it again with --force instead of --resume"
+        )
+    raise BadInputError(f"nothing to resume: {run_dir} holds no run; start the run without --resume")
 
 
 def main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, *, state: Optional[Dict[str, Any]] = None,
@@ -124,6 +151,7 @@ def _main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, state: Op
     start_epoch, start_step, meters, history, best = resume_training(state, optimizer, scheduler, scaler, info)
 
     # -- the run directory (rank 0), then the model wrappers
+    run_on_main(lambda: check_checkpoint_space(run_dir, model, config, "the run's checkpoints"), info)
     run_on_main(lambda: prepare_run_dir(run_dir, config, notes, force=force and state is None), info)
     log = MetricsLog(run_dir, history) if info.is_main else None
     progress = Progress(enabled=info.is_main)
@@ -183,8 +211,7 @@ def _resume_config(saved: TrainConfig, data: str, recipe: Optional[str], flags: 
         changes[key] = value
         notes.append(f"resumed with {key} {old} -> {value}")
     config = dataclasses.replace(saved, **changes)
-    if config.epochs < 1:
-        raise BadInputError(f"--epochs must be a positive integer, got {config.epochs!r}")
+    check_config(config)
     return config, notes
 
 

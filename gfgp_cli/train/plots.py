@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .._io import atomic_open
 from ..errors import BadInputError
 
 __all__ = ["collect_lam", "plot_run", "plot_curves", "plot_lam"]
@@ -91,7 +92,7 @@ def plot_curves(history: List[dict], out: Path, title: str = "") -> List[Path]:
             ax.set_yscale("log")
         if len(series) > 1:
             ax.legend()
-        fig.savefig(out / filename)
+        _save(fig, out / filename)
         written.append(out / filename)
     return written
 
@@ -111,8 +112,13 @@ def plot_lam(lams: Dict[str, torch.Tensor], path: Path, title: str = "") -> Path
     ax.set_ylabel("lam  (0 = average pooling, larger = closer to max)")
     ax.set_title(title or "lam of each pooling layer over validation images")
     ax.grid(True, axis="y", alpha=0.3)
-    fig.savefig(path)
+    _save(fig, path)
     return path
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_open(path, "wb") as f:  # a full disk leaves the previous PNG, not half of one
+        fig.savefig(f, format="png")
 
 
 def plot_run(run_dir, out=None, checkpoint=None, data: Optional[str] = None, image_size: Optional[int] = None,
@@ -126,26 +132,34 @@ def plot_run(run_dir, out=None, checkpoint=None, data: Optional[str] = None, ima
     run_dir = Path(run_dir)
     history = _read_history(run_dir)
     out = Path(out) if out is not None else run_dir
+    lam_input = None
+    if data is None:
+        if not history:
+            raise BadInputError(f"{run_dir} has no finished epoch yet; nothing to plot (give --data for the lam plot)")
+    else:  # every input of the lam plot is checked (and the model run) before any file is written
+        if batch_size < 2:
+            raise BadInputError(f"--batch-size must be at least 2, got {batch_size}")
+        if image_size is not None and image_size < 1:
+            raise BadInputError(f"--image-size must be a positive integer, got {image_size}")
+        if checkpoint is None:
+            checkpoint = run_dir / BEST if (run_dir / BEST).exists() else run_dir / LAST
+        model, spec, trained_size = load_trained(checkpoint)
+        dev = resolve_device(device)
+        model.to(dev)
+        bundle, _ = prepare_data(model, spec, data, image_size or trained_size, dev, download=False)
+        # evenly spaced over the set, so that sorted sets (ImageFolder) give every class
+        indices = torch.linspace(0, len(bundle.val) - 1, min(batch_size, len(bundle.val))).long().unique().tolist()
+        images = torch.stack([bundle.val[i][0] for i in indices]).to(dev)
+        lams = collect_lam(model, images)
+        if not lams:
+            raise BadInputError("the model has no GFGP or max-entropy pooling layer, so there is no lam to plot")
+        lam_input = (lams,
+                     f"lam over {len(indices)} {bundle.name} validation images ({Path(checkpoint).name})")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInputError(f"cannot create the plot folder {out}: {e.strerror or e}") from e
     written = plot_curves(history, out, title=run_dir.name) if history else []
-    if data is None:
-        if not written:
-            raise BadInputError(f"{run_dir} has no finished epoch yet; nothing to plot (give --data for the lam plot)")
-        return written
-    if batch_size < 2:
-        raise BadInputError(f"--batch-size must be at least 2, got {batch_size}")
-    if checkpoint is None:
-        checkpoint = run_dir / BEST if (run_dir / BEST).exists() else run_dir / LAST
-    model, spec, trained_size = load_trained(checkpoint)
-    dev = resolve_device(device)
-    model.to(dev)
-    bundle, _ = prepare_data(model, spec, data, image_size or trained_size, dev, download=False)
-    # evenly spaced over the set, so that sorted sets (ImageFolder) give every class
-    indices = torch.linspace(0, len(bundle.val) - 1, min(batch_size, len(bundle.val))).long().unique().tolist()
-    images = torch.stack([bundle.val[i][0] for i in indices]).to(dev)
-    written.append(plot_lam(collect_lam(model, images), out / "lam.png",
-                            title=f"lam over {len(indices)} {bundle.name} validation images ({Path(checkpoint).name})"))
+    if lam_input is not None:
+        written.append(plot_lam(lam_input[0], out / "lam.png", title=lam_input[1]))
     return written

@@ -1,5 +1,7 @@
 """The run folder of ``gfgp train`` and what a run reports.
 
+- :func:`hold_run_dir`: the run folder's lock (one training per folder; a stale lock of a killed
+  run is taken over) and the removal of temporary files a killed write left;
 - :data:`RUN_FILES` and :func:`prepare_run_dir` (create, clear with --force, write config.json);
 - :class:`TrainResult`, what :func:`~gfgp_cli.train.loop.train` returns;
 - :class:`RunRecorder`, the epoch driver's hooks for a training run: last.pt at the points the
@@ -9,27 +11,143 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import fcntl
 import json
+import os
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .._io import atomic_write_text, ensure_writable_dir
+from .._io import atomic_write_text, check_free_space, ensure_writable_dir, format_bytes, remove_stale_temp_files
+from ..errors import BadInputError, DiskFullError
 from ..spec import ConversionSpec
 from .config import TrainConfig
-from .distributed import DistInfo, all_gather_object
+from .distributed import DistInfo, all_gather_object, run_on_main
 from .engine import EpochEnd, EpochHooks
 from .metrics import Meters, MetricsLog, Progress
 from .state import BEST, LAST, process_state, promote_to_best, save_run_checkpoint
 
-__all__ = ["RUN_FILES", "TrainResult", "prepare_run_dir", "RunRecorder"]
+__all__ = ["RUN_FILES", "LOCK", "TrainResult", "hold_run_dir", "prepare_run_dir", "RunRecorder",
+           "check_checkpoint_space", "checkpoint_size_estimate"]
 
 # Files a run writes; a folder holding any of them is an existing run.
 RUN_FILES = (LAST, BEST, "config.json", "metrics.csv", "metrics.jsonl")
+# The lock file of a run folder: held (flock) by the one process training into it; it records who.
+LOCK = ".gfgp-train.lock"
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, notes: List[str]) -> Iterator[None]:
+    """Hold ``run_dir`` for one training run: take its lock, remove stale temporary files.
+
+    The lock is an ``flock`` on RUN_DIR/.gfgp-train.lock, so the kernel releases it when the
+    holder exits in any way (SIGKILL included): a lock file left by a killed run is stale and is
+    taken over (a note says so). While another process holds it, BadInputError (exit 2) names
+    that process (pid, host, start time, command). On file systems where ``flock`` is not
+    shared, a holder on this host that is still alive is refused by its pid. The folder is
+    created if missing, and removed again at the end if the run wrote nothing into it.
+
+    Temporary files (``.last.pt.*.tmp`` ...) left by a process killed during a write are
+    removed once the lock is held: no other process can be writing them.
+    """
+    created = not run_dir.exists()
+    ensure_writable_dir(run_dir, "the run directory")
+    path = run_dir / LOCK
+    fd = _lock(path)
+    try:
+        previous = _holder(fd)
+        if previous and _alive_here(previous):
+            raise BadInputError(_in_use(run_dir, previous))
+        if previous:
+            notes.append(f"took over the stale lock of pid {previous.get('pid')} on {previous.get('host')} "
+                         f"(started {previous.get('started')}), which no longer runs")
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": " ".join(["gfgp", *sys.argv[1:]])[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        os.fsync(fd)
+        count, size = remove_stale_temp_files(run_dir, RUN_FILES)
+        if count:
+            notes.append(f"removed {count} temporary file(s) ({format_bytes(size)}) left by an interrupted write")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # still held: a process waiting on the old file re-checks the inode
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only if empty: a run that wrote nothing leaves no folder
+
+
+def _lock(path: Path) -> int:
+    """An fd of ``path`` holding its exclusive flock (the file is re-created when the holder we
+    waited on removed it)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise BadInputError(_in_use(path.parent, holder)) from None
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder removed this file after we opened it: take the new one
+
+
+def _holder(fd: int) -> Dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _alive_here(holder: Dict[str, Any]) -> bool:
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _in_use(run_dir: Path, holder: Dict[str, Any]) -> str:
+    who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}: "
+           f"{holder.get('command')}") if holder else "another process"
+    return (f"{run_dir} is in use by another training run ({who}); wait for it to finish or stop it, "
+            "or choose another --out")
+
+
+def checkpoint_size_estimate(run_dir: Path, model: nn.Module) -> int:
+    """Bytes the next last.pt will take: the current one's size, else the model's weights and
+    one optimizer buffer per parameter (SGD momentum), plus 1 MiB of training state."""
+    last = run_dir / LAST
+    if last.exists():
+        return last.stat().st_size
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + params + (1 << 20)
 
 
 @dataclass
@@ -81,9 +199,12 @@ class RunRecorder(EpochHooks):
         # call save at the same points); rank 0 writes.
         per_rank = all_gather_object(process_state(meters), self.info)
         if self.info.is_main:
-            save_run_checkpoint(self.run_dir, self.spec, self.model.state_dict(), config=self.config, epoch=epoch,
-                                step=step, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                                per_rank=per_rank, history=self.history, best=self.best)
+            try:
+                save_run_checkpoint(self.run_dir, self.spec, self.model.state_dict(), config=self.config,
+                                    epoch=epoch, step=step, optimizer=self.optimizer, scheduler=self.scheduler,
+                                    scaler=self.scaler, per_rank=per_rank, history=self.history, best=self.best)
+            except DiskFullError as e:
+                raise DiskFullError(f"no space left on device writing {e.path}; {self._kept()}", path=e.path) from e
 
     def finished(self, end: EpochEnd) -> None:
         # The row and the best epoch go into the epoch-end checkpoint, so they are recorded first.
@@ -112,3 +233,26 @@ class RunRecorder(EpochHooks):
         )
         self.result.epochs, self.result.final = end.epoch + 1, row
         self.result.best_top1, self.result.best_epoch = self.best["top1"], self.best["epoch"]
+        if end.epoch + 1 < self.config.epochs:
+            run_on_main(lambda: self.check_space(f"the checkpoint of epoch {end.epoch + 2}"), self.info)
+
+    def check_space(self, what: str) -> None:
+        check_checkpoint_space(self.run_dir, self.model, self.config, what)
+
+    def _kept(self) -> str:
+        return _space_advice(self.run_dir, self.config)
+
+
+def check_checkpoint_space(run_dir: Path, model: nn.Module, config: TrainConfig, what: str) -> None:
+    """Refuse (DiskFullError, exit 1) to go on when the next last.pt could not be written: its
+    temporary file needs the full size while the old last.pt is still there. Run before the
+    first epoch and after every epoch, so that a full disk costs no epoch of work."""
+    check_free_space(run_dir, checkpoint_size_estimate(run_dir, model), what, advice=_space_advice(run_dir, config))
+
+
+def _space_advice(run_dir: Path, config: TrainConfig) -> str:
+    last = run_dir / LAST
+    if not last.exists():
+        return "free some space and start the run again"
+    return (f"{last} ({format_bytes(last.stat().st_size)}) is intact; free some space and continue with "
+            f"`gfgp train {config.checkpoint} --data {config.data} --out {run_dir} --resume`")
