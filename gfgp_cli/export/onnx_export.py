@@ -11,8 +11,9 @@ Pipeline, top to bottom (:func:`export_onnx`):
 3. attach each op's body as a model-local function at the model's opset (:mod:`.maxent_function`),
    set an IR version onnxruntime loads, optionally inline, ``onnx.checker`` with ``full_check``
    (:mod:`.proto`);
-4. write the file atomically (:mod:`.proto`);
-5. run it in onnxruntime against PyTorch on random inputs at two batch sizes (:mod:`.verify`).
+4. write the file under a temporary name (:mod:`.proto`) and
+5. run it there in onnxruntime against PyTorch on random inputs at two batch sizes
+   (:mod:`.verify`); only a file onnxruntime loads and runs replaces the output path.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .checks import (
 )
 from .maxent_function import DOMAIN, MIN_OPSET, OP_TYPE, OP_TYPES
 from .proto import all_nodes, complete, default_opset, min_ir_version, tensor_bytes, write
-from .verify import RTOL, compare_with_pytorch, random_inputs
+from .verify import RTOL, Comparison, compare, open_session, random_inputs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -140,7 +141,8 @@ def export_onnx(
         dynamic_batch (bool): dynamic batch dimension (default); False fixes it to ``batch_size``.
         inline (bool): inline the functions into standard ops: no custom-domain node in the file.
         verify (bool): compare onnxruntime with PyTorch eval outputs on random inputs at batch
-            sizes 1 and 3 (only ``batch_size`` when static).
+            sizes 1 and 3 (only ``batch_size`` when static). Without it the file is still loaded
+            in onnxruntime (CPU) once before it is written.
         force (bool): overwrite an existing file.
         batch_size (int): the fixed batch size when ``dynamic_batch`` is False.
         seed (int): seed of the random inputs.
@@ -154,8 +156,10 @@ def export_onnx(
     Raises:
         BadInputError: a model that is not an nn.Module, an existing output without ``force``,
             an unwritable output path, an unsupported opset, an image size the model cannot take.
-        WorkFailedError: the export failed, or the outputs differ by more than ``RTOL`` times the
-            output scale (the file is kept for inspection).
+        WorkFailedError: the export failed, the file fails ``onnx.checker`` or onnxruntime cannot
+            load it (or, verifying, run it): then ``path`` is left as it was (absent, or the
+            previous file); or the outputs differ in shape or by more than ``RTOL`` times the
+            output scale: then the file is kept at ``path`` for inspection. The message says which.
     """
     import torch
 
@@ -194,17 +198,28 @@ def export_onnx(
                 f"({_counts(pools)})"
             )
         custom = sum(nodes.values())
-        # 4. write (inlined if asked) and check
-        data_path = write(proto, out_path, inline)
+        # 4. write (inlined if asked) and 5. verify: the file, still under a temporary name, must
+        # pass onnx.checker and load in onnxruntime (and, verifying, run at every compared batch)
+        # before it replaces out_path; a numeric mismatch still replaces it (kept for inspection).
+        batches = VERIFY_BATCHES if dynamic_batch else (trace_batch,)
+        comparisons: List[Comparison] = []
+
+        def load_and_compare(written: str) -> None:
+            if not verify:  # prove the file loads (the CPU provider)
+                open_session(written, providers=["CPUExecutionProvider"])
+                return
+            session = open_session(written)
+            comparisons.append(compare(model, session, batches, channels, size, seed, device, inputs, frames))
+
+        data_path = write(proto, out_path, inline, check=load_and_compare)
         if inline:
             custom = 0
-        # 5. verify
-        if verify:
-            batches = VERIFY_BATCHES if dynamic_batch else (trace_batch,)
-            comparison = compare_with_pytorch(model, out_path, batches, channels, size, seed, device, inputs, frames)
-            verified: Dict[str, Any] = dataclasses.asdict(comparison)
-        else:
-            verified = {"max_abs_diffs": {}, "tolerance": None, "passed": None, "provider": None}
+        if comparisons and not comparisons[0].passed:
+            raise WorkFailedError(f"{comparisons[0].failure}; the file was kept at {out_path} for inspection")
+        verified: Dict[str, Any] = (
+            comparisons[0].report_fields() if comparisons
+            else {"max_abs_diffs": {}, "tolerance": None, "passed": None, "provider": None}
+        )
         report = ExportReport(
             path=str(out_path),
             data_path=str(data_path) if data_path else None,

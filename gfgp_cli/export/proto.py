@@ -3,10 +3,11 @@
 What happens between ``torch.onnx.export`` and a file onnxruntime loads: the
 ``gfgp::MaxEntPool2d`` / ``gfgp::MaxEntPool3d`` bodies attached as model-local functions at the
 model's opset, an IR version the opset needs, the exporter's debug-only node metadata dropped,
-optionally the functions inlined; then the file written atomically (weights beside it when too
-large for one protobuf) and checked by ``onnx.checker``. Also the small readers of a proto (every
-node, the default-domain opset) and the byte count of a model's tensors that the export report
-gives.
+optionally the functions inlined; then the file written (weights beside it when too large for one
+protobuf) and checked by ``onnx.checker`` and the caller's check (onnxruntime loads it) under a
+temporary name before it replaces the output, so a file that fails a check is never left there.
+Also the small readers of a proto (every node, the default-domain opset) and the byte count of a
+model's tensors that the export report gives.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
 from .._io import atomic_open
 from ..errors import BadInputError, WorkFailedError
@@ -132,32 +133,60 @@ def inline_functions(proto: "onnx.ModelProto") -> "onnx.ModelProto":
 # writing and checking the file
 
 
-def write(proto: "onnx.ModelProto", out: Path, inline: bool) -> Optional[Path]:
-    """Write ``proto`` (inlined if asked, then checked) to ``out``, atomically.
+def write(proto: "onnx.ModelProto", out: Path, inline: bool,
+          check: Optional[Callable[[str], None]] = None) -> Optional[Path]:
+    """Write ``proto`` (inlined if asked) to ``out``, replacing it only once the written file
+    passes :func:`check_file` and ``check(path)`` (``path``: the file as written, under a temporary
+    name beside its data file; the export loads it in onnxruntime there).
 
-    Returns the external data file, if the weights are too large for one file (they are written
-    first, then the small model file that refers to them replaces ``out``).
+    Returns the external data file, if the weights are too large for one file. Both files are
+    written and checked in a temporary folder beside ``out``, then the data file and the small
+    model file that refers to it are moved into place.
+
+    Raises:
+        WorkFailedError: a check failed; ``out`` (and its data file) are as they were, and the
+            message says so.
     """
     import onnx
 
-    data = None
-    if sum(t.ByteSize() for t in proto.graph.initializer) > SINGLE_FILE_LIMIT:
-        data = out.with_name(out.name + ".data")
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as folder:
-            # Writes the tensors to folder/<data name> and leaves references (and no bytes) in proto.
-            onnx.save_model(proto, os.path.join(folder, out.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
-            os.replace(os.path.join(folder, data.name), data)
-    if inline:
-        proto = inline_functions(proto)
-    try:
-        payload = proto.SerializeToString()
-    except ValueError as e:  # pragma: no cover - the weights went to the data file above
-        raise WorkFailedError(f"the ONNX graph is too large to serialise ({first_line(e)})") from e
-    # checked by path, beside its data file: external tensors are checked too
-    with atomic_open(out, "wb", check=check_file) as f:
-        f.write(payload)
+    existed = out.exists()
+
+    def checked(path: str) -> None:
+        try:
+            check_file(path)
+            if check is not None:
+                check(path)
+        except WorkFailedError as e:
+            left = f"the previous {out} is unchanged" if existed else f"nothing was written to {out}"
+            raise WorkFailedError(f"{e}; {left}") from e
+
+    external = sum(t.ByteSize() for t in proto.graph.initializer) > SINGLE_FILE_LIMIT
+    if not external:
+        payload = _serialise(inline_functions(proto) if inline else proto)
+        with atomic_open(out, "wb", check=checked) as f:
+            f.write(payload)
+        return None
+    data = out.with_name(out.name + ".data")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as folder:
+        staged = os.path.join(folder, out.name)
+        # Writes the tensors to folder/<data name> and leaves references (and no bytes) in proto.
+        onnx.save_model(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        payload = _serialise(inline_functions(proto) if inline else proto)
+        with open(staged, "wb") as f:
+            f.write(payload)
+        checked(staged)  # by path, beside its data file: external tensors are checked too
+        os.replace(os.path.join(folder, data.name), data)
+        with atomic_open(out, "wb") as f:  # the checked bytes; only references to the data file
+            f.write(payload)
     return data
+
+
+def _serialise(proto: "onnx.ModelProto") -> bytes:
+    try:
+        return proto.SerializeToString()
+    except ValueError as e:  # pragma: no cover - the weights went to the data file
+        raise WorkFailedError(f"the ONNX graph is too large to serialise ({first_line(e)})") from e
 
 
 def check_file(path: str) -> None:

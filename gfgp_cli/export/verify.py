@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["RTOL", "Comparison", "random_input", "random_inputs", "compare_with_pytorch", "flatten_outputs"]
+__all__ = ["RTOL", "Comparison", "random_input", "random_inputs", "open_session", "compare", "compare_with_pytorch",
+           "flatten_outputs"]
 
 # Verification tolerance in float32: max |onnxruntime - PyTorch| <= RTOL * (output scale), the
 # output scale being max |PyTorch output| over the compared batches.
@@ -30,12 +31,18 @@ RTOL = 1e-4
 
 @dataclasses.dataclass
 class Comparison:
-    """A passed verification (a failed one raises): the ExportReport fields of the same names."""
+    """The outcome of a verification: the ExportReport fields of the same names, and why it failed."""
 
     provider: str  # onnxruntime execution provider used
     max_abs_diffs: Dict[int, float]  # batch size -> max |onnxruntime - PyTorch|
     tolerance: float  # RTOL * output scale
     passed: bool
+    failure: Optional[str] = None  # why it did not pass, in one line (None: passed)
+
+    def report_fields(self) -> Dict[str, Any]:
+        """The ExportReport fields of this comparison."""
+        return {"provider": self.provider, "max_abs_diffs": self.max_abs_diffs, "tolerance": self.tolerance,
+                "passed": self.passed}
 
 
 def random_input(batch: int, channels: int, size: int, seed: int, device: "torch.device",
@@ -60,26 +67,39 @@ def random_inputs(count: int, batch: int, channels: int, size: int, seed: int, d
     return tuple(random_input(batch, channels, size, seed + 7919 * i, device, frames) for i in range(count))
 
 
-def compare_with_pytorch(model: "nn.Module", path: Path, batches: Sequence[int], channels: int, size: int, seed: int,
-                         device: "torch.device", inputs: int = 1, frames: Optional[int] = None) -> Comparison:
-    """Run the file at ``path`` in onnxruntime and ``model`` (in eval mode) on the same random
-    inputs (``inputs`` tensors, :func:`random_inputs`; clips of ``frames`` frames for a video
-    model) of each batch size in ``batches``.
+def open_session(path: Path, providers: Optional[Sequence] = None) -> Any:
+    """An onnxruntime session of the file at ``path`` with every graph optimisation on, as a user
+    loads it (constant folding is what exposes some invalid graphs); ``providers`` default to
+    :func:`.runtime.verification_providers`.
 
     Raises:
-        WorkFailedError: onnxruntime cannot load the file, outputs of other shapes, or a
-            difference above the tolerance (in each case the file is left in place for
-            inspection, and the message says so).
+        WorkFailedError: onnxruntime cannot load the file (one line with onnxruntime's reason).
+    """
+    from .runtime import make_session
+
+    try:
+        return make_session(str(path), providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/...; all mean "cannot load"
+        raise WorkFailedError(f"onnxruntime cannot load the exported model ({_detail(e)})") from e
+
+
+def compare(model: "nn.Module", session: Any, batches: Sequence[int], channels: int, size: int, seed: int,
+            device: "torch.device", inputs: int = 1, frames: Optional[int] = None) -> Comparison:
+    """Run ``session`` (an exported file in onnxruntime) and ``model`` (in eval mode) on the same
+    random inputs (``inputs`` tensors, :func:`random_inputs`; clips of ``frames`` frames for a
+    video model) of each batch size in ``batches``.
+
+    Returns:
+        Comparison: ``passed`` False, with ``failure`` saying why, when the outputs differ in
+        number or shape, or by more than the tolerance.
+
+    Raises:
+        WorkFailedError: onnxruntime fails to run the file (a file that loads but does not run).
     """
     import torch
 
-    from .runtime import make_session, run_session
+    from .runtime import run_session
 
-    try:
-        session = make_session(str(path))
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/...; all mean "cannot load"
-        detail = " ".join(str(e).split())[:300]
-        raise WorkFailedError(f"onnxruntime cannot load the exported model ({detail}); the file was kept at {path}") from e
     provider = session.get_providers()[0]
     diffs: Dict[int, float] = {}
     scale = 0.0
@@ -88,12 +108,16 @@ def compare_with_pytorch(model: "nn.Module", path: Path, batches: Sequence[int],
         xs = random_inputs(inputs, batch, channels, size, seed + 1, device, frames)
         with torch.no_grad():
             expected = [t.detach().float().cpu().numpy() for t in flatten_outputs(model(*xs))]
-        got = run_session(session, [x.cpu().numpy() for x in xs])
+        try:
+            got = run_session(session, [x.cpu().numpy() for x in xs])
+        except Exception as e:  # onnxruntime's own exception types
+            raise WorkFailedError(f"onnxruntime ({provider}) fails to run the exported model at batch {batch} "
+                                  f"({_detail(e)})") from e
         if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
-            raise WorkFailedError(
-                f"onnxruntime returned outputs of shapes {[g.shape for g in got]} for batch {batch}, "
-                f"PyTorch {[e.shape for e in expected]}; the file was kept at {path}"
-            )
+            failure = (f"onnxruntime returned outputs of shapes {[g.shape for g in got]} for batch {batch}, "
+                       f"PyTorch {[e.shape for e in expected]}")
+            return Comparison(provider=provider, max_abs_diffs=diffs, tolerance=float("nan"), passed=False,
+                              failure=failure)
         diff = 0.0
         for g, want in zip(got, expected):
             if want.size:
@@ -103,14 +127,34 @@ def compare_with_pytorch(model: "nn.Module", path: Path, batches: Sequence[int],
         diffs[batch] = diff
     tolerance = RTOL * max(scale, 1e-6)  # the floor keeps an all-zero output from needing exact equality
     passed = all(d <= tolerance for d in diffs.values())
+    failure = None
     if not passed:
         worst = max(diffs, key=diffs.__getitem__)
-        raise WorkFailedError(
-            f"onnxruntime ({provider}) differs from PyTorch: max abs diff {diffs[worst]:.3g} "
-            f"at batch {worst} exceeds the tolerance {tolerance:.3g} ({RTOL:g} x output scale {scale:.3g}); "
-            f"the file was kept at {path}"
-        )
-    return Comparison(provider=provider, max_abs_diffs=diffs, tolerance=tolerance, passed=passed)
+        failure = (f"onnxruntime ({provider}) differs from PyTorch: max abs diff {diffs[worst]:.3g} "
+                   f"at batch {worst} exceeds the tolerance {tolerance:.3g} ({RTOL:g} x output scale {scale:.3g})")
+    return Comparison(provider=provider, max_abs_diffs=diffs, tolerance=tolerance, passed=passed, failure=failure)
+
+
+def compare_with_pytorch(model: "nn.Module", path: Path, batches: Sequence[int], channels: int, size: int, seed: int,
+                         device: "torch.device", inputs: int = 1, frames: Optional[int] = None) -> Comparison:
+    """:func:`compare` on the file at ``path`` (opened by :func:`open_session`); a failure raises.
+
+    Raises:
+        WorkFailedError: onnxruntime cannot load or run the file, outputs of other shapes, or a
+            difference above the tolerance (the file is left where it is, and the message says so).
+    """
+    try:
+        comparison = compare(model, open_session(path), batches, channels, size, seed, device, inputs, frames)
+    except WorkFailedError as e:
+        raise WorkFailedError(f"{e}; the file was kept at {path}") from e
+    if not comparison.passed:
+        raise WorkFailedError(f"{comparison.failure}; the file was kept at {path}")
+    return comparison
+
+
+def _detail(e: BaseException) -> str:
+    """onnxruntime's message in one line (its reason is often on the second line), at most 300 characters."""
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def flatten_outputs(output: Any) -> List["torch.Tensor"]:
