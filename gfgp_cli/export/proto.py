@@ -12,13 +12,14 @@ model's tensors that the export report gives.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
-from .._io import atomic_open
-from ..errors import BadInputError, WorkFailedError
+from .._io import atomic_open, check_free_space
+from ..errors import BadInputError, DiskFullError, WorkFailedError
 from .checks import first_line
 from .maxent_function import DOMAIN, DOMAIN_VERSION, OP_TYPES, maxent_pool_function
 
@@ -167,14 +168,22 @@ def write(proto: "onnx.ModelProto", out: Path, inline: bool,
             f.write(payload)
         return None
     data = out.with_name(out.name + ".data")
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as folder:
+    check_free_space(out.parent, proto.ByteSize(), f"{out} and its data file {data.name}")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name[:48]}.", dir=out.parent) as folder:
         staged = os.path.join(folder, out.name)
-        # Writes the tensors to folder/<data name> and leaves references (and no bytes) in proto.
-        onnx.save_model(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        payload = _serialise(inline_functions(proto) if inline else proto)
-        with open(staged, "wb") as f:
-            f.write(payload)
+        try:
+            # Writes the tensors to folder/<data name> and leaves references (and no bytes) in proto.
+            onnx.save_model(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            payload = _serialise(inline_functions(proto) if inline else proto)
+            with open(staged, "wb") as f:
+                f.write(payload)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            left = f"the previous {out} is unchanged" if existed else "nothing was written"
+            raise DiskFullError(f"no space left on device writing {data}; {left}; free some space and run again",
+                                path=data) from e
         checked(staged)  # by path, beside its data file: external tensors are checked too
         os.replace(os.path.join(folder, data.name), data)
         with atomic_open(out, "wb") as f:  # the checked bytes; only references to the data file
