@@ -38,6 +38,9 @@ __all__ = ["COMMANDS", "train", "eval_"]
 @click.option("--save-every-steps", type=int, default=None,
               help="Also write last.pt every N optimizer steps inside an epoch [default: 0, epoch ends only].")
 @click.option("--download/--no-download", default=None, help="Download cifar10/cifar100 if missing [default: off].")
+@click.option("--skip-bad-images/--no-skip-bad-images", default=None,
+              help="Skip image files that cannot be read (counted in the log) instead of stopping: in training each is "
+                   "replaced by the next readable file, in validation it is left out [default: off, stop and name it].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where last.pt left it.")
 @click.option("--force", is_flag=True, help="Start over in an --out that already holds a run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -47,7 +50,9 @@ def train(checkpoint, data, out, recipe, resume, force, as_json, compile_, **fla
     Writes RUN_DIR/last.pt (every epoch, and every --save-every-steps), best.pt (best val top-1),
     metrics.csv, metrics.jsonl and config.json. Ctrl-C saves last.pt and exits (code 130);
     --resume continues exactly. A NaN/Inf loss stops the run (exit 1) keeping the last good
-    checkpoint. For several processes or GPUs launch through torchrun.
+    checkpoint. An image that cannot be read stops the run (exit 2) naming it, with last.pt saved
+    at the last finished step; fix the file and --resume. For several processes or GPUs launch
+    through torchrun.
 
     \b
     Examples:
@@ -75,9 +80,13 @@ def train(checkpoint, data, out, recipe, resume, force, as_json, compile_, **fla
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--amp", is_flag=True, help="Autocast (bf16).")
 @click.option("--download", is_flag=True, help="Download cifar10/cifar100 if missing.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Leave out image files that cannot be read (counted on stderr) instead of stopping.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(checkpoint, data, batch_size, image_size, device, workers, amp, download, as_json):
+def eval_(checkpoint, data, batch_size, image_size, device, workers, amp, download, skip_bad_images, as_json):
     """Loss, top-1 and top-5 accuracy of CHECKPOINT on the validation set of --data.
+
+    A model whose outputs are not finite (NaN/Inf) fails (exit 1), naming the weights that hold them.
 
     \b
     Examples:
@@ -88,7 +97,8 @@ def eval_(checkpoint, data, batch_size, image_size, device, workers, amp, downlo
     from ..train.render import render_eval
 
     render_eval(evaluate_checkpoint(checkpoint, data, batch_size=batch_size, image_size=image_size, device=device,
-                                    workers=workers, amp=amp, download=download), as_json)
+                                    workers=workers, amp=amp, download=download, skip_bad_images=skip_bad_images),
+                as_json)
 
 
 COMMANDS = [train, eval_]

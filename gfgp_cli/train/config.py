@@ -85,7 +85,7 @@ class TrainConfig:
 
 
 # Fields a resumed run may change without breaking exactness (where and how fast it runs).
-RESUME_MUTABLE = ("checkpoint", "epochs", "workers", "threads", "device", "download", "compile")
+RESUME_MUTABLE = ("checkpoint", "epochs", "workers", "threads", "device", "download", "compile", "skip_bad_images")
 
 _AMP_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
 

@@ -29,10 +29,27 @@ Exact resume needs the data order and the augmentation of every sample to depend
 (seed, epoch, position), never on the process history: :class:`ResumableSampler` draws each
 epoch's order from ``seed + epoch``, can start at any step, and hands every sample its own seed,
 with which :class:`SeededSamples` runs the sample's random transforms.
+
+Unreadable images (ImageFolder data only; the other kinds are generated or in memory): a file
+PIL cannot decode raises :class:`UnreadableImageError` (bad input, exit 2) naming the file, the
+same in the main process and in DataLoader workers. With ``--skip-bad-images``
+(:func:`skip_bad_images`) an :class:`ImageFiles` split skips them instead, and never scans the
+files up front (on ImageNet that would be a whole epoch of decoding):
+
+- training: an unreadable sample is replaced by the next readable file of the list (index + 1,
+  + 2, ... wrapping around), under the unreadable sample's own seed. Batches stay full, and
+  which image fills the place depends only on which files are readable, not on the process
+  history (workers, resume point), so resume stays exact as long as the files do not change.
+- validation: an unreadable sample is left out (its batch is one shorter; :func:`collate_readable`),
+  so the metrics count only real images.
+
+Files found unreadable are marked in a flag per sample shared with the worker processes (so
+each is tried once per process, not once per epoch), which :func:`skipped_note` counts for the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -41,7 +58,7 @@ from typing import Dict, Iterator, List, Optional, Sized, Tuple, cast
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from ..choices import DATA_SPEC_HELP
 from ..errors import BadInputError
@@ -49,7 +66,8 @@ from ..errors import BadInputError
 __all__ = [
     "DataBundle", "load_data", "parse_data_spec", "DigitsDataset", "ResumableSampler", "ShardSampler",
     "SeededSamples", "DIGITS_VAL_FRACTION", "MOVING_DIGITS", "MOVING_DIGITS_FORM", "moving_digits_options",
-    "data_frames",
+    "data_frames", "ImageFiles", "UnreadableImageError", "skip_bad_images", "skipped_note", "collate_readable",
+    "loader_batches",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -114,12 +132,13 @@ def parse_data_spec(spec: str) -> Tuple[str, Optional[str]]:
 
 
 def load_data(spec: str, image_size: int, num_classes: Optional[int] = None, download: bool = False,
-              frames: Optional[int] = None) -> DataBundle:
+              frames: Optional[int] = None, skip_bad_images: bool = False) -> DataBundle:
     """The train and validation sets named by ``spec`` at ``image_size`` x ``image_size``.
 
     ``num_classes`` is the model's number of outputs; only ``fake`` uses it (as its class count).
     ``frames`` is the model's clip length (its spec's ``frames``); clip data whose SPEC has no
-    ``frames=T`` uses it (else 16); image data ignores it.
+    ``frames=T`` uses it (else 16); image data ignores it. ``skip_bad_images``: an ImageFolder's
+    unreadable files are skipped instead of stopping the work (the module docstring says how).
     """
     kind, arg = parse_data_spec(spec)
     if kind == "digits":
@@ -137,7 +156,10 @@ def load_data(spec: str, image_size: int, num_classes: Optional[int] = None, dow
     assert arg is not None  # parse_data_spec: a CIFAR root or a folder is never empty
     if kind in ("cifar10", "cifar100"):
         return _cifar(kind, arg, image_size, download)
-    return _image_folder(arg, image_size)
+    bundle = _image_folder(arg, image_size)
+    for split in (bundle.train, bundle.val):
+        cast(ImageFiles, split).set_skip_bad(skip_bad_images)
+    return bundle
 
 
 def data_frames(spec: str, frames: Optional[int] = None) -> Optional[int]:
@@ -286,7 +308,6 @@ def _cifar(kind: str, root: str, image_size: int, download: bool) -> DataBundle:
 
 
 def _image_folder(root: str, image_size: int) -> DataBundle:
-    from torchvision import datasets
     from torchvision import transforms as T
 
     path = Path(root)
@@ -308,7 +329,7 @@ def _image_folder(root: str, image_size: int) -> DataBundle:
     sets = []
     for split, tf in (("train", train_tf), ("val", val_tf)):
         try:
-            sets.append(datasets.ImageFolder(str(path / split), transform=tf))
+            sets.append(ImageFiles(path / split, tf, replace=split == "train"))
         except (FileNotFoundError, RuntimeError) as e:
             raise BadInputError(
                 f"data folder {path / split} is not in ImageFolder layout ({' '.join(str(e).split())[:120]})"
@@ -320,6 +341,173 @@ def _image_folder(root: str, image_size: int) -> DataBundle:
             f"data folder {root}: train/ and val/ have different class folders (only in one: {only[:5]})"
         )
     return DataBundle(str(root), train, val, len(train.classes))
+
+
+# --- unreadable images ---------------------------------------------------------------------------
+
+
+class UnreadableImageError(BadInputError):
+    """An image file PIL cannot decode (bad input, exit 2); the message names the file and what to do.
+
+    It crosses the DataLoader worker boundary intact: torch re-raises a worker's exception in the
+    main process as ``type(e)(text)``, where ``text`` holds the worker's whole traceback
+    (``torch._utils.ExceptionWrapper.reraise``); the constructor keeps only the original one-line
+    message, so the error reads the same for any ``--workers``.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_original_message(str(message), type(self).__name__))
+
+
+def _original_message(text: str, name: str) -> str:
+    """The message of a worker's exception ``name`` from torch's "Caught ... Original Traceback"
+    text (its last line is ``module.Name: message``); ``text`` itself when it is not one."""
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    _, found, message = last.partition(f"{name}: ")
+    return message if found else " ".join(text.split())
+
+
+def _read_image(path: str):
+    """ImageFolder's loader: the file decoded in full as an RGB PIL image, or UnreadableImageError."""
+    try:
+        return _decode(path)
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL reports broken files as OSError, ValueError, SyntaxError, struct.error, ...
+        raise UnreadableImageError(
+            f"cannot read image {path}: {_unreadable_reason(path, e)}; remove or replace it, or pass --skip-bad-images"
+        ) from None
+
+
+def _decode(path: str):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")  # convert decodes every pixel: truncated files fail here
+
+
+def _unreadable_reason(path: str, e: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "the file is empty (0 bytes)"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL recognises"
+    text = " ".join((e.strerror if isinstance(e, OSError) and e.strerror else str(e)).split())[:160]
+    if "truncated" in text.lower():  # PIL: "Truncated File Read", "image file is truncated (N bytes not processed)"
+        return "the file is truncated"
+    return text or type(e).__name__
+
+
+class ImageFiles(Dataset):
+    """One split of an ImageFolder tree (torchvision's ``ImageFolder``) whose unreadable files
+    raise :class:`UnreadableImageError`, or with ``skip_bad`` are skipped: replaced by the next
+    readable file (``replace``, the training split) or left out (``None``, for
+    :func:`collate_readable`; the validation split). The module docstring says why.
+    """
+
+    def __init__(self, root: Path, transform, replace: bool) -> None:
+        from torchvision import datasets
+
+        self.folder = datasets.ImageFolder(str(root), transform=transform, loader=_read_image)
+        self.root = str(root)
+        self.classes, self.class_to_idx = self.folder.classes, self.folder.class_to_idx
+        self.samples = self.folder.samples  # [(path, class index)]
+        self.replace = replace
+        self.skip_bad = False
+        # Tensor[N] uint8 in shared memory: 1 for a file found unreadable (by any process)
+        self.bad: Optional[torch.Tensor] = None
+
+    def set_skip_bad(self, skip: bool) -> None:
+        """Skip unreadable files (call before a DataLoader iterates it, so its workers share the flags)."""
+        self.skip_bad = skip
+        if skip and self.bad is None:
+            self.bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        if not self.skip_bad:
+            return self.folder[index]
+        if self.bad is None:
+            self.set_skip_bad(True)
+        bad, n = self.bad, len(self.samples)
+        for k in range(n if self.replace else 1):
+            i = (index + k) % n
+            if bad[i]:
+                continue
+            try:
+                return self.folder[i]
+            except UnreadableImageError:
+                bad[i] = 1
+        if not self.replace:
+            return None
+        raise UnreadableImageError(f"none of the {n} images in {self.root} can be read; check the data folder")
+
+    def skipped(self) -> Tuple[int, Optional[str]]:
+        """``(count, first)``: files found unreadable so far, and the path of the first in the list."""
+        if self.bad is None:
+            return 0, None
+        found = self.bad.nonzero().flatten().tolist()
+        return len(found), self.samples[found[0]][0] if found else None
+
+
+def _image_files(dataset) -> Optional[ImageFiles]:
+    """The :class:`ImageFiles` under ``dataset`` (through :class:`SeededSamples`, Subset), or None."""
+    while dataset is not None and not isinstance(dataset, ImageFiles):
+        dataset = getattr(dataset, "dataset", None)
+    return dataset
+
+
+def skip_bad_images(dataset, skip: bool) -> None:
+    """``--skip-bad-images`` for ``dataset`` (an ImageFolder split, possibly wrapped); other data
+    has no files to skip and is left alone."""
+    files = _image_files(dataset)
+    if files is not None:
+        files.set_skip_bad(skip)
+
+
+def skipped_note(dataset, reported: int = 0) -> Tuple[Optional[str], int]:
+    """``(line, count)``: the log line on the unreadable files ``dataset`` skipped, None when
+    there are no more than the ``reported`` ones, and their count."""
+    files = _image_files(dataset)
+    count, first = files.skipped() if files is not None else (0, None)
+    if count <= reported or first is None:
+        return None, count
+    try:
+        _decode(first)
+        reason = "readable now"
+    except Exception as e:
+        reason = _unreadable_reason(first, e)
+    how = "each replaced by the next readable image" if files.replace else "left out of the metrics"
+    return (f"skipped {count} unreadable image{'s' if count > 1 else ''} in {files.root} ({how}): "
+            f"first {first} ({reason})"), count
+
+
+@contextlib.contextmanager
+def loader_batches(loader) -> Iterator:
+    """``iter(loader)``, whose worker processes are shut down at once when an exception leaves
+    the block. Otherwise the traceback keeps the iterator alive, and when the garbage collector
+    frees it later, torch's queues may already be closed: its workers then never get the signal
+    to stop, and shutting them down waits 5 s for each."""
+    batches = iter(loader)
+    try:
+        yield batches
+    except BaseException:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator only
+        if shutdown is not None:
+            shutdown()
+        raise
+
+
+def collate_readable(batch):
+    """default_collate over the samples that are not None (left out by --skip-bad-images); None
+    when none is left."""
+    kept = [sample for sample in batch if sample is not None]
+    return default_collate(kept) if kept else None
 
 
 # --- sampling ------------------------------------------------------------------------------------

@@ -7,6 +7,19 @@ validation loader, steps the LR schedule, and decides *when* a checkpoint is tak
 ``save_every_steps`` steps, on a stop request, at each epoch end); what is saved and recorded is
 left to its :class:`EpochHooks` (:class:`~gfgp_cli.train.rundir.RunRecorder` for ``gfgp train``,
 :class:`InMemoryEpochs` for the study, which keeps times and train metrics only).
+
+When the work stops on bad data or a broken model, the driver keeps what is exact:
+
+- an unreadable image (:class:`~gfgp_cli.train.data.UnreadableImageError`) during training: every
+  micro-batch of a step is read before the step changes anything, so the run is saved at the last
+  finished step (as a stop request is) and ``--resume`` continues exactly; during validation: the
+  run is saved at (epoch, all its steps), so ``--resume`` runs no step and starts with that
+  epoch's validation. The error then says so. (Single process only: the save is collective and
+  the other processes are not at that point; hooks that keep nothing get the error unchanged.)
+- validation outputs that are not finite (NaN/Inf): WorkFailedError (exit 1) before the epoch is
+  recorded or saved, so the last checkpoint keeps the last good state.
+- ``config.skip_bad_images``: the loaders' ImageFolder data skip unreadable files instead
+  (:func:`~gfgp_cli.train.data.skip_bad_images`), with a line in the log when more are found.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -21,10 +35,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..errors import WorkFailedError
 from .config import TrainConfig
-from .data import ResumableSampler
+from .data import ResumableSampler, UnreadableImageError, loader_batches, skip_bad_images, skipped_note
 from .distributed import SINGLE_PROCESS, DistInfo, all_reduce_max, all_reduce_sum
-from .evaluation import evaluate
+from .evaluation import evaluate, nonfinite_message
 from .metrics import Meters, Progress
 from .runtime import StopControl, autocast, collective_device, to_device
 
@@ -48,7 +63,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     Raises :class:`NonFiniteLoss` before the backward of a NaN/Inf loss (on every rank). After
     each step ``on_step(steps_done)`` runs (periodic checkpoints). Returns ``(steps_done, stop)``:
     ``stop`` is True when a stop was requested (Ctrl-C on any rank); the loop then ends after the
-    step in progress.
+    step in progress. A step reads all its micro-batches before it runs them, so an error of the
+    data (an unreadable image) leaves the model, the meters and the generators as the last
+    finished step left them.
     """
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     meters = meters if meters is not None else Meters()
@@ -56,37 +73,39 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     model.train()
     amp = autocast(device, config)
     accum = config.accum_steps
-    batches = iter(data_loader)
-    for step in range(start_step, steps):
-        optimizer.zero_grad(set_to_none=True)
-        stop = False
-        for j in range(accum):
-            images, target = next(batches)
-            images, target = to_device(images, device, config), target.to(device, non_blocking=True)
-            # DDP: gradients are all-reduced only on the last micro-batch of a step.
-            sync = no_sync() if (no_sync is not None and j < accum - 1) else contextlib.nullcontext()
-            with sync:
-                with amp:
-                    output = model(images)
-                    loss = criterion(output, target)
-                value = loss.item()
-                flags = all_reduce_max(torch.tensor([float(not math.isfinite(value)), float(control.stop)],
-                                                    device=collective_device(device, info)), info).tolist()
-                if flags[0]:
-                    raise NonFiniteLoss(epoch, step, value)
-                stop = stop or bool(flags[1])
-                scaler.scale(loss / accum).backward()
-            meters.update(value, output, target)
-        scaler.step(optimizer)
-        scaler.update()
-        if progress is not None:
-            progress.update(step + 1, images.shape[0] * accum * info.world_size,
-                            {"loss": meters.loss_sum / max(meters.count, 1), "top1": 100.0 * meters.correct1 / max(meters.count, 1)})
-        if on_step is not None:
-            on_step(step + 1)
-        if stop:
-            return step + 1, True
-    return steps, False
+    with loader_batches(data_loader) as batches:
+        for step in range(start_step, steps):
+            # The step's micro-batches are all read before it changes anything (weights, BatchNorm
+            # statistics, meters, generators): a file that cannot be read stops the run at a step boundary.
+            micro_batches = [next(batches) for _ in range(accum)]
+            optimizer.zero_grad(set_to_none=True)
+            stop = False
+            for j, (images, target) in enumerate(micro_batches):
+                images, target = to_device(images, device, config), target.to(device, non_blocking=True)
+                # DDP: gradients are all-reduced only on the last micro-batch of a step.
+                sync = no_sync() if (no_sync is not None and j < accum - 1) else contextlib.nullcontext()
+                with sync:
+                    with amp:
+                        output = model(images)
+                        loss = criterion(output, target)
+                    value = loss.item()
+                    flags = all_reduce_max(torch.tensor([float(not math.isfinite(value)), float(control.stop)],
+                                                        device=collective_device(device, info)), info).tolist()
+                    if flags[0]:
+                        raise NonFiniteLoss(epoch, step, value)
+                    stop = stop or bool(flags[1])
+                    scaler.scale(loss / accum).backward()
+                meters.update(value, output, target)
+            scaler.step(optimizer)
+            scaler.update()
+            if progress is not None:
+                progress.update(step + 1, images.shape[0] * accum * info.world_size,
+                                {"loss": meters.loss_sum / max(meters.count, 1), "top1": 100.0 * meters.correct1 / max(meters.count, 1)})
+            if on_step is not None:
+                on_step(step + 1)
+            if stop:
+                return step + 1, True
+        return steps, False
 
 
 @dataclass
@@ -159,6 +178,11 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
     t, config = trainer, trainer.config
     steps = t.sampler.steps_per_epoch
     every = config.save_every_steps
+    loaders = [loader for loader in (t.train_loader, t.val_loader) if loader is not None]
+    skipped = [0] * len(loaders)  # unreadable files each loader's data has skipped, as logged
+    for loader in loaders:  # before the loaders start their workers, which share the flags
+        skip_bad_images(loader.dataset, config.skip_bad_images)
+    saved = start_epoch > 0 or start_step > 0  # a last.pt holds this run's state (it was resumed)
     for epoch in range(start_epoch, config.epochs):
         t.sampler.set_epoch(epoch)
         t.sampler.set_start(start_step if epoch == start_epoch else 0)
@@ -169,15 +193,26 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
         lrs = [g["lr"] for g in t.optimizer.param_groups]
         t0 = time.perf_counter()
 
-        def on_step(done: int, epoch: int = epoch, meters: Meters = meters) -> None:
+        finished = [t.sampler.start_step]  # steps of the epoch done so far
+
+        def on_step(done: int, epoch: int = epoch, meters: Meters = meters, finished: List[int] = finished) -> None:
+            nonlocal saved
+            finished[0] = done
             if every and done % every == 0 and done < steps:
                 hooks.save(epoch, done, meters)
+                saved = True
 
         try:
             done, stop = train_one_epoch(
                 t.model, t.criterion, t.optimizer, t.train_loader, t.device, epoch, config, steps=steps,
                 start_step=t.sampler.start_step, scaler=t.scaler, meters=meters, info=t.info, no_sync=t.no_sync,
                 control=control, on_step=on_step, progress=t.progress)
+        except UnreadableImageError as e:
+            t.progress.stop()
+            if not _save_before_stopping(hooks, t.info, epoch, finished[0], meters):
+                raise
+            raise UnreadableImageError(f"{e}; last.pt keeps the run at epoch {epoch + 1} step {finished[0]}, "
+                                       "and --resume continues it from there") from e
         finally:
             t.progress.stop()
         train_s = time.perf_counter() - t0
@@ -186,14 +221,47 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
             return epoch, done
         images_per_s = t.progress.images_per_s()
         train_m = Meters.summary(all_reduce_sum(meters.totals(), t.info))
-        val_m = evaluate(t.model, t.criterion, t.val_loader, t.device, config, t.info) if t.val_loader is not None else None
-        t.scheduler.step()
+        val_m = None
+        if t.val_loader is not None:
+            try:
+                val_m = evaluate(t.model, t.criterion, t.val_loader, t.device, config, t.info)
+            except UnreadableImageError as e:
+                if not _save_before_stopping(hooks, t.info, epoch, steps, meters):
+                    raise
+                raise UnreadableImageError(f"{e}; last.pt keeps epoch {epoch + 1}'s training, and --resume "
+                                           "continues with its validation") from e
+            if val_m["nonfinite"]:
+                what = nonfinite_message(val_m, t.model, "the model's", config.amp)
+                kept = "last.pt keeps the last good state" if saved else "no checkpoint was written"
+                raise WorkFailedError(f"validation after epoch {epoch + 1}: {what}; stopped before saving the epoch, "
+                                      f"{kept}; lower --lr or disable --amp")
+        with warnings.catch_warnings():
+            # An epoch resumed after its last step (its validation had failed) runs no
+            # optimizer.step() before this, which torch warns about; the schedule's position was
+            # restored with it, so the step is the right one.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            t.scheduler.step()
         end = EpochEnd(epoch, lrs, train_m, val_m, images_per_s, t0, train_s)
         # The epoch's record goes into its checkpoint; what points at the checkpoint (best.pt, the
         # metrics files) follows it, so a crash in between never leaves them ahead of last.pt.
         hooks.finished(end)
         hooks.save(epoch + 1, 0, Meters())
+        saved = True
         hooks.saved(end)
+        for k, loader in enumerate(loaders):
+            note, skipped[k] = skipped_note(loader.dataset, skipped[k])
+            if note is not None:
+                t.progress.log(note)
         if stop:
             return epoch + 1, 0
     return None
+
+
+def _save_before_stopping(hooks: EpochHooks, info: DistInfo, epoch: int, step: int, meters: Meters) -> bool:
+    """Save the run at (``epoch``, ``step``) before an error stops it; False when it cannot be:
+    several processes (the save is collective and the others are elsewhere), or hooks whose
+    :meth:`~EpochHooks.save` keeps nothing (the study's)."""
+    if info.world_size > 1 or type(hooks).save is EpochHooks.save:
+        return False
+    hooks.save(epoch, step, meters)
+    return True

@@ -7,68 +7,135 @@ Image models take ``Tensor[N, 3, S, S]``; video models (task ``video``: torchvis
 mc3_18, r2plus1d_18, s3d, mvit_v1_b, mvit_v2_s, swin3d_t/s/b) take clips ``Tensor[N, 3, T, S, S]``
 and train on clip data (``--data moving-digits``). Both return class logits ``[N, classes]``;
 :func:`prepare_data` refuses, in one line, a model given the other kind of data.
+
+A model whose outputs are not finite (NaN/Inf) is a failure, not a result: :func:`evaluate`
+counts such images (``nonfinite``), ``gfgp eval`` then exits 1 naming the tensors that hold
+NaN/Inf (:func:`nonfinite_message`), and so does training's validation (the engine).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Optional, Tuple
+import itertools
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load, read_checkpoint
-from ..errors import BadInputError
+from ..errors import BadInputError, WorkFailedError
 from ..spec import ConversionSpec, spec_of
 from .config import TrainConfig, check_device_name
-from .data import MOVING_DIGITS, MOVING_DIGITS_FORM, DataBundle, ShardSampler, data_frames, load_data
+from .data import (
+    MOVING_DIGITS,
+    MOVING_DIGITS_FORM,
+    DataBundle,
+    ShardSampler,
+    collate_readable,
+    data_frames,
+    load_data,
+    loader_batches,
+    skipped_note,
+)
 from .distributed import SINGLE_PROCESS, DistInfo, all_reduce_sum
 from .metrics import Meters, Progress
 from .runtime import amp_dtype, autocast, ignore_sigint, resolve_device, to_device
 from .state import trained_image_size
 
 __all__ = ["evaluate", "evaluate_checkpoint", "load_trained", "prepare_data", "eval_loader", "check_data_kind",
-           "example_batch"]
+           "example_batch", "nonfinite_tensors", "nonfinite_message"]
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, criterion: nn.Module, data_loader: DataLoader, device: torch.device,
              config: Optional[TrainConfig] = None, info: DistInfo = SINGLE_PROCESS,
              progress: Optional[Progress] = None) -> Dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (percent) over ``data_loader``, summed over all ranks."""
+    """Loss, top-1 and top-5 accuracy (percent) over ``data_loader``, summed over all ranks, with
+    ``images`` (how many) and ``nonfinite`` (how many of them got a NaN/Inf score)."""
     model.eval()
     amp = autocast(device, config) if config is not None else contextlib.nullcontext()
     meters = Meters()
-    for i, (images, target) in enumerate(data_loader):
-        images = to_device(images, device, config)
-        target = target.to(device, non_blocking=True)
-        with amp:
-            output = model(images)
-            loss = criterion(output, target)
-        meters.update(loss.item(), output.float(), target)
-        if progress is not None:
-            progress.update(i + 1, images.shape[0] * info.world_size, {})
-    return Meters.summary(all_reduce_sum(meters.totals(), info))
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # summed on the device: no sync per batch
+    with loader_batches(data_loader) as batches:
+        for i, batch in enumerate(batches):
+            if batch is None:  # every image of the batch was unreadable and left out (--skip-bad-images)
+                continue
+            images, target = batch
+            images = to_device(images, device, config)
+            target = target.to(device, non_blocking=True)
+            with amp:
+                output = model(images)
+                loss = criterion(output, target)
+            output = output.float()
+            nonfinite += (~torch.isfinite(output).all(dim=1)).sum()
+            meters.update(loss.item(), output, target)
+            if progress is not None:
+                progress.update(i + 1, images.shape[0] * info.world_size, {})
+    totals = all_reduce_sum(torch.cat([meters.totals(), nonfinite.cpu().double().reshape(1)]), info)
+    return {**Meters.summary(totals[:4]), "nonfinite": int(totals[4])}
+
+
+def nonfinite_tensors(model: nn.Module) -> List[str]:
+    """Names of the parameters and buffers of ``model`` that hold NaN or Inf."""
+    return [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def nonfinite_message(metrics: Dict[str, Any], model: nn.Module, whose: str, amp: bool) -> str:
+    """The one-line failure of an evaluation whose ``metrics`` count images with non-finite
+    outputs: how many, and which of ``whose`` ("the checkpoint's") weights hold NaN/Inf."""
+    names = nonfinite_tensors(model)
+    if names:
+        more = f" (and {len(names) - 1} more tensor{'s' if len(names) > 2 else ''})" if len(names) > 1 else ""
+        cause = f"{whose} weights hold NaN/Inf in {names[0]}{more}"
+    else:
+        cause = f"{whose} weights are all finite, so its activations overflow" + (" (try without --amp)" if amp else "")
+    return (f"the model's outputs are not finite (NaN/Inf) on {metrics['nonfinite']} of {metrics['images']} "
+            f"validation images; {cause}")
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, *, batch_size: int = 256, image_size: Optional[int] = None,
                         device: str = "auto", workers: int = 0, amp: bool = False, download: bool = False,
-                        module: Optional[nn.Module] = None) -> Dict[str, Any]:
-    """``gfgp eval``: loss, top-1 and top-5 (percent) of a checkpoint's model on SPEC's validation set."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise BadInputError(f"--batch-size must be a positive integer, got {batch_size!r}")
+                        module: Optional[nn.Module] = None, skip_bad_images: bool = False) -> Dict[str, Any]:
+    """``gfgp eval``: loss, top-1 and top-5 (percent) of a checkpoint's model on SPEC's validation set.
+
+    Fails (WorkFailedError, exit 1) when the model's scores are NaN/Inf for even one image.
+    ``skip_bad_images``: unreadable images are left out (and counted on stderr, ``skipped_images``).
+    """
+    _positive_int(batch_size, "--batch-size")
+    if image_size is not None:
+        _positive_int(image_size, "--image-size")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise BadInputError(f"--workers must be >= 0, got {workers!r}")
     check_device_name(device)
     model, spec, trained_size = load_trained(checkpoint, module=module)
     dev = resolve_device(device, DistInfo())
     model.to(dev)
-    bundle, size = prepare_data(model, spec, data, image_size or trained_size, dev, download)
+    bundle, size = prepare_data(model, spec, data, image_size or trained_size, dev, download,
+                                skip_bad_images=skip_bad_images)
     config = TrainConfig(checkpoint=str(checkpoint), data=data, out="", amp=amp, image_size=size)
     amp_dtype(dev, config, [])  # the same checks as training (fp16 on the CPU is bad input)
     loader = eval_loader(bundle.val, batch_size, workers, dev, DistInfo())
     metrics = evaluate(model, nn.CrossEntropyLoss(), loader, dev, config)
+    if metrics["nonfinite"]:
+        raise WorkFailedError(nonfinite_message(metrics, model, "the checkpoint's", amp))
+    del metrics["nonfinite"]
+    skipped = {}
+    if skip_bad_images:
+        note, count = skipped_note(bundle.val)
+        if note is not None:
+            from ..console import err
+
+            err.print(note, markup=False)
+        skipped = {"skipped_images": count}
     clips = {} if bundle.frames is None else {"frames": bundle.frames}
-    return {"checkpoint": str(checkpoint), "data": bundle.name, "image_size": size, **clips, **metrics}
+    return {"checkpoint": str(checkpoint), "data": bundle.name, "image_size": size, **clips, **metrics, **skipped}
+
+
+def _positive_int(value: Any, flag: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BadInputError(f"{flag} must be a positive integer, got {value!r}")
 
 
 #: Tasks whose models take an image batch (or, ``video``, a batch of clips) and return class
@@ -89,9 +156,10 @@ def load_trained(checkpoint, module: Optional[nn.Module] = None) -> Tuple[nn.Mod
 
 
 def prepare_data(model: nn.Module, spec: ConversionSpec, data: str, image_size: Optional[int], device: torch.device,
-                 download: bool) -> Tuple[DataBundle, int]:
+                 download: bool, skip_bad_images: bool = False) -> Tuple[DataBundle, int]:
     """Resolve the image size, load SPEC's data and check the classifier fits its classes (and
-    that clips go to a video model, images to an image model)."""
+    that clips go to a video model, images to an image model). ``skip_bad_images``: see
+    :func:`~gfgp_cli.train.data.load_data`."""
     if spec.task not in TRAINABLE_TASKS:
         raise BadInputError(
             f"{spec.model_name} is a {spec.task.replace('_', ' ')} model; gfgp train and eval handle classification models "
@@ -102,7 +170,8 @@ def prepare_data(model: nn.Module, spec: ConversionSpec, data: str, image_size: 
     check_data_kind(spec, data, frames)
     size = image_size or spec.image_size
     outputs = _num_outputs(model, size, device, frames)
-    bundle = load_data(data, size, num_classes=outputs, download=download, frames=spec.frames)
+    bundle = load_data(data, size, num_classes=outputs, download=download, frames=spec.frames,
+                       skip_bad_images=skip_bad_images)
     if bundle.num_classes != outputs:
         raise BadInputError(
             f"the model has {outputs} outputs but {bundle.name} has {bundle.num_classes} classes; convert it with "
@@ -113,10 +182,11 @@ def prepare_data(model: nn.Module, spec: ConversionSpec, data: str, image_size: 
 
 def eval_loader(dataset, batch_size: int, workers: int, device: torch.device, info: DistInfo) -> DataLoader:
     """This rank's shard of ``dataset`` in order. Its own generator: iterating it draws nothing
-    from the global RNG, so evaluating never changes the training's random stream."""
+    from the global RNG, so evaluating never changes the training's random stream. Images left out
+    by --skip-bad-images are dropped from their batch (a batch of none is None)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), info.world_size, info.rank),
                       num_workers=workers, pin_memory=device.type == "cuda", generator=torch.Generator(),
-                      worker_init_fn=ignore_sigint)
+                      worker_init_fn=ignore_sigint, collate_fn=collate_readable)
 
 
 def check_data_kind(spec: ConversionSpec, data: str, frames: Optional[int]) -> None:

@@ -137,7 +137,8 @@ def _main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, state: Op
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     model.to(device)
-    bundle, image_size = prepare_data(model, spec, config.data, config.image_size, device, config.download)
+    bundle, image_size = prepare_data(model, spec, config.data, config.image_size, device, config.download,
+                                       config.skip_bad_images)
     config = dataclasses.replace(config, image_size=image_size)
 
     # -- checks that need the model and the data (before anything is written)
