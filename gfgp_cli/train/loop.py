@@ -27,11 +27,13 @@ from ..errors import BadInputError, WorkFailedError
 from ..spec import ConversionSpec, TorchvisionSource, spec_of
 from .config import RESUME_MUTABLE, TrainConfig, check_config, resolve_config
 from .data import DataBundle, ResumableSampler, SeededSamples
-from .distributed import DistInfo, cleanup_distributed, init_distributed, run_on_main
+from .distributed import DistInfo, all_gather_object, cleanup_distributed, init_distributed, run_on_main
 from .engine import NonFiniteLoss, Trainer, run_epochs, train_one_epoch
 from .evaluation import eval_loader, evaluate, evaluate_checkpoint, prepare_data
+from .memory import MEASURE_BATCH, available_memory, measure_step, plan_micro_batches
 from .metrics import MetricsLog, Progress
 from .optim import build_optimizer
+from .recompute import checkpoint_full_resolution
 from .rundir import RUN_FILES, RunRecorder, TrainResult, check_checkpoint_space, hold_run_dir, prepare_run_dir
 from .runtime import (
     StopControl,
@@ -56,12 +58,14 @@ __all__ = ["train", "main", "train_one_epoch", "evaluate", "evaluate_checkpoint"
 
 def train(checkpoint: str, data: str, out: str, *, recipe: Optional[str] = None, resume: bool = False,
           force: bool = False, model: Optional[nn.Module] = None, spec: Optional[ConversionSpec] = None,
-          **flags: Any) -> TrainResult:
+          memory_limit: Optional[int] = None, **flags: Any) -> TrainResult:
     """Train the model of a gfgp checkpoint (``gfgp train``); ``flags`` are TrainConfig fields,
     ``None`` meaning "not given" (the recipe's value).
 
     ``model``/``spec`` train an in-memory model instead of rebuilding it from ``checkpoint``
-    (for models converted from the user's own module). Every input is checked before anything is
+    (for models converted from the user's own module). Before the first step the memory of a step
+    is measured (:mod:`.memory`): without ``accum_steps`` a batch that does not fit is split into
+    micro-batches that do; ``memory_limit`` (bytes) caps what the run may use. Every input is checked before anything is
     written; a bad one raises BadInputError (exit 2).
     """
     run_dir = Path(out)
@@ -88,7 +92,8 @@ def train(checkpoint: str, data: str, out: str, *, recipe: Optional[str] = None,
             elif spec is None:
                 raise TypeError("train(model=...) needs the model's conversion spec (spec=...)")
             config, resumed = resolve_config(checkpoint, data, out, recipe or _default_recipe(spec), **flags)
-        return main(config, model, spec, state=state, force=force, notes=resumed + notes)
+        return main(config, model, spec, state=state, force=force, notes=resumed + notes, memory_limit=memory_limit,
+                    auto_accum=not resume and flags.get("accum_steps") is None)
 
 
 @contextlib.contextmanager
@@ -118,20 +123,22 @@ def _resumable(run_dir: Path) -> Path:
 
 
 def main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, *, state: Optional[Dict[str, Any]] = None,
-         force: bool = False, notes: Optional[List[str]] = None) -> TrainResult:
+         force: bool = False, notes: Optional[List[str]] = None, memory_limit: Optional[int] = None,
+         auto_accum: bool = False) -> TrainResult:
     """Run the training a resolved ``config`` describes, from scratch or from ``state`` (a
-    ``last.pt`` checkpoint). Joins torchrun's process group when launched by it."""
+    ``last.pt`` checkpoint). Joins torchrun's process group when launched by it. ``auto_accum``:
+    choose ``config.accum_steps`` from a measured step (else it is checked against memory)."""
     notes = list(notes or [])
     info = init_distributed(wants_cuda(config.device))
     try:
         with kept_num_threads(), determinism(config.deterministic):
-            return _main(config, model, spec, state, force, notes, info)
+            return _main(config, model, spec, state, force, notes, info, memory_limit, auto_accum)
     finally:
         cleanup_distributed(info)
 
 
 def _main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, state: Optional[Dict[str, Any]], force: bool,
-          notes: List[str], info: DistInfo) -> TrainResult:
+          notes: List[str], info: DistInfo, memory_limit: Optional[int], auto_accum: bool) -> TrainResult:
     run_dir = Path(config.out)
     device = resolve_device(config.device, info)
     if config.threads is not None:
@@ -142,9 +149,11 @@ def _main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, state: Op
     config = dataclasses.replace(config, image_size=image_size)
 
     # -- checks that need the model and the data (before anything is written)
-    sampler = _train_sampler(bundle, model, config, info)
     dtype = amp_dtype(device, config, notes)
     model = sync_batchnorm(model, config, device, info, notes)
+    trainable = _recomputing(model, bundle, config, device, notes)  # shares model's parameters
+    config = _fit_memory(trainable, bundle, config, device, info, memory_limit, auto_accum, notes)
+    sampler = _train_sampler(bundle, model, config, info)
 
     criterion = nn.CrossEntropyLoss()
     optimizer, scheduler = build_optimizer(model, config, spec, notes)
@@ -158,7 +167,7 @@ def _main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, state: Op
     progress = Progress(enabled=info.is_main)
     for note in notes:
         progress.log(f"note: {note}")
-    running, ddp = wrap_model(model, config, device, info)
+    running, ddp = wrap_model(trainable, config, device, info)
     trainer = Trainer(running, criterion, optimizer, scheduler, _train_loader(bundle, sampler, config, device), sampler,
                       device, config, progress, scaler=scaler, info=info,
                       val_loader=eval_loader(bundle.val, max(1, config.batch_size // info.world_size), config.workers,
@@ -223,6 +232,50 @@ def _default_recipe(spec: ConversionSpec) -> str:
         return "finetune"
     name = spec.source.name if isinstance(spec.source, TorchvisionSource) else ""
     return "paper-vgg" if name.lower().startswith("vgg") else "paper-resnet"
+
+
+def _recomputing(model: nn.Module, bundle: DataBundle, config: TrainConfig, device: torch.device,
+                 notes: List[str]) -> nn.Module:
+    """The module to train: ``model``, or with --activation-checkpointing a split of it whose
+    full-resolution stage is recomputed in the backward pass (:mod:`.recompute`)."""
+    if not getattr(config, "activation_checkpointing", False):
+        return model
+    example = bundle.train[0][0].unsqueeze(0).to(device)
+    trainable, note = checkpoint_full_resolution(model, example)
+    notes.append(note)
+    return trainable
+
+
+def _fit_memory(model: nn.Module, bundle: DataBundle, config: TrainConfig, device: torch.device, info: DistInfo,
+                memory_limit: Optional[int], auto_accum: bool, notes: List[str]) -> TrainConfig:
+    """The config with the accumulation steps that make one micro-batch fit in memory (chosen
+    when ``auto_accum``, else checked): every rank measures, the largest choice wins."""
+    if config.batch_size % (info.world_size * (1 if auto_accum else config.accum_steps)):
+        return config  # _train_sampler says what is wrong
+    min_micro = 2 if _has_batchnorm(model) and not config.sync_bn else 1
+    per_process = config.batch_size // info.world_size
+    batch = max(min_micro, min(MEASURE_BATCH, per_process // (1 if auto_accum else config.accum_steps)))
+    try:
+        samples = [bundle.train[i % len(bundle.train)] for i in range(batch)]
+        images, labels = torch.stack([s[0] for s in samples]), torch.as_tensor([int(s[1]) for s in samples])
+        factor = (2 if getattr(config, "opt", "sgd") == "adamw" else int(config.momentum > 0))
+        factor += int(bool(getattr(config, "ema_decay", 0)))
+        memory = measure_step(model, images, labels, device, config, factor)
+        available, where = available_memory(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), memory_limit)
+        choice: Tuple[Optional[int], Optional[str]] = plan_micro_batches(
+            memory, available, where, config.batch_size, info.world_size, None if auto_accum else config.accum_steps,
+            min_micro)
+    except BadInputError as e:
+        choice = (None, str(e))
+    choices = all_gather_object(choice, info)
+    failed = [message for accum, message in choices if accum is None]
+    if failed:
+        raise BadInputError(failed[0] if choice[0] is None or not info.enabled else f"another rank: {failed[0]}")
+    accum = max(a for a, _ in choices if a is not None)
+    note = next((message for a, message in choices if a == accum and message), None)
+    if note is not None and accum != config.accum_steps:
+        notes.append(note)
+    return dataclasses.replace(config, accum_steps=accum)
 
 
 def _train_sampler(bundle: DataBundle, model: nn.Module, config: TrainConfig, info: DistInfo) -> ResumableSampler:

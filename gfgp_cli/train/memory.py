@@ -1,0 +1,277 @@
+"""Will a training step fit in memory? Measure one, then split the batch into micro-batches that fit.
+
+A converted model runs its early convolutions at full resolution, so its activations are several
+times those of the original, and a batch that trains the original can exhaust the machine's
+memory (the kernel's OOM killer ends the process without a message). Before the first step,
+:func:`plan_micro_batches` measures one forward+backward of the model at a small batch on the
+training device, extrapolates to the requested batch, and, like Composer's
+``device_train_microbatch_size="auto"``, splits each batch into the smallest number of equal
+micro-batches that fit, accumulating their gradients so that the global batch and the learning
+rate stay what the user asked. With ``--accum-steps`` given, that choice is checked instead.
+
+The measurement (:func:`measure_step`):
+
+- CUDA: the peak of ``torch.cuda.max_memory_allocated`` over the step.
+- CPU (Linux): the peak resident memory of the process over the step (``VmHWM`` after resetting
+  it through ``/proc/self/clear_refs``, with freed heap memory first returned by ``malloc_trim``),
+  which also counts what is not a tensor (oneDNN's scratch buffers, allocator overhead).
+- Elsewhere: twice the bytes autograd saves for the backward (a coarser estimate, and said so).
+
+Everything the measured step grows with the batch is charged to the samples (``per_sample`` =
+(peak - gradients) / batch): an overestimate at small batches, so the plan errs on the safe side.
+The step's side effects are undone (BatchNorm statistics, gradients, random generators), so a
+run with the check is bit-identical to one without it.
+
+Available memory (:func:`available_memory`): on CUDA the device's free memory plus what torch
+holds unused; on the CPU the least of the kernel's ``MemAvailable``, the cgroup's limit, the
+address-space limit (``ulimit -v``) and ``--memory-limit``, shared by the processes of this node;
+of that, :data:`USABLE` is planned for (data loading and fragmentation need the rest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import platform
+import resource
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .._io import format_bytes
+from ..errors import BadInputError
+from .config import TrainConfig
+from .runtime import autocast
+
+__all__ = ["StepMemory", "USABLE", "available_memory", "measure_step", "plan_micro_batches", "parse_size"]
+
+USABLE = 0.85  # of the available memory, what the training step may plan to use
+MEASURE_BATCH = 4  # samples of the measured step (2 where the batch is smaller)
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Memory of one training step: ``fixed`` bytes plus ``per_sample`` bytes per sample."""
+
+    fixed: int  # gradients and optimizer state: independent of the batch
+    per_sample: int
+    how: str  # how it was measured, for messages
+
+    def need(self, micro_batch: int) -> int:
+        return self.fixed + self.per_sample * micro_batch
+
+
+def parse_size(text: str) -> int:
+    """``"23.1GiB"``, ``"512MiB"``, ``"8G"``, ``"1e9"`` -> bytes (binary units; "B" optional)."""
+    s = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    factor = 1
+    for suffix, f in (("K", 2**10), ("M", 2**20), ("G", 2**30), ("T", 2**40)):
+        if s.endswith(suffix):
+            s, factor = s[:-1], f
+            break
+    try:
+        value = float(s) * factor
+    except ValueError:
+        raise BadInputError(f"--memory-limit must be a size such as 8GiB or 512MiB, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise BadInputError(f"--memory-limit must be a positive size, got {text!r}")
+    return int(value)
+
+
+# --- what is available ---------------------------------------------------------------------------
+
+
+def _status(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory(device: torch.device, local_processes: int = 1,
+                     limit: Optional[int] = None) -> Tuple[int, str]:
+    """``(bytes, where the number comes from)`` this process may use for training."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + unused, f"free memory of {device}"
+    candidates: List[Tuple[int, str]] = []
+    meminfo = {}
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            meminfo[key] = int(rest.split()[0]) * 1024
+    if "MemAvailable" in meminfo:
+        candidates.append((meminfo["MemAvailable"] // local_processes, "available memory"))
+    cg_max, cg_now = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if cg_max is not None and cg_now is not None:
+        candidates.append((max(0, cg_max - cg_now) // local_processes, "the cgroup's memory limit"))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    size = _status("VmSize:")
+    if soft != resource.RLIM_INFINITY and size is not None:
+        candidates.append((max(0, soft - size), "the address-space limit (ulimit -v)"))
+    rss = _status("VmRSS:")
+    if limit is not None:
+        candidates.append((max(0, limit - (rss or 0)), "--memory-limit"))
+    if not candidates:  # not Linux: what psutil-free Python can tell
+        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+        candidates.append((pages * os.sysconf("SC_PAGE_SIZE") // local_processes, "free physical memory"))
+    return min(candidates)
+
+
+# --- measuring one step -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _undone(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Undo a training step's side effects: BatchNorm statistics (every buffer), gradients, RNG."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        for p in model.parameters():
+            p.grad = None
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+
+
+def _cpu_peak_reset() -> Optional[Callable[[], int]]:
+    """Reset the process's peak resident memory; returns a reader of the growth since, or None
+    where the kernel does not offer it."""
+    if platform.system() != "Linux":
+        return None
+    if platform.libc_ver()[0] == "glibc":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)  # freed heap pages back to the kernel: reuse must show as growth
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = _status("VmRSS:")
+    if base is None:
+        return None
+    return lambda: max(0, (_status("VmHWM:") or base) - base)
+
+
+def measure_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 config: TrainConfig, state_factor: int) -> StepMemory:
+    """Memory of one forward+backward of ``model`` (train mode) on ``images``; ``state_factor``
+    is the optimizer's state per parameter byte (SGD with momentum 1, AdamW 2, plus 1 for an EMA
+    copy). The step leaves no trace (see the module docstring)."""
+    model.train()
+    images, labels = images.to(device), labels.to(device)
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    criterion = nn.CrossEntropyLoss()
+    batch = images.shape[0]
+    with _undone(model, device):
+        for p in model.parameters():
+            p.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            with autocast(device, config):
+                loss = criterion(model(images), labels)
+            loss.backward()
+            torch.cuda.synchronize(device)
+            peak, how = torch.cuda.max_memory_allocated(device) - base, f"peak allocated on {device}"
+        else:
+            growth = _cpu_peak_reset()
+            if growth is not None:
+                with autocast(device, config):
+                    loss = criterion(model(images), labels)
+                loss.backward()
+                peak, how = growth(), "peak resident memory"
+            else:
+                saved: Dict[int, int] = {}
+
+                def pack(t: torch.Tensor) -> torch.Tensor:
+                    storage = t.untyped_storage()
+                    saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+                    return t
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, config):
+                    loss = criterion(model(images), labels)
+                loss.backward()
+                peak, how = 2 * sum(saved.values()) + grads, "estimated from the tensors autograd saves"
+        del loss
+    per_sample = math.ceil(max(0, peak - grads) / batch)
+    return StepMemory(fixed=grads * (1 + state_factor), per_sample=per_sample,
+                      how=f"{how} of one step at batch {batch}")
+
+
+# --- the plan ------------------------------------------------------------------------------------------
+
+
+def plan_micro_batches(memory: StepMemory, available: int, where: str, batch_size: int, world_size: int,
+                       accum_steps: Optional[int], min_micro: int) -> Tuple[int, Optional[str]]:
+    """``(accumulation steps, note)`` for a global ``batch_size`` over ``world_size`` processes.
+
+    ``accum_steps`` None: the fewest equal micro-batches that fit in ``USABLE * available`` (the
+    note says so when more than one is needed). Given: checked. BadInputError (exit 2) with the
+    accumulation (or batch size) that fits when the batch cannot fit as asked, or when not even a
+    micro-batch of ``min_micro`` samples fits."""
+    usable = int(available * USABLE)
+    per_process = batch_size // world_size
+    options = [a for a in range(1, per_process + 1) if per_process % a == 0 and per_process // a >= min_micro]
+    fitting = [a for a in options if memory.need(per_process // a) <= usable]
+    scope = " per process" if world_size > 1 else ""
+    size = f"{format_bytes(usable)}{scope} ({int(USABLE * 100)}% of {where}, {format_bytes(available)})"
+    if accum_steps is not None:
+        micro = per_process // accum_steps
+        if memory.need(micro) <= usable:
+            return accum_steps, None
+        hint = (f"use --accum-steps {fitting[0]} (micro-batches of {per_process // fitting[0]})" if fitting
+                else f"lower --batch-size to {_largest_fitting(memory, usable, min_micro) * world_size}")
+        raise BadInputError(
+            f"--batch-size {batch_size} with --accum-steps {accum_steps} runs micro-batches of {micro}{scope}, "
+            f"which need about {format_bytes(memory.need(micro))}; {size} is usable: {hint} "
+            f"[{memory.how}: {format_bytes(memory.per_sample)} per sample]"
+        )
+    if not fitting:
+        largest = _largest_fitting(memory, usable, min_micro)
+        if largest < min_micro:
+            raise BadInputError(
+                f"not even a micro-batch of {min_micro} fits: it needs about {format_bytes(memory.need(min_micro))} "
+                f"and {size} is usable; use a smaller --image-size, --activation-checkpointing or a device with "
+                f"more memory [{memory.how}: {format_bytes(memory.per_sample)} per sample]"
+            )
+        raise BadInputError(
+            f"no equal split of --batch-size {batch_size} into micro-batches of {min_micro} or more fits in {size}; "
+            f"use a --batch-size that splits into micro-batches of at most {largest}, e.g. {largest * world_size}"
+        )
+    accum = fitting[0]
+    if accum == 1:
+        return 1, None
+    return accum, (f"batch {batch_size} does not fit in {format_bytes(usable)}{scope}: {accum} micro-batches of "
+                   f"{per_process // accum} ({memory.how}: {format_bytes(memory.per_sample)} per sample)")
+
+
+def _largest_fitting(memory: StepMemory, usable: int, min_micro: int) -> int:
+    if memory.per_sample <= 0:
+        return 1 << 30
+    return max(0, (usable - memory.fixed) // memory.per_sample)
