@@ -21,12 +21,42 @@ __all__ = ["COMMANDS", "train", "eval_"]
                    "the learning rate scales linearly with it unless --lr is given.")
 @click.option("--lr", type=float, default=None, help="Initial learning rate [default: the recipe's, scaled to the batch size].")
 @click.option("--wd", "weight_decay", type=float, default=None, help="Weight decay [default: the recipe's].")
-@click.option("--accum-steps", type=int, default=None, help="Micro-batches accumulated per optimizer step [default: 1].")
+@click.option("--accum-steps", type=int, default=None,
+              help="Micro-batches accumulated per optimizer step [default: 1, or as many as a batch that does not "
+                   "fit in memory needs: one step is measured before the first].")
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Memory this run may use, e.g. 8GiB (the micro-batches are planned for it) [default: what the "
+                   "machine has available].")
+@click.option("--opt", default=None, metavar="sgd|adamw",
+              help="Optimizer: sgd (with --momentum) or adamw (betas 0.9, 0.999; the recipe's lr and wd are SGD's, "
+                   "so give --lr) [default: sgd].")
+@click.option("--momentum", type=float, default=None, help="SGD momentum [default: the recipe's, 0.9].")
+@click.option("--sched", "schedule", default=None, metavar="step|cosine|loglinear|constant",
+              help="Learning-rate schedule, stepped once per epoch [default: the recipe's].")
+@click.option("--warmup-epochs", type=int, default=None,
+              help="Epochs of linear warm-up from lr x --warmup-lr-ratio to lr; the schedule then spans the epochs "
+                   "left [default: 0].")
+@click.option("--warmup-lr-ratio", type=float, default=None,
+              help="First warm-up epoch's lr / lr [default: 0.01].")
+@click.option("--label-smoothing", type=float, default=None, help="Label smoothing of the training loss [default: 0].")
+@click.option("--mixup", type=float, default=None,
+              help="MixUp alpha for the training batches (soft targets; train top-1 counts the dominant label) "
+                   "[default: 0, off].")
+@click.option("--cutmix", type=float, default=None,
+              help="CutMix alpha; with --mixup each micro-batch gets one of the two at random [default: 0, off].")
+@click.option("--clip-grad-norm", type=float, default=None,
+              help="Clip the total L2 norm of the gradients to this before each step [default: 0, off].")
+@click.option("--ema-decay", type=float, default=None,
+              help="Keep an exponential moving average of the weights (e.g. 0.999, updated every step), evaluated every "
+                   "epoch and written to RUN_DIR/ema.pt [default: 0, off].")
 @click.option("--image-size", type=int, default=None, help="Input height = width [default: the checkpoint's, else 224].")
 @click.option("--amp/--no-amp", default=None, help="Autocast: bf16 (or fp16 with a grad scaler) on CUDA; bf16 on CPU [default: off].")
 @click.option("--amp-dtype", type=click.Choice(choices.AMP_DTYPES), default=None, help="Autocast dtype [default: bf16].")
 @click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format [default: off].")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model [default: off].")
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
+              help="Recompute the activations of the full-resolution stages in the backward pass instead of storing "
+                   "them (less memory, more time) [default: off].")
 @click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm across processes (CUDA, under torchrun) [default: off].")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: auto].")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes [default: 0].")
@@ -44,13 +74,16 @@ __all__ = ["COMMANDS", "train", "eval_"]
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where last.pt left it.")
 @click.option("--force", is_flag=True, help="Start over in an --out that already holds a run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def train(checkpoint, data, out, recipe, resume, force, as_json, compile_, **flags):
+def train(checkpoint, data, out, recipe, resume, force, as_json, compile_, memory_limit, **flags):
     """Train or fine-tune the converted model in CHECKPOINT on --data.
 
     Writes RUN_DIR/last.pt (every epoch, and every --save-every-steps), best.pt (best val top-1),
-    metrics.csv, metrics.jsonl and config.json. Ctrl-C saves last.pt and exits (code 130);
+    metrics.csv, metrics.jsonl and config.json; with --ema-decay also ema.pt (the EMA weights,
+    after every epoch; best.pt still follows the trained weights). Ctrl-C saves last.pt and exits (code 130);
     --resume continues exactly. A NaN/Inf loss stops the run (exit 1) keeping the last good
-    checkpoint. An image that cannot be read stops the run (exit 2) naming it, with last.pt saved
+    checkpoint. Before the first step one step is measured: a batch that does not fit in memory is
+split into micro-batches that do (said in a note and recorded in config.json). An image that
+cannot be read stops the run (exit 2) naming it, with last.pt saved
     at the last finished step; fix the file and --resume. For several processes or GPUs launch
     through torchrun.
 
@@ -59,13 +92,18 @@ def train(checkpoint, data, out, recipe, resume, force, as_json, compile_, **fla
       gfgp train m.pt --data digits --out runs/digits --epochs 5 --batch-size 64
       gfgp train m.pt --data ~/imagenet --out runs/r50 --recipe paper-resnet --amp
       gfgp train m.pt --data cifar10:data --download --out runs/c10 --recipe paper-vgg
+      gfgp train m.pt --data ~/imagenet --out runs/r50 --opt adamw --lr 1e-3 --sched cosine --warmup-epochs 5
+      gfgp train m.pt --data ~/imagenet --out runs/r50 --label-smoothing 0.1 --mixup 0.2 --ema-decay 0.9998
       gfgp train m.pt --data digits --out runs/digits --resume
       torchrun --nproc-per-node 4 -m gfgp_cli train m.pt --data ~/imagenet --out runs/r50 --sync-bn
     """
     from ..train import train as run
+    from ..train.memory import parse_size
     from ..train.render import render_train_result
 
-    result = run(checkpoint, data, out, recipe=recipe, resume=resume, force=force, compile=compile_, **flags)
+    limit = parse_size(memory_limit) if memory_limit is not None else None
+    result = run(checkpoint, data, out, recipe=recipe, resume=resume, force=force, compile=compile_,
+                 memory_limit=limit, **flags)
     render_train_result(result, as_json)
     if result.interrupted:
         click.get_current_context().exit(130)  # the shell's code for a run stopped by Ctrl-C

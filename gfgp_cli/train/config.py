@@ -4,6 +4,18 @@ A run is described by one frozen :class:`TrainConfig`. :func:`resolve_config` st
 in :data:`RECIPES`, applies the flags the user gave explicitly (``None`` means "not given"), scales
 the learning rate linearly when the batch size differs from the recipe's (Goyal et al. 2017) and
 returns the notes that say so; the run directory records the result as ``config.json``.
+
+Options with the names users know from torchvision's and timm's references, all off (or SGD) by
+default, so a recipe means what it always did:
+
+- ``opt``: ``sgd`` (momentum, the recipes') or ``adamw`` (torch's default betas (0.9, 0.999)); the
+  recipe's lr and weight decay stay as they are (tuned for SGD: a note says so).
+- ``schedule`` (``--sched``) after ``warmup_epochs`` of linear warm-up from
+  ``lr * warmup_lr_ratio`` (default 0.01, torchvision's ``--lr-warmup-decay``) towards lr; the
+  schedule then runs over the remaining ``epochs - warmup_epochs`` epochs (:func:`lr_factor`).
+- ``label_smoothing``, ``mixup``/``cutmix`` (Beta alphas, soft targets), ``clip_grad_norm`` (total
+  L2 norm of the gradients, before each optimizer step) and ``ema_decay`` (an exponential moving
+  average of the weights and BatchNorm statistics, evaluated every epoch and saved as ema.pt).
 """
 
 from __future__ import annotations
@@ -16,7 +28,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..devices import check_device_name
 from ..errors import BadInputError
 
-__all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "resolve_config", "check_config", "lr_factor", "config_from_dict"]
+__all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "OPTIMIZERS", "FLAGS", "resolve_config", "check_config", "lr_factor",
+           "schedule_factor", "config_from_dict"]
 
 # Mapping from recipe name to its hyper-parameters. `batch_size` is the global batch per optimizer
 # step (all devices and accumulation steps together), as in the paper.
@@ -36,6 +49,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 }
 
 SCHEDULES = ("loglinear", "step", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,14 @@ class TrainConfig:
     gamma: float = 0.1  # step: decay factor
     backbone_lr_scale: float = 1.0  # lr of reused layers / lr of new pooling layers
     accum_steps: int = 1
+    opt: str = "sgd"  # sgd (with momentum) or adamw (betas (0.9, 0.999); momentum unused)
+    warmup_epochs: int = 0  # linear warm-up epochs before the schedule
+    warmup_lr_ratio: float = 0.01  # first warm-up epoch's lr / lr
+    label_smoothing: float = 0.0  # of the training loss (validation measures plain cross-entropy)
+    mixup: float = 0.0  # MixUp's Beta alpha (0: off)
+    cutmix: float = 0.0  # CutMix's Beta alpha (0: off); with mixup, one of the two per micro-batch
+    clip_grad_norm: float = 0.0  # max total L2 norm of the gradients per step (0: off)
+    ema_decay: float = 0.0  # EMA of the weights, ema = d * ema + (1 - d) * w after every step (0: off)
     # data
     image_size: Optional[int] = None  # None: from the model's spec, else 224
     workers: int = 0
@@ -75,6 +97,7 @@ class TrainConfig:
     amp_dtype: str = "bfloat16"
     channels_last: bool = False
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute full-resolution stages' activations in the backward
     sync_bn: bool = False
     seed: int = 0
     deterministic: bool = False
@@ -86,6 +109,9 @@ class TrainConfig:
 
 # Fields a resumed run may change without breaking exactness (where and how fast it runs).
 RESUME_MUTABLE = ("checkpoint", "epochs", "workers", "threads", "device", "download", "compile", "skip_bad_images")
+
+# The flag of each field whose flag is not "--" + its name with dashes.
+FLAGS = {"weight_decay": "--wd", "schedule": "--sched", "opt": "--opt"}
 
 _AMP_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
 
@@ -123,11 +149,18 @@ def resolve_config(checkpoint: str, data: str, out: str, recipe: str = "paper-re
     notes: List[str] = []
     base = RECIPES[recipe]
     _check(values)
+    if "momentum" in given and values["opt"] != "sgd":
+        raise BadInputError("--momentum applies to --opt sgd only; AdamW uses its betas (0.9, 0.999), drop --momentum")
     if "lr" not in given and values["batch_size"] != base["batch_size"]:
         values["lr"] = base["lr"] * values["batch_size"] / base["batch_size"]
         notes.append(
             f"batch size {values['batch_size']} differs from the {recipe} recipe's {base['batch_size']}: "
             f"learning rate scaled linearly {base['lr']:g} -> {values['lr']:g}"
+        )
+    if values["opt"] != "sgd" and "lr" not in given:
+        notes.append(
+            f"--opt {values['opt']} with the {recipe} recipe's lr {values['lr']:g} and weight decay "
+            f"{values['weight_decay']:g}, which were chosen for SGD; AdamW usually wants about --lr 1e-3"
         )
     return TrainConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), recipe=recipe, **values), notes
 
@@ -152,9 +185,29 @@ def _check(v: Dict[str, Any]) -> None:
     if not (math.isfinite(v["weight_decay"]) and v["weight_decay"] >= 0):
         raise BadInputError(f"--wd must be >= 0, got {v['weight_decay']!r}")
     if not 0 <= v["momentum"] < 1:
-        raise BadInputError(f"momentum must be in [0, 1), got {v['momentum']!r}")
+        raise BadInputError(f"--momentum must be in [0, 1), got {v['momentum']!r}")
     if v["schedule"] not in SCHEDULES:
-        raise BadInputError(f"unknown schedule {v['schedule']!r}; choose one of {', '.join(SCHEDULES)}")
+        raise BadInputError(f"unknown schedule {v['schedule']!r} (--sched); choose one of {', '.join(SCHEDULES)}")
+    if v.get("opt", "sgd") not in OPTIMIZERS:
+        raise BadInputError(f"unknown optimizer {v['opt']!r} (--opt); choose one of {', '.join(OPTIMIZERS)}")
+    warmup = v.get("warmup_epochs", 0)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise BadInputError(f"--warmup-epochs must be an integer >= 0, got {warmup!r}")
+    if warmup and warmup >= v["epochs"]:
+        raise BadInputError(f"--warmup-epochs {warmup} leaves no epoch for the schedule: it must be below --epochs {v['epochs']}")
+    ratio = v.get("warmup_lr_ratio", 0.01)
+    if not (_is_number(ratio) and 0 < ratio <= 1):
+        raise BadInputError(f"--warmup-lr-ratio must be in (0, 1], got {ratio!r}")
+    for name in ("label_smoothing", "ema_decay"):
+        value = v.get(name, 0.0)
+        if not (_is_number(value) and 0 <= value < 1):
+            raise BadInputError(f"--{name.replace('_', '-')} must be in [0, 1), got {value!r}")
+    for name in ("mixup", "cutmix", "clip_grad_norm"):
+        value = v.get(name, 0.0)
+        if not (_is_number(value) and value >= 0):
+            raise BadInputError(f"--{name.replace('_', '-')} must be a number >= 0 (0: off), got {value!r}")
+    if not isinstance(v.get("activation_checkpointing", False), bool):
+        raise BadInputError(f"activation_checkpointing must be true or false, got {v['activation_checkpointing']!r}")
     if v["batch_size"] % v["accum_steps"]:
         raise BadInputError(
             f"--batch-size {v['batch_size']} is not divisible by --accum-steps {v['accum_steps']}"
@@ -172,22 +225,42 @@ def _check(v: Dict[str, Any]) -> None:
     check_device_name(v.get("device", "auto"))
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def lr_factor(config: TrainConfig, epoch: int) -> float:
     """Multiplier of the initial learning rate during 0-based ``epoch``.
 
-    - loglinear: ``final_lr_ratio ** (epoch / (epochs - 1))``, i.e. linear in log scale from lr
+    The first ``warmup_epochs`` (W) epochs warm up linearly, ``warmup_lr_ratio + (1 -
+    warmup_lr_ratio) * epoch / W`` (torch's LinearLR); epoch W onwards is the schedule's
+    :func:`schedule_factor` of ``epoch - W``, over the ``epochs - W`` epochs left (torch's
+    SequentialLR of the two). Without warm-up, the schedule alone.
+    """
+    w = config.warmup_epochs
+    if epoch < w:
+        return config.warmup_lr_ratio + (1 - config.warmup_lr_ratio) * epoch / w
+    return schedule_factor(config, epoch - w)
+
+
+def schedule_factor(config: TrainConfig, epoch: int) -> float:
+    """Multiplier of the initial learning rate during 0-based ``epoch`` of the schedule, which
+    spans E = ``epochs - warmup_epochs`` epochs (all of them without warm-up):
+
+    - loglinear: ``final_lr_ratio ** (epoch / (E - 1))``, i.e. linear in log scale from lr
       (first epoch) to lr * final_lr_ratio (last epoch); docs/method.md section 5: 0.1 -> 1e-4 over 20 epochs.
     - step: ``gamma ** (epoch // step_size)``; docs/method.md section 5: divided by 10 every 30 epochs.
-    - cosine: ``r + (1 - r) (1 + cos(pi epoch / epochs)) / 2`` with r = final_lr_ratio.
+    - cosine: ``r + (1 - r) (1 + cos(pi epoch / E)) / 2`` with r = final_lr_ratio.
     - constant: 1.
     """
+    span = max(config.epochs - config.warmup_epochs, 1)
     if config.schedule == "loglinear":
-        if config.epochs == 1:
+        if span == 1:
             return 1.0
-        return config.final_lr_ratio ** (min(epoch, config.epochs - 1) / (config.epochs - 1))
+        return config.final_lr_ratio ** (min(epoch, span - 1) / (span - 1))
     if config.schedule == "step":
         return config.gamma ** (epoch // config.step_size) if config.step_size > 0 else 1.0
     if config.schedule == "cosine":
         r = config.final_lr_ratio
-        return r + (1 - r) * (1 + math.cos(math.pi * min(epoch, config.epochs) / config.epochs)) / 2
+        return r + (1 - r) * (1 + math.cos(math.pi * min(epoch, span) / span)) / 2
     return 1.0

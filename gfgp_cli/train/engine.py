@@ -20,6 +20,13 @@ When the work stops on bad data or a broken model, the driver keeps what is exac
   recorded or saved, so the last checkpoint keeps the last good state.
 - ``config.skip_bad_images``: the loaders' ImageFolder data skip unreadable files instead
   (:func:`~gfgp_cli.train.data.skip_bad_images`), with a line in the log when more are found.
+
+A step, with the options of :mod:`.optim`: each micro-batch is mixed (MixUp/CutMix, soft
+targets; the train top-1/top-5 then count the dominant label of the mixed target, its argmax, as
+torchvision's references do), the loss is the trainer's criterion (label smoothing), the
+gradients are unscaled and clipped to ``clip_grad_norm`` before ``optimizer.step``, and the EMA
+model, if any, is updated after it. Validation measures plain cross-entropy (what ``gfgp eval``
+reports), of the model and of its EMA; best.pt follows the model's top-1.
 """
 
 from __future__ import annotations
@@ -41,9 +48,11 @@ from .data import ResumableSampler, UnreadableImageError, loader_batches, skip_b
 from .distributed import SINGLE_PROCESS, DistInfo, all_reduce_max, all_reduce_sum
 from .evaluation import evaluate, nonfinite_message
 from .metrics import Meters, Progress
+from .optim import Mix
 from .runtime import StopControl, autocast, collective_device, to_device
 
-__all__ = ["NonFiniteLoss", "train_one_epoch", "Trainer", "EpochEnd", "EpochHooks", "InMemoryEpochs", "run_epochs"]
+__all__ = ["NonFiniteLoss", "train_one_epoch", "Trainer", "EpochEnd", "EpochHooks", "InMemoryEpochs", "run_epochs",
+           "unwrapped"]
 
 
 class NonFiniteLoss(Exception):
@@ -56,9 +65,15 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     device: torch.device, epoch: int, config: TrainConfig, *, steps: int, start_step: int = 0,
                     scaler: Optional[torch.amp.GradScaler] = None, meters: Optional[Meters] = None,
                     info: DistInfo = SINGLE_PROCESS, no_sync: Optional[Callable] = None, control: Optional[StopControl] = None,
-                    on_step: Optional[Callable[[int], None]] = None, progress: Optional[Progress] = None) -> Tuple[int, bool]:
+                    on_step: Optional[Callable[[int], None]] = None, progress: Optional[Progress] = None,
+                    ema: Optional[torch.optim.swa_utils.AveragedModel] = None,
+                    mix: Optional[Mix] = None) -> Tuple[int, bool]:
     """Run optimizer steps ``start_step .. steps - 1`` of ``epoch``; each step accumulates
     ``config.accum_steps`` micro-batches from ``data_loader``.
+
+    ``mix`` mixes each micro-batch (soft targets for the loss; the meters count their argmax);
+    ``config.clip_grad_norm`` caps the total gradient norm before the step; ``ema`` is updated
+    from the model after every step.
 
     Raises :class:`NonFiniteLoss` before the backward of a NaN/Inf loss (on every rank). After
     each step ``on_step(steps_done)`` runs (periodic checkpoints). Returns ``(steps_done, stop)``:
@@ -82,6 +97,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             stop = False
             for j, (images, target) in enumerate(micro_batches):
                 images, target = to_device(images, device, config), target.to(device, non_blocking=True)
+                labels = target
+                if mix is not None:
+                    images, target = mix(images, target)
+                    labels = target.argmax(dim=1)  # the dominant label of each mixed image
                 # DDP: gradients are all-reduced only on the last micro-batch of a step.
                 sync = no_sync() if (no_sync is not None and j < accum - 1) else contextlib.nullcontext()
                 with sync:
@@ -95,9 +114,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                         raise NonFiniteLoss(epoch, step, value)
                     stop = stop or bool(flags[1])
                     scaler.scale(loss / accum).backward()
-                meters.update(value, output, target)
+                meters.update(value, output, labels)
+            if config.clip_grad_norm:
+                scaler.unscale_(optimizer)  # clip the true gradients (a no-op without loss scaling)
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(unwrapped(model))
             if progress is not None:
                 progress.update(step + 1, images.shape[0] * accum * info.world_size,
                                 {"loss": meters.loss_sum / max(meters.count, 1), "top1": 100.0 * meters.correct1 / max(meters.count, 1)})
@@ -127,6 +151,9 @@ class Trainer:
     info: DistInfo = SINGLE_PROCESS
     no_sync: Optional[Callable] = None  # DDP's no_sync, for gradient accumulation
     label: str = ""  # shown before "epoch N/M" in the progress
+    ema: Optional[torch.optim.swa_utils.AveragedModel] = None  # optim.build_ema: updated every step, evaluated every epoch
+    mix: Optional[Mix] = None  # optim.build_mix: MixUp/CutMix of the training micro-batches
+    val_criterion: Optional[nn.Module] = None  # None: plain cross-entropy, what gfgp eval measures
 
 
 @dataclass
@@ -140,6 +167,7 @@ class EpochEnd:
     images_per_s: float
     started: float  # time.perf_counter() when its steps began
     train_s: float  # seconds of the training steps alone
+    ema_val: Optional[Dict[str, float]] = None  # validation metrics of the EMA model (None without one)
 
 
 class EpochHooks:
@@ -206,7 +234,7 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
             done, stop = train_one_epoch(
                 t.model, t.criterion, t.optimizer, t.train_loader, t.device, epoch, config, steps=steps,
                 start_step=t.sampler.start_step, scaler=t.scaler, meters=meters, info=t.info, no_sync=t.no_sync,
-                control=control, on_step=on_step, progress=t.progress)
+                control=control, on_step=on_step, progress=t.progress, ema=t.ema, mix=t.mix)
         except UnreadableImageError as e:
             t.progress.stop()
             if not _save_before_stopping(hooks, t.info, epoch, finished[0], meters):
@@ -221,27 +249,32 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
             return epoch, done
         images_per_s = t.progress.images_per_s()
         train_m = Meters.summary(all_reduce_sum(meters.totals(), t.info))
-        val_m = None
+        val_m = ema_m = None
         if t.val_loader is not None:
+            val_criterion = t.val_criterion if t.val_criterion is not None else nn.CrossEntropyLoss()
             try:
-                val_m = evaluate(t.model, t.criterion, t.val_loader, t.device, config, t.info)
+                val_m = evaluate(t.model, val_criterion, t.val_loader, t.device, config, t.info)
+                if t.ema is not None:
+                    ema_m = evaluate(t.ema.module, val_criterion, t.val_loader, t.device, config, t.info)
             except UnreadableImageError as e:
                 if not _save_before_stopping(hooks, t.info, epoch, steps, meters):
                     raise
                 raise UnreadableImageError(f"{e}; last.pt keeps epoch {epoch + 1}'s training, and --resume "
                                            "continues with its validation") from e
-            if val_m["nonfinite"]:
-                what = nonfinite_message(val_m, t.model, "the model's", config.amp)
-                kept = "last.pt keeps the last good state" if saved else "no checkpoint was written"
-                raise WorkFailedError(f"validation after epoch {epoch + 1}: {what}; stopped before saving the epoch, "
-                                      f"{kept}; lower --lr or disable --amp")
+            ema_module = t.ema.module if t.ema is not None else None
+            for m, module, whose in ((val_m, t.model, "the model's"), (ema_m, ema_module, "the EMA model's")):
+                if m is not None and m["nonfinite"]:
+                    what = nonfinite_message(m, module, whose, config.amp)
+                    kept = "last.pt keeps the last good state" if saved else "no checkpoint was written"
+                    raise WorkFailedError(f"validation after epoch {epoch + 1}: {what}; stopped before saving the "
+                                          f"epoch, {kept}; lower --lr or disable --amp")
         with warnings.catch_warnings():
             # An epoch resumed after its last step (its validation had failed) runs no
             # optimizer.step() before this, which torch warns about; the schedule's position was
             # restored with it, so the step is the right one.
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             t.scheduler.step()
-        end = EpochEnd(epoch, lrs, train_m, val_m, images_per_s, t0, train_s)
+        end = EpochEnd(epoch, lrs, train_m, val_m, images_per_s, t0, train_s, ema_m)
         # The epoch's record goes into its checkpoint; what points at the checkpoint (best.pt, the
         # metrics files) follows it, so a crash in between never leaves them ahead of last.pt.
         hooks.finished(end)
@@ -255,6 +288,18 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
         if stop:
             return epoch + 1, 0
     return None
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's and DDP's wrappers (whose parameters and buffers they
+    share, in the same order)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
 
 
 def _save_before_stopping(hooks: EpochHooks, info: DistInfo, epoch: int, step: int, meters: Meters) -> bool:

@@ -25,14 +25,14 @@ from torch.utils.data import DataLoader
 from ..checkpoint import load
 from ..errors import BadInputError, WorkFailedError
 from ..spec import ConversionSpec, TorchvisionSource, spec_of
-from .config import RESUME_MUTABLE, TrainConfig, check_config, resolve_config
+from .config import FLAGS, RESUME_MUTABLE, TrainConfig, check_config, resolve_config
 from .data import DataBundle, ResumableSampler, SeededSamples
 from .distributed import DistInfo, all_gather_object, cleanup_distributed, init_distributed, run_on_main
 from .engine import NonFiniteLoss, Trainer, run_epochs, train_one_epoch
 from .evaluation import eval_loader, evaluate, evaluate_checkpoint, prepare_data
 from .memory import MEASURE_BATCH, available_memory, measure_step, plan_micro_batches
-from .metrics import MetricsLog, Progress
-from .optim import build_optimizer
+from .metrics import EMA_COLUMNS, METRIC_COLUMNS, MetricsLog, Progress
+from .optim import build_criterion, build_ema, build_mix, build_optimizer
 from .recompute import checkpoint_full_resolution
 from .rundir import RUN_FILES, RunRecorder, TrainResult, check_checkpoint_space, hold_run_dir, prepare_run_dir
 from .runtime import (
@@ -155,15 +155,17 @@ def _main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, state: Op
     config = _fit_memory(trainable, bundle, config, device, info, memory_limit, auto_accum, notes)
     sampler = _train_sampler(bundle, model, config, info)
 
-    criterion = nn.CrossEntropyLoss()
+    criterion = build_criterion(config)
     optimizer, scheduler = build_optimizer(model, config, spec, notes)
+    ema = build_ema(model, config)  # None unless --ema-decay
     scaler = grad_scaler(device, dtype)
-    start_epoch, start_step, meters, history, best = resume_training(state, optimizer, scheduler, scaler, info)
+    start_epoch, start_step, meters, history, best = resume_training(state, optimizer, scheduler, scaler, info, ema)
 
     # -- the run directory (rank 0), then the model wrappers
     run_on_main(lambda: check_checkpoint_space(run_dir, model, config, "the run's checkpoints"), info)
     run_on_main(lambda: prepare_run_dir(run_dir, config, notes, force=force and state is None), info)
-    log = MetricsLog(run_dir, history) if info.is_main else None
+    columns = METRIC_COLUMNS + (EMA_COLUMNS if ema is not None else ())
+    log = MetricsLog(run_dir, history, columns=columns) if info.is_main else None
     progress = Progress(enabled=info.is_main)
     for note in notes:
         progress.log(f"note: {note}")
@@ -172,7 +174,8 @@ def _main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, state: Op
                       device, config, progress, scaler=scaler, info=info,
                       val_loader=eval_loader(bundle.val, max(1, config.batch_size // info.world_size), config.workers,
                                              device, info),
-                      no_sync=ddp.no_sync if ddp is not None else None)
+                      no_sync=ddp.no_sync if ddp is not None else None, ema=ema,
+                      mix=build_mix(config, bundle.num_classes))
 
     reseeded = seed_process(config.seed, info, saved_rng(state), start_epoch * sampler.steps_per_epoch + start_step)
     if reseeded:
@@ -181,7 +184,7 @@ def _main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, state: Op
     result = TrainResult(str(run_dir), start_epoch, config.epochs, notes=notes,
                          final=history[-1] if history else None, best_top1=best["top1"], best_epoch=best["epoch"])
     recorder = RunRecorder(run_dir, spec, model, config, optimizer, scheduler, scaler, info, progress, log, history,
-                           best, result)
+                           best, result, ema=ema)
     try:
         with stop_on_signals(control):
             stopped_at = run_epochs(trainer, recorder, start_epoch=start_epoch, start_step=start_step, meters=meters,
@@ -213,7 +216,7 @@ def _resume_config(saved: TrainConfig, data: str, recipe: Optional[str], flags: 
         if value == old:
             continue
         if key not in RESUME_MUTABLE:
-            flag = {"weight_decay": "--wd"}.get(key, "--" + key.replace("_", "-"))
+            flag = FLAGS.get(key, "--" + key.replace("_", "-"))
             raise BadInputError(
                 f"the run was started with {flag} {old}; --resume continues it unchanged, so drop {flag} "
                 "(or start over with --force)"
@@ -254,6 +257,8 @@ def _fit_memory(model: nn.Module, bundle: DataBundle, config: TrainConfig, devic
         return config  # _train_sampler says what is wrong
     min_micro = 2 if _has_batchnorm(model) and not config.sync_bn else 1
     per_process = config.batch_size // info.world_size
+    if per_process // (1 if auto_accum else config.accum_steps) < min_micro:
+        return config  # _train_sampler says what is wrong
     batch = max(min_micro, min(MEASURE_BATCH, per_process // (1 if auto_accum else config.accum_steps)))
     try:
         samples = [bundle.train[i % len(bundle.train)] for i in range(batch)]

@@ -18,10 +18,11 @@ import torch
 
 from .._io import atomic_write_text
 
-__all__ = ["topk_correct", "Meters", "MetricsLog", "Progress", "METRIC_COLUMNS"]
+__all__ = ["topk_correct", "Meters", "MetricsLog", "Progress", "METRIC_COLUMNS", "EMA_COLUMNS"]
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
                   "images_per_s", "epoch_time_s")
+EMA_COLUMNS = ("ema_val_loss", "ema_val_top1", "ema_val_top5")  # runs with --ema-decay
 
 
 def topk_correct(output: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> List[int]:
@@ -67,8 +68,9 @@ class Meters:
 class MetricsLog:
     """metrics.csv + metrics.jsonl (+ TensorBoard when installed), one row per finished epoch."""
 
-    def __init__(self, run_dir: Path, history: List[Dict[str, Any]], tensorboard: bool = True) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: Path, history: List[Dict[str, Any]], tensorboard: bool = True,
+                 columns: Sequence[str] = METRIC_COLUMNS) -> None:
+        self.run_dir, self.columns = Path(run_dir), tuple(columns)
         self._rewrite(history)
         self.tb = None
         if tensorboard:
@@ -84,12 +86,11 @@ class MetricsLog:
         for name, text in (("metrics.csv", self._csv(history)), ("metrics.jsonl", self._jsonl(history))):
             atomic_write_text(self.run_dir / name, text)
 
-    @staticmethod
-    def _csv(rows: List[Dict[str, Any]]) -> str:
+    def _csv(self, rows: List[Dict[str, Any]]) -> str:
         import io
 
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
         return buf.getvalue()
@@ -100,7 +101,7 @@ class MetricsLog:
 
     def append(self, row: Dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.csv", "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n").writerow(row)
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n").writerow(row)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:

@@ -1,5 +1,14 @@
-"""The optimizer and the learning-rate schedule of a run: SGD over :func:`param_groups`, with the
-recipe's per-epoch schedule (:func:`~gfgp_cli.train.config.lr_factor`) as a LambdaLR.
+"""The optimisation of a run, from its :class:`~gfgp_cli.train.config.TrainConfig`:
+
+- :func:`build_optimizer`: SGD (momentum) or AdamW over :func:`param_groups`, with the per-epoch
+  schedule of :func:`~gfgp_cli.train.config.lr_factor`: a LambdaLR of
+  :func:`~gfgp_cli.train.config.schedule_factor`, after ``warmup_epochs`` a torch LinearLR warm-up
+  (the two chained by SequentialLR);
+- :func:`build_criterion`: cross-entropy with ``label_smoothing`` (it takes class indices or the
+  soft targets of MixUp/CutMix);
+- :func:`build_ema`: the exponential moving average of the weights (``ema_decay``), a torch
+  AveragedModel;
+- :func:`build_mix`: MixUp and/or CutMix of the training micro-batches.
 
 ``gfgp train`` and ``gfgp study`` both build theirs with :func:`build_optimizer`, so a recipe
 means the same optimisation in both.
@@ -7,15 +16,19 @@ means the same optimisation in both.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..spec import ConversionSpec
-from .config import TrainConfig, lr_factor
+from .config import TrainConfig, schedule_factor
 
-__all__ = ["param_groups", "build_optimizer"]
+__all__ = ["param_groups", "build_optimizer", "build_criterion", "build_ema", "build_mix", "Mix"]
+
+#: ``(images, labels[N]) -> (mixed images, soft targets Tensor[N, classes])``
+Mix = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
 def param_groups(model: nn.Module, spec: Optional[ConversionSpec], config: TrainConfig,
@@ -46,11 +59,69 @@ def param_groups(model: nn.Module, spec: Optional[ConversionSpec], config: Train
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, spec: Optional[ConversionSpec] = None,
-                    notes: Optional[List[str]] = None) -> Tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
-    """``(optimizer, scheduler)`` of ``config``'s recipe for ``model``; the scheduler steps once per
-    epoch. Notes about the parameter groups go to ``notes``."""
+                    notes: Optional[List[str]] = None) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """``(optimizer, scheduler)`` of ``config`` for ``model``; the scheduler steps once per epoch
+    (the lr of epoch e is ``lr * lr_factor(config, e)``). Notes about the parameter groups go to
+    ``notes``."""
     notes = notes if notes is not None else []
-    optimizer = torch.optim.SGD(param_groups(model, spec, config, notes), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(config, e))
-    return optimizer, scheduler
+    groups = param_groups(model, spec, config, notes)
+    if config.opt == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: schedule_factor(config, e))
+    if not config.warmup_epochs:
+        return optimizer, schedule
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=config.warmup_lr_ratio, end_factor=1.0,
+                                               total_iters=config.warmup_epochs)
+    return optimizer, torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, schedule], [config.warmup_epochs])
+
+
+def build_criterion(config: TrainConfig) -> nn.Module:
+    """The training loss: cross-entropy with ``config.label_smoothing``; it takes class indices
+    ``Tensor[N]`` or soft targets ``Tensor[N, classes]`` (MixUp/CutMix)."""
+    return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+
+def build_ema(model: nn.Module, config: TrainConfig) -> Optional[AveragedModel]:
+    """The exponential moving average of ``model`` (None for ``ema_decay`` 0): a copy of it whose
+    parameters and buffers (BatchNorm statistics too) follow ``ema = d * ema + (1 - d) * w`` after
+    every optimizer step (``update_parameters``). It starts at ``model``'s current weights.
+
+    Build it from the unwrapped model on its device, after SyncBatchNorm and before DDP/compile.
+    Integer buffers (``num_batches_tracked``) are averaged too, and truncated.
+    """
+    if not config.ema_decay:
+        return None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    ema.requires_grad_(False)
+    ema.update_parameters(model)  # the first update copies: the average starts at the current weights
+    return ema
+
+
+def build_mix(config: TrainConfig, num_classes: int) -> Optional[Mix]:
+    """MixUp (``config.mixup`` alpha), CutMix (``config.cutmix``) or, with both, one of the two
+    chosen at random for each micro-batch (torchvision.transforms.v2); None when both are 0.
+
+    It returns the mixed batch and soft targets ``Tensor[N, classes]`` (each row sums to 1). Its
+    randomness comes from the global torch generator, which checkpoints save and resume restores.
+    Clips ``Tensor[N, C, T, H, W]`` are mixed as videos (the same box in every frame).
+    """
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    mixes = []
+    if config.mixup:
+        mixes.append(v2.MixUp(alpha=config.mixup, num_classes=num_classes))
+    if config.cutmix:
+        mixes.append(v2.CutMix(alpha=config.cutmix, num_classes=num_classes))
+    if not mixes:
+        return None
+    transform = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+    def mix(images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        batch = tv_tensors.Video(images) if images.dim() == 5 else images
+        mixed, soft = transform(batch, labels)
+        return mixed.as_subclass(torch.Tensor), soft
+
+    return mix

@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from .._io import atomic_write_text, check_free_space, ensure_writable_dir, format_bytes, remove_stale_temp_files
 from ..errors import BadInputError, DiskFullError
@@ -34,13 +35,13 @@ from .config import TrainConfig
 from .distributed import DistInfo, all_gather_object, run_on_main
 from .engine import EpochEnd, EpochHooks
 from .metrics import Meters, MetricsLog, Progress
-from .state import BEST, LAST, process_state, promote_to_best, save_run_checkpoint
+from .state import BEST, LAST, process_state, promote_to_best, save_ema_checkpoint, save_run_checkpoint
 
 __all__ = ["RUN_FILES", "LOCK", "TrainResult", "hold_run_dir", "prepare_run_dir", "RunRecorder",
            "check_checkpoint_space", "checkpoint_size_estimate"]
 
 # Files a run writes; a folder holding any of them is an existing run.
-RUN_FILES = (LAST, BEST, "config.json", "metrics.csv", "metrics.jsonl")
+RUN_FILES = (LAST, BEST, "ema.pt", "config.json", "metrics.csv", "metrics.jsonl")
 # The lock file of a run folder: held (flock) by the one process training into it; it records who.
 LOCK = ".gfgp-train.lock"
 
@@ -139,15 +140,19 @@ def _in_use(run_dir: Path, holder: Dict[str, Any]) -> str:
             "or choose another --out")
 
 
-def checkpoint_size_estimate(run_dir: Path, model: nn.Module) -> int:
-    """Bytes the next last.pt will take: the current one's size, else the model's weights and
-    one optimizer buffer per parameter (SGD momentum), plus 1 MiB of training state."""
+def checkpoint_size_estimate(run_dir: Path, model: nn.Module, config: Optional[TrainConfig] = None) -> int:
+    """Bytes the next last.pt (and ema.pt) will take: the current files' size, else the model's
+    weights, the optimizer's buffers (one per parameter for SGD with momentum, two for AdamW), the
+    EMA copy and its ema.pt, plus 1 MiB of training state."""
     last = run_dir / LAST
     if last.exists():
-        return last.stat().st_size
+        ema = run_dir / "ema.pt"
+        return last.stat().st_size + (ema.stat().st_size if ema.exists() else 0)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights + params + (1 << 20)
+    buffers = 2 if config is not None and config.opt == "adamw" else int(config is None or config.momentum > 0)
+    copies = 1 + (2 if config is not None and config.ema_decay else 0)  # the model, and the EMA in last.pt and ema.pt
+    return copies * weights + buffers * params + (1 << 20)
 
 
 @dataclass
@@ -186,8 +191,10 @@ class RunRecorder(EpochHooks):
     def __init__(self, run_dir: Path, spec: ConversionSpec, model: nn.Module, config: TrainConfig,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  scaler: torch.amp.GradScaler, info: DistInfo, progress: Progress, log: Optional[MetricsLog],
-                 history: List[Dict[str, Any]], best: Dict[str, Any], result: TrainResult) -> None:
+                 history: List[Dict[str, Any]], best: Dict[str, Any], result: TrainResult,
+                 ema: Optional[AveragedModel] = None) -> None:
         self.run_dir, self.spec, self.model, self.config = run_dir, spec, model, config
+        self.ema = ema  # the EMA model (optim.build_ema): saved in last.pt and as ema.pt, its metrics in the rows
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.info, self.progress, self.log = info, progress, log
         self.history, self.best, self.result = history, best, result
@@ -202,7 +209,8 @@ class RunRecorder(EpochHooks):
             try:
                 save_run_checkpoint(self.run_dir, self.spec, self.model.state_dict(), config=self.config,
                                     epoch=epoch, step=step, optimizer=self.optimizer, scheduler=self.scheduler,
-                                    scaler=self.scaler, per_rank=per_rank, history=self.history, best=self.best)
+                                    scaler=self.scaler, per_rank=per_rank, history=self.history, best=self.best,
+                                    ema_state_dict=None if self.ema is None else self.ema.module.state_dict())
             except DiskFullError as e:
                 raise DiskFullError(f"no space left on device writing {e.path}; {self._kept()}", path=e.path) from e
 
@@ -214,6 +222,9 @@ class RunRecorder(EpochHooks):
                      "val_loss": val_m["loss"], "val_top1": val_m["top1"], "val_top5": val_m["top5"],
                      "images_per_s": round(end.images_per_s, 1),
                      "epoch_time_s": round(time.perf_counter() - end.started, 3)}
+        if end.ema_val is not None:
+            self._row.update({"ema_val_loss": end.ema_val["loss"], "ema_val_top1": end.ema_val["top1"],
+                              "ema_val_top5": end.ema_val["top5"]})
         self.history.append(self._row)
         self._improved = self.best["top1"] is None or val_m["top1"] > self.best["top1"]
         if self._improved:
@@ -225,11 +236,18 @@ class RunRecorder(EpochHooks):
         if self.info.is_main:
             if self._improved:
                 promote_to_best(self.run_dir)
+            if self.ema is not None:
+                try:
+                    save_ema_checkpoint(self.run_dir, self.spec, self.ema.module.state_dict(), config=self.config,
+                                        epoch=end.epoch + 1)
+                except DiskFullError as e:
+                    raise DiskFullError(f"no space left on device writing {e.path}; {self._kept()}", path=e.path) from e
             self.log.append(row)
+        ema = f"  ema top1 {row['ema_val_top1']:.2f}%" if "ema_val_top1" in row else ""
         self.progress.log(
             f"epoch {end.epoch + 1}/{self.config.epochs}  lr {row['lr']:.4g}  train loss {train_m['loss']:.4f} "
             f"top1 {train_m['top1']:.2f}%  val loss {val_m['loss']:.4f} top1 {val_m['top1']:.2f}% "
-            f"top5 {val_m['top5']:.2f}%  {end.images_per_s:.0f} img/s  {row['epoch_time_s']:.1f} s"
+            f"top5 {val_m['top5']:.2f}%{ema}  {end.images_per_s:.0f} img/s  {row['epoch_time_s']:.1f} s"
         )
         self.result.epochs, self.result.final = end.epoch + 1, row
         self.result.best_top1, self.result.best_epoch = self.best["top1"], self.best["epoch"]
@@ -247,7 +265,7 @@ def check_checkpoint_space(run_dir: Path, model: nn.Module, config: TrainConfig,
     """Refuse (DiskFullError, exit 1) to go on when the next last.pt could not be written: its
     temporary file needs the full size while the old last.pt is still there. Run before the
     first epoch and after every epoch, so that a full disk costs no epoch of work."""
-    check_free_space(run_dir, checkpoint_size_estimate(run_dir, model), what, advice=_space_advice(run_dir, config))
+    check_free_space(run_dir, checkpoint_size_estimate(run_dir, model, config), what, advice=_space_advice(run_dir, config))
 
 
 def _space_advice(run_dir: Path, config: TrainConfig) -> str:

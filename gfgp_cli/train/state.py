@@ -10,10 +10,13 @@ A run checkpoint is a gfgp model checkpoint (``spec``, ``state_dict``) plus::
     meters      per process: the epoch's running sums so far (so its train metrics come out the same)
     history     one dict of metrics per finished epoch (metrics.csv/jsonl are rebuilt from it)
     best        {"epoch", "top1"} of the best validation top-1 so far
+    ema_state_dict  with --ema-decay: the EMA model's state_dict (the model's keys)
 
 Everything is tensors and plain values, so it loads with ``weights_only=True``. Files are written
 with :func:`gfgp_cli.checkpoint.write_checkpoint` (temp file, fsync, rename); ``best.pt`` is a
-hard link to the ``last.pt`` it equals, swapped in atomically too.
+hard link to the ``last.pt`` it equals, swapped in atomically too. With --ema-decay, ``ema.pt``
+(:func:`save_ema_checkpoint`) is a model checkpoint of the EMA weights, for ``gfgp eval`` and
+``gfgp export``.
 
 This module is the one place that puts these entries together (:func:`save_run_checkpoint`) and
 reads them back (:func:`read_run_checkpoint`, :func:`saved_config`, :func:`rebuild_model`,
@@ -30,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from ..checkpoint import load, read_checkpoint, write_checkpoint
 from ..errors import BadInputError
@@ -40,9 +44,9 @@ from .metrics import Meters
 
 __all__ = ["capture_rng", "restore_rng", "process_state", "save_run_checkpoint", "promote_to_best",
            "read_run_checkpoint", "saved_config", "rebuild_model", "resume_training", "saved_rng",
-           "trained_image_size", "LAST", "BEST"]
+           "trained_image_size", "save_ema_checkpoint", "LAST", "BEST", "EMA"]
 
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, EMA = "last.pt", "best.pt", "ema.pt"
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -86,16 +90,27 @@ def save_run_checkpoint(run_dir: Path, spec: ConversionSpec, state_dict: Dict[st
                         epoch: int, step: int, optimizer: torch.optim.Optimizer,
                         scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                         per_rank: List[Dict[str, Any]], history: List[Dict[str, Any]],
-                        best: Dict[str, Any]) -> Path:
+                        best: Dict[str, Any], ema_state_dict: Optional[Dict[str, Any]] = None) -> Path:
     """Atomically write the model (``spec``, ``state_dict``) and its training state to
     RUN_DIR/last.pt: the checkpoint's payload (its entries: the module docstring), built here only.
-    ``per_rank`` is :func:`process_state` of every rank, in rank order."""
+    ``per_rank`` is :func:`process_state` of every rank, in rank order; ``ema_state_dict`` the EMA
+    model's (None without one)."""
+    ema = {} if ema_state_dict is None else {"ema_state_dict": ema_state_dict}
     return write_checkpoint(Path(run_dir) / LAST, spec, state_dict, **{
         "config": config.to_dict(),
         "epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "rng": [r["rng"] for r in per_rank], "meters": [r["meters"] for r in per_rank],
-        "history": history, "best": best})
+        "history": history, "best": best, **ema})
+
+
+def save_ema_checkpoint(run_dir: Path, spec: ConversionSpec, ema_state_dict: Dict[str, Any], *,
+                        config: TrainConfig, epoch: int) -> Path:
+    """Atomically write RUN_DIR/ema.pt: a model checkpoint of the EMA weights (loadable like any
+    gfgp checkpoint), with the run's ``config`` (so ``gfgp eval`` uses the image size it trained
+    at) and ``epoch`` (epochs finished) but no state to resume from."""
+    return write_checkpoint(Path(run_dir) / EMA, spec, ema_state_dict, config=config.to_dict(), epoch=epoch,
+                            ema_decay=config.ema_decay)
 
 
 def promote_to_best(run_dir: Path) -> Path:
@@ -141,14 +156,20 @@ def rebuild_model(state: Dict[str, Any], module: Optional[nn.Module]) -> nn.Modu
 
 def resume_training(state: Optional[Dict[str, Any]], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                    info: DistInfo) -> Tuple[int, int, Meters, List[Dict[str, Any]], Dict[str, Any]]:
+                    info: DistInfo, ema: Optional[AveragedModel] = None
+                    ) -> Tuple[int, int, Meters, List[Dict[str, Any]], Dict[str, Any]]:
     """``(start_epoch, start_step, meters, history, best)``: those of a new run for ``state``
-    None; else the saved ones, with the optimizer, scheduler and scaler restored in place."""
+    None; else the saved ones, with the optimizer, scheduler, scaler and ``ema`` (the
+    AveragedModel of --ema-decay, None without one) restored in place."""
     if state is None:
         return 0, 0, Meters(), [], {"epoch": None, "top1": None}
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if "ema_state_dict" not in state:
+            raise BadInputError("the run's last.pt holds no EMA weights; it was started without --ema-decay")
+        ema.module.load_state_dict(state["ema_state_dict"], strict=True)
     meters = _restore_meters(state["meters"], info)
     return int(state["epoch"]), int(state["step"]), meters, list(state["history"]), dict(state["best"])
 
