@@ -15,8 +15,12 @@ either the old file or the new one, never a broken one.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -26,7 +30,7 @@ from torch import nn
 from ._io import atomic_open, check_output_file
 from .conversion import ConversionReport, PoolFactory, convert_with_report
 from .errors import BadInputError
-from .spec import ConversionSpec, ModuleSource, TorchvisionSource, attach_spec, spec_of
+from .spec import ConversionSpec, ModuleSource, SpecError, TorchvisionSource, attach_spec, spec_error, spec_of
 
 __all__ = ["FORMAT", "VERSION", "save", "load", "rebuild", "read_checkpoint", "write_checkpoint", "convert_to_file"]
 
@@ -71,7 +75,9 @@ def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     if path.is_dir():
         raise BadInputError(f"checkpoint {path} is a folder; give the path of a .pt file made by gfgp")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a pickle protocol torch.save does not write: refused below, in one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's weights-only unpickler names what it refused: "Unsupported global: GLOBAL x.y"
         # for an object whose loading would call code; anything else is a damaged file.
@@ -83,7 +89,8 @@ def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
             f"refused to load {path}: it is not a plain-data checkpoint and loading it would run code "
             f"({refused}); gfgp checkpoints hold only tensors and plain values"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 - the file is untrusted input: any failure to read it is damage
+        # (a flipped bit in the pickle reaches torch's weights-only unpickler as TypeError, MemoryError, ...)
         raise BadInputError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({type(e).__name__})") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BadInputError(f"{path} is not a gfgp checkpoint (no 'format': 'gfgp' entry); make one with `gfgp convert`")
@@ -134,17 +141,27 @@ def rebuild(spec: ConversionSpec, module: Optional[nn.Module] = None, pool: Opti
     if isinstance(source, TorchvisionSource):
         if module is not None:
             raise BadInputError("this checkpoint names a torchvision model; do not pass a module")
-        gm, _ = convert_with_report(source.name, **options, **source.kwargs)
+        try:  # everything the replay is given comes from the spec: a refusal is the spec's
+            gm = _replay(source.name, options, source.kwargs)
+        except SpecError:
+            raise
+        except ValueError as e:  # BadInputError, and graph_passes' "shape propagation failed"
+            raise spec_error(" ".join(str(e).split())[:400]) from e
     elif isinstance(source, ModuleSource):
         if module is None:
             raise BadInputError(
                 f"this checkpoint was converted from your own module {source.qualname}; "
                 "pass an instance of it: gfgp_cli.load(path, module=MyModel())"
             )
-        gm, _ = convert_with_report(module, **options)
+        gm = _replay(module, options, {})
     else:  # a source kind this code reads but cannot build (kept for kinds added later)
         raise BadInputError(f"cannot rebuild a model from a {type(source).__name__}")
     replayed = spec_of(gm)
+    if (replayed.task, replayed.parts) != (spec.task, spec.parts):
+        raise spec_error(
+            f"it records a {spec.task} model converted in parts {list(spec.parts)}, but replaying it gives a "
+            f"{replayed.task} model converted in parts {list(replayed.parts)}"
+        )
     if replayed.sites != spec.sites:
         raise BadInputError(
             "replaying the conversion gave different pooling sites than the checkpoint records "
@@ -167,13 +184,30 @@ def load(path: Union[PathLike, Dict[str, Any]], module: Optional[nn.Module] = No
     data = path if isinstance(path, dict) else read_checkpoint(path, map_location=map_location)
     path = "the checkpoint" if isinstance(path, dict) else path
     model = rebuild(data["spec"], module=module, pool=pool)
+    state = data["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise BadInputError(f"the state_dict in {path} is not a dict of named tensors; re-save the model with gfgp_cli.save")
     try:
-        model.load_state_dict(data["state_dict"], strict=True)
-    except RuntimeError as e:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:
         raise BadInputError(
             f"the weights in {path} do not fit the model its spec rebuilds ({' '.join(str(e).split())[:200]})"
         ) from e
     return model.eval()
+
+
+def _replay(model: Any, options: Dict[str, Any], kwargs: Dict[str, Any]) -> nn.Module:
+    """``convert_with_report(model, **options, **kwargs)``, one line when it fails.
+
+    torch.fx's ShapeProp prints a traceback before it re-raises; a replay that fails raises one
+    line instead (the traceback stays on the exception, for ``--debug``), and one that succeeds
+    passes on what it printed.
+    """
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):
+        gm, _ = convert_with_report(model, **options, **kwargs)
+    sys.stderr.write(printed.getvalue())
+    return gm
 
 
 def convert_to_file(model: str, out: Optional[PathLike], *, force: bool = False, dry_run: bool = False,

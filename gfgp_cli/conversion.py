@@ -20,13 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
+import urllib.error
+import urllib.parse
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import graph_passes
 from graph_passes.testing import randomize_norms
@@ -38,7 +45,7 @@ from .nn import COMPARISON_MODULES, GFGPPool2d, GFGPPool3d, MaxEntPool2d, MaxEnt
 from .spec import CUSTOM_POOL, ConversionSpec, ModuleSource, Source, TorchvisionSource, attach_spec
 
 __all__ = ["convert", "convert_with_report", "register_pool", "POOLS", "ConversionReport",
-           "list_model_names", "default_image_size", "EXACT_TOLERANCE"]
+           "list_model_names", "default_image_size", "EXACT_TOLERANCE", "check_fits_in_memory", "available_memory"]
 
 PoolFactory = Callable[[graph_passes.Site], Optional[nn.Module]]
 
@@ -142,24 +149,27 @@ class ConversionReport:
         return asdict(self)
 
 
+# A --weights value is a file when it names one: it exists, has a folder part, or ends like a
+# weights file; anything else is a torchvision weights name (DEFAULT, IMAGENET1K_V2,
+# ResNet50_Weights.IMAGENET1K_V2).
+_WEIGHTS_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin", ".ckpt", ".safetensors")
+
+
+def _is_weights_file(weights: str) -> bool:
+    seps = {os.sep, os.altsep or os.sep, "/"}
+    return (any(sep in weights for sep in seps) or weights.lower().endswith(_WEIGHTS_SUFFIXES)
+            or Path(weights).expanduser().exists())
+
+
 def _load_weights(model: nn.Module, name: Optional[str], weights: str) -> List[str]:
     """Load torchvision weights (a name such as DEFAULT or IMAGENET1K_V2) or a local state_dict file.
 
+    A file loads with ``torch.load(weights_only=True)`` (a pickle that would run code is refused).
     Returns the state keys left as initialised because their shape differs (e.g. the classifier
     of a model built with another ``num_classes``).
     """
-    path = Path(weights)
-    if path.exists():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
-            raise BadInputError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise BadInputError(f"weights file {path} does not hold a state_dict")
-        # Strip the wrappers' prefixes only (DDP, torch.compile), as timm's clean_state_dict does.
-        state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    if _is_weights_file(weights):
+        state = _read_weights_file(Path(weights).expanduser())
     else:
         if name is None:
             raise BadInputError(f"weights {weights!r} is not a file; for your own module pass a local state_dict file")
@@ -170,7 +180,7 @@ def _load_weights(model: nn.Module, name: Optional[str], weights: str) -> List[s
         key = weights.split(".")[-1]
         if key not in members:
             raise choices.unknown(f"weights for {name}", key, members)
-        state = enum[key].get_state_dict(progress=True)  # downloads when the user has internet
+        state = _download_weights(enum[key])
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -180,9 +190,63 @@ def _load_weights(model: nn.Module, name: Optional[str], weights: str) -> List[s
             f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
     # Tensors whose shape differs (a classifier rebuilt with --num-classes) stay freshly initialised.
-    fitting = {k: v for k, v in state.items() if v.shape == own[k].shape}
+    fitting = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == own[k].shape}
     model.load_state_dict(fitting, strict=False)
     return sorted(set(own) - set(fitting))
+
+
+def _read_weights_file(path: Path) -> Dict[str, Any]:
+    """A local state_dict (or a checkpoint holding one under "state_dict"), read safely."""
+    if not path.exists():
+        raise BadInputError(f"weights file {path} does not exist; give an existing state_dict file, or a torchvision "
+                            "weights name (DEFAULT, IMAGENET1K_V1, ...)")
+    if path.is_dir():
+        raise BadInputError(f"weights file {path} is a folder; give a state_dict file (.pt or .pth)")
+    if path.name.lower().endswith(".safetensors"):
+        raise BadInputError(f"weights file {path} is a safetensors file, which gfgp does not read; "
+                            "save the state_dict with torch.save(model.state_dict(), 'weights.pt') and pass that")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
+        detail = (str(e).splitlines() or [""])[0][:160]
+        raise BadInputError(f"cannot read weights file {path}: {type(e).__name__}: {detail}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise BadInputError(f"weights file {path} does not hold a state_dict")
+    # Strip the wrappers' prefixes only (DDP, torch.compile), as timm's clean_state_dict does.
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def _download_weights(weights: Any) -> Dict[str, Any]:
+    """The state_dict of a torchvision ``Weights`` member, from torch hub's cache (downloaded
+    into it when missing, when the user has internet); read with ``weights_only=True``.
+
+    The download is done here, not by torchvision, so that a machine without network gets one
+    line saying how to get the file there instead of urllib's traceback.
+    """
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = cache / os.path.basename(urllib.parse.urlparse(weights.url).path)
+    if not cached.exists():
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(cached), None, progress=True)
+        except OSError as e:  # urllib's URLError and HTTPError, sockets, a full or read-only disk
+            if isinstance(e, urllib.error.HTTPError):
+                why = f"the server answered {e.code} {e.reason}"
+            elif isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)):
+                why = f"no network: {getattr(e, 'reason', None) or e}"
+            else:
+                why = f"{e.strerror or e}"
+            raise BadInputError(
+                f"cannot download the weights {weights!r} from {weights.url} ({why}); download them "
+                f"elsewhere and pass the file with --weights FILE, or put them in the torch hub cache {cache}"
+            ) from e
+    try:
+        return weights.get_state_dict(progress=False, weights_only=True)  # loads the cached file
+    except Exception as e:  # noqa: BLE001 - a damaged file in the cache is bad input
+        raise BadInputError(f"cannot read the cached weights {cached} ({type(e).__name__}); delete it to download "
+                            "it again") from e
 
 
 @contextlib.contextmanager
@@ -217,7 +281,13 @@ def _resolve(model: Union[str, nn.Module], model_kwargs: Dict[str, Any], weights
         name_task = zoo.task_of(model)
         if task is not None and task != name_task:
             raise BadInputError(f"{model} is a {name_task} model, not {task}")
-        built = zoo.build(model, model_kwargs, weights_backbone)
+        try:
+            built = zoo.build(model, model_kwargs, weights_backbone)
+        except (RuntimeError, ArithmeticError, AssertionError, IndexError, AttributeError, MemoryError) as e:
+            # torchvision's builders refuse bad constructor arguments with these too (a negative
+            # num_classes is "Trying to create tensor with negative dimension").
+            raise BadInputError(f"cannot build {model} with {_shown_kwargs(model_kwargs)}: {type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]}") from e
         return built, model, TorchvisionSource(model, dict(model_kwargs), weights_backbone), name_task
     if isinstance(model, nn.Module):
         if model_kwargs or weights_backbone:
@@ -271,6 +341,7 @@ def convert_with_report(
     else:
         raise BadInputError(f"pool must be one of {sorted(POOLS)} or a callable, got {pool!r}")
 
+    check_fits_in_memory(model, model_kwargs, task=task, in_channels=in_channels, image_size=image_size, frames=frames)
     with _seeded(seed):  # new layers (and a model built from a name) get reproducible weights
         original, name, source, task = _resolve(model, dict(model_kwargs), weights_backbone, task)
         not_loaded = _load_weights(original, name, weights) if weights is not None else []
@@ -364,6 +435,170 @@ def _measure(report: ConversionReport, original: nn.Module, gm: nn.Module, task:
     report.exact_examples = check.examples
     report.exact_dtype = str(dtype).removeprefix("torch.")
     report.exact = check.max_error <= EXACT_TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: a model (or an example input) that cannot fit is refused before anything is built
+# ---------------------------------------------------------------------------------------------
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory this process may still allocate, or None where that is unknown.
+
+    The kernel's ``MemAvailable`` (free memory plus caches it can drop), capped by the memory
+    cgroup's limit less its usage (a container's limit; cgroup v2 or v1); elsewhere the physical
+    memory (``sysconf``).
+    """
+    found: List[int] = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = Path("/sys/fs/cgroup", limit_file).read_text().strip()
+            usage = int(Path("/sys/fs/cgroup", usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max", or v1's "no limit" (a page-rounded 2**63)
+            found.append(max(int(limit) - usage, 0))
+    if not found:
+        try:
+            found.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(found)
+
+
+class _FactoriesOnMeta(TorchFunctionMode):
+    """Tensors made by the factories layers allocate with (``torch.empty``, ``zeros``, ...) go to
+    the meta device; every other op runs as usual (RegNet's builder computes its widths with
+    CPU tensors and ``tolist()``, which meta tensors cannot give)."""
+
+    _FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn,
+                            torch.empty_strided})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self._FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the bytes of the largest tensor any op returns (a lower bound of a forward's peak)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(tensors) if isinstance(t, torch.Tensor))
+
+
+def _build_on_meta(name: str, kwargs: Dict[str, Any]) -> Optional[nn.Module]:
+    """torchvision model ``name`` with its parameters and buffers on the meta device (no memory),
+    or None when its builder cannot run so (then its size is not known before building it).
+    Constructor arguments the builder refuses are bad input, as in :func:`gfgp_cli.zoo.build`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the builder warns again when the model is really built
+        for mode in (lambda: torch.device("meta"), _FactoriesOnMeta):
+            try:
+                with mode():
+                    return zoo.build(name, kwargs)  # no backbone weights: they do not change the size
+            except BadInputError:
+                raise
+            except Exception:  # noqa: BLE001 - meta tensors have no data; try the next way, else build
+                continue
+    return None
+
+
+def _largest_activation(model: nn.Module, example: Any) -> int:
+    """Bytes of the largest tensor of an eval forward of the meta ``model`` on the meta ``example``;
+    0 when the forward cannot run on meta tensors (data-dependent ops: detection's NMS)."""
+    mode = _LargestOutput()
+    try:
+        with torch.no_grad(), mode:
+            model.eval()(*graph_passes.example_args(example))
+    except Exception:  # noqa: BLE001 - any failure here only means the estimate is unknown
+        return 0
+    return mode.largest
+
+
+def _format_bytes(n: int) -> str:
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if size < 1024 or unit == "EiB":
+            break
+        size /= 1024
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def _shown_kwargs(kwargs: Dict[str, Any]) -> str:
+    text = str({k: v for k, v in kwargs.items() if not (k == "weights_backbone" and v is None)})
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+# Mapping from (model name, constructor arguments, example size) to the bytes of its parameters
+# and buffers and of its largest activation: a model converted again is not counted again.
+_FOOTPRINTS: Dict[str, Tuple[int, int]] = {}
+
+
+def check_fits_in_memory(model: Union[str, nn.Module], model_kwargs: Dict[str, Any], *, task: Optional[str] = None,
+                         in_channels: int = 3, image_size: Optional[int] = None, frames: Optional[int] = None) -> None:
+    """Refuse (BadInputError, one line: bytes needed against bytes available) a conversion that
+    cannot fit in memory, before anything is allocated.
+
+    What it needs at least: the parameters and buffers of the torchvision model (counted on a
+    copy built on the meta device, which allocates nothing), the example input, and the largest
+    tensor of one forward of it (run on meta tensors; unknown, so not counted, for models whose
+    forward needs data: detection). A model whose builder cannot run on meta tensors is not
+    counted either. A user's module exists already: only its example input is counted.
+    """
+    available = available_memory()
+    if available is None:
+        return
+    name = model if isinstance(model, str) else None
+    task = zoo.task_of(name) if name is not None else task or "classification"  # a module's: the caller's
+    size = image_size or zoo.default_image_size(name, task)
+    frames = zoo.check_frames(name or type(model).__name__, task, frames)
+    with torch.device("meta"):
+        example = zoo.example_input(task, in_channels, size, frames=frames)
+    inputs = _nbytes(example)
+    params = largest = 0
+    if name is not None:
+        key = repr((name, sorted(model_kwargs.items()), in_channels, size, frames))
+        if key in _FOOTPRINTS:
+            params, largest = _FOOTPRINTS[key]
+        else:
+            meta_model = _build_on_meta(name, dict(model_kwargs))
+            if meta_model is not None:
+                params = _nbytes([*meta_model.parameters(), *meta_model.buffers()])
+                if params + inputs <= available:
+                    largest = _largest_activation(meta_model, example)
+            plain = all(type(v) in (type(None), bool, int, float, str) for v in model_kwargs.values())
+            if plain and params + inputs <= available and len(_FOOTPRINTS) < 256:
+                _FOOTPRINTS[key] = (params, largest)
+    needed = params + inputs + largest
+    if needed > available:
+        what = f"{name} with {_shown_kwargs(model_kwargs)}" if name else type(model).__name__
+        parts = [f"{_format_bytes(params)} of parameters and buffers"] if name else []
+        parts.append(f"{_format_bytes(inputs)} for the example input ({graph_passes.describe_example(example)})")
+        if largest:
+            parts.append(f"{_format_bytes(largest)} for the largest activation")
+        raise BadInputError(
+            f"{what} at image size {size} needs at least {_format_bytes(needed)} of memory ({', '.join(parts)}), "
+            f"more than the {_format_bytes(available)} available; use smaller constructor arguments or image size"
+        )
 
 
 def _nothing_converted(model: str, untraced: List[graph_passes.Untraced]) -> str:

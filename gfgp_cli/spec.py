@@ -35,19 +35,21 @@ Versions (bump :data:`SPEC_VERSION` and teach :meth:`ConversionSpec.from_dict` t
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from torch import nn
 from torch.fx import GraphModule
 
 from graph_passes import Site
 
+from . import choices
 from .errors import BadInputError
 
 __all__ = [
     "SPEC_VERSION", "ConversionSpec", "Source", "TorchvisionSource", "ModuleSource", "SOURCE_KINDS",
-    "CUSTOM_POOL", "spec_of", "attach_spec",
+    "CUSTOM_POOL", "spec_of", "attach_spec", "SpecError", "spec_error",
 ]
 
 #: Version of the spec's plain form written by this code (see the module docstring).
@@ -66,8 +68,28 @@ _CONVERSION_OPTIONS = frozenset({"pool", "placement", "weights", "weights_backbo
 _META_KEY = "gfgp_spec"
 
 
-def _spec_error(problem: str) -> BadInputError:
-    return BadInputError(f"the checkpoint's conversion spec is {problem}; re-convert the model with `gfgp convert`")
+class SpecError(BadInputError):
+    """A checkpoint's conversion spec that cannot be read or replayed (exit 2, one line)."""
+
+
+def spec_error(problem: str) -> SpecError:
+    """The error of a spec that is invalid because of ``problem`` (a field and what is wrong
+    with it; the checkpoint layer uses it for a spec that reads but does not replay)."""
+    return SpecError(f"the checkpoint's conversion spec is invalid: {problem}; re-convert the model with `gfgp convert`")
+
+
+def _damaged(what: str) -> SpecError:
+    return spec_error(f"damaged ({what})")
+
+
+# Values shown in messages: short, one line, safe for any depth of nesting.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 40
+_REPR.maxlevel = 3
+
+
+def _show(value: Any) -> str:
+    return " ".join(_REPR.repr(value).split())  # a tensor's repr has line breaks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,17 +118,24 @@ class TorchvisionSource:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], version: int) -> "TorchvisionSource":
+        """Read the plain form: a model name, constructor arguments of plain values (see
+        :func:`_check_plain`) that are not conversion options, a backbone weights name or None."""
         name, kwargs = data.get("name"), data.get("kwargs", {})
         if not isinstance(name, str) or not name:
-            raise _spec_error("damaged (its torchvision source has no model name)")
-        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
-            raise _spec_error(f"damaged (the constructor arguments of {name} are not a dict of names)")
+            raise _damaged("its torchvision source has no model name")
+        if not name.isidentifier():  # every torchvision model name is one
+            raise _damaged(f"source.name {_show(name)} is not a torchvision model name")
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+            raise _damaged(f"the constructor arguments of {name} are not a dict of names (source.kwargs is "
+                           f"{_show(kwargs)})")
         taken = sorted(set(kwargs) & _CONVERSION_OPTIONS)
         if taken:
-            raise _spec_error(f"damaged (constructor arguments {taken} of {name} are conversion options)")
+            raise _damaged(f"constructor arguments {taken} of {name} are conversion options")
+        for key, value in kwargs.items():
+            _check_plain(value, f"source.kwargs[{key!r}] of {name}")
         weights_backbone = data.get("weights_backbone")
         if weights_backbone is not None and not isinstance(weights_backbone, str):
-            raise _spec_error(f"damaged (weights_backbone of {name} is not a name)")
+            raise _damaged(f"weights_backbone of {name} is not a name")
         return cls(name, dict(kwargs), weights_backbone)
 
 
@@ -133,8 +162,8 @@ class ModuleSource:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], version: int) -> "ModuleSource":
         qualname = data.get("class" if version == 1 else "qualname")
-        if not isinstance(qualname, str):
-            raise _spec_error("damaged (its module source has no class name)")
+        if not isinstance(qualname, str) or not qualname:
+            raise _damaged("its module source has no class name")
         return cls(qualname)
 
 
@@ -234,77 +263,219 @@ class ConversionSpec:
 
     @classmethod
     def from_dict(cls, data: Any) -> "ConversionSpec":
-        """Read any version's plain form; raise BadInputError (one line) when it is damaged."""
+        """Read any version's plain form; raise BadInputError (one line, naming the field) when it
+        is damaged or edited.
+
+        Every field is checked for its type and range before anything is built from it: strings
+        are strings, ints are ints (not bools) and sizes positive, names are one of their choices
+        (pool, placement, activation, comparison, task), constructor arguments are plain values
+        that are not conversion options, and each site is a record of ``graph_passes.Site``'s
+        fields. Keys this version does not know are ignored. Whether the model the spec names
+        can be built in this process's memory is checked by the replay, before it builds
+        anything (:func:`gfgp_cli.conversion.check_fits_in_memory`).
+        """
         if not isinstance(data, Mapping):
-            raise _spec_error("missing")
+            raise spec_error(f"missing (the 'spec' entry must be a dict, got {_show(data)})")
         version = data.get("version", 1)  # the first release wrote no version
-        if not isinstance(version, int) or version < 1:
-            raise _spec_error(f"damaged (version {version!r})")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise _damaged(f"version {_show(version)}")
         if version > SPEC_VERSION:
             raise BadInputError(
                 f"the checkpoint's conversion spec has version {version}, newer than this gfgp understands "
                 f"({SPEC_VERSION}); upgrade gfgp"
             )
-        try:
-            source_data = data["source"]
-            kind = source_data["kind"]
-            if kind not in SOURCE_KINDS:
-                raise _spec_error(f"of an unknown source kind {kind!r}")
-            source = SOURCE_KINDS[kind].from_dict(source_data, version)
-            new_parameters = data.get("new_parameters")
-            return cls(
-                source=source,
-                pool=str(data["pool"]),
-                pool_name=data.get("pool_name"),
-                placement=str(data["placement"]),
-                activation=str(data.get("activation", "sigmoid")),
-                include_patch_embed=bool(data.get("include_patch_embed", False)),
-                comparison=data.get("comparison"),
-                image_size=_positive_int(data, "image_size"),
-                in_channels=_positive_int(data, "in_channels", 3),
-                frames=None if data.get("frames") is None else _positive_int(data, "frames"),
-                task=_task(data),
-                parts=_parts(data),
-                weights=data.get("weights"),
-                new_parameters=None if new_parameters is None else tuple(new_parameters),
-                sites=tuple(Site(**s) for s in data["sites"]),
-                torchvision_version=str(data.get("torchvision_version", "unknown")),
-            )
-        except BadInputError:
-            raise
-        except KeyError as e:
-            raise _spec_error(f"incomplete (missing {e})") from e
-        except (TypeError, ValueError) as e:
-            raise _spec_error(f"damaged ({type(e).__name__}: {str(e)[:120]})") from e
+        source = _source(data, version)
+        task = _task(data)
+        frames = _optional_positive_int(data, "frames")
+        if frames is not None and task != "video":
+            raise _damaged(f"frames is {frames} for a {task} model; only video models have frames")
+        return cls(
+            source=source,
+            pool=_choice(data, "pool", (*choices.POOLS, CUSTOM_POOL)),
+            pool_name=_optional_text(data, "pool_name"),
+            placement=_choice(data, "placement", choices.PLACEMENTS),
+            activation=_choice(data, "activation", choices.ACTIVATIONS, default="sigmoid"),
+            include_patch_embed=_flag(data, "include_patch_embed", False),
+            comparison=_optional_choice(data, "comparison", choices.COMPARISON_MODULES),
+            image_size=_positive_int(data, "image_size"),
+            in_channels=_positive_int(data, "in_channels", 3),
+            frames=frames,
+            task=task,
+            parts=_parts(data),
+            weights=_optional_text(data, "weights"),
+            new_parameters=_optional_names(data, "new_parameters"),
+            sites=_sites(data),
+            torchvision_version=_text(data, "torchvision_version", "unknown"),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
-# The spec on a converted model
+# Reading the plain form: one checker per kind of field (each names the field it refuses)
 # ---------------------------------------------------------------------------------------------
 
+_MISSING = object()
 
-def _positive_int(data: Mapping[str, Any], key: str, default: Optional[int] = None) -> int:
-    """``data[key]`` as a positive int; a string, a bool or a float is damage, not a value."""
-    value = data[key] if default is None else data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _spec_error(f"damaged ({key} must be a positive integer, got {value!r:.40})")
+
+def _get(data: Mapping[str, Any], key: str, default: Any = _MISSING) -> Any:
+    """``data[key]``; a missing key without a default makes the spec incomplete."""
+    if key in data:
+        return data[key]
+    if default is _MISSING:
+        raise spec_error(f"incomplete (missing {key!r})")
+    return default
+
+
+def _source(data: Mapping[str, Any], version: int) -> Source:
+    source_data = _get(data, "source")
+    if not isinstance(source_data, Mapping):
+        raise _damaged(f"source must be a dict, got {_show(source_data)}")
+    kind = _get(source_data, "kind")
+    if not isinstance(kind, str) or kind not in SOURCE_KINDS:
+        raise spec_error(f"unknown source kind {_show(kind)} (one of: {', '.join(SOURCE_KINDS)})")
+    source: Source = SOURCE_KINDS[kind].from_dict(source_data, version)
+    return source
+
+
+def _text(data: Mapping[str, Any], key: str, default: Any = _MISSING) -> str:
+    value = _get(data, key, default)
+    if not isinstance(value, str):
+        raise _damaged(f"{key} must be a string, got {_show(value)}")
     return value
 
 
-def _task(data: Mapping[str, Any]) -> str:
-    from .choices import TASKS
+def _optional_text(data: Mapping[str, Any], key: str) -> Optional[str]:
+    return None if data.get(key) is None else _text(data, key)
 
+
+def _choice(data: Mapping[str, Any], key: str, options: Sequence[str], default: Any = _MISSING) -> str:
+    value = _text(data, key, default)
+    if value not in options:
+        raise _damaged(f"unknown {key} {_show(value)}; one of: {', '.join(options)}")
+    return value
+
+
+def _optional_choice(data: Mapping[str, Any], key: str, options: Sequence[str]) -> Optional[str]:
+    return None if data.get(key) is None else _choice(data, key, options)
+
+
+def _flag(data: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = _get(data, key, default)
+    if not isinstance(value, bool):
+        raise _damaged(f"{key} must be True or False, got {_show(value)}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(data: Mapping[str, Any], key: str, default: Any = _MISSING) -> int:
+    """``data[key]`` as a positive int; a string, a bool or a float is damage, not a value."""
+    value = _get(data, key, default)
+    if not _is_int(value) or value < 1:
+        raise _damaged(f"{key} must be a positive integer, got {_show(value)}")
+    return int(value)
+
+
+def _optional_positive_int(data: Mapping[str, Any], key: str) -> Optional[int]:
+    return None if data.get(key) is None else _positive_int(data, key)
+
+
+def _optional_names(data: Mapping[str, Any], key: str) -> Optional[Tuple[str, ...]]:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _damaged(f"{key} must be a list of parameter names, got {_show(value)}")
+    return tuple(value)
+
+
+def _task(data: Mapping[str, Any]) -> str:
     task = data.get("task", "classification")
-    if task not in TASKS:
-        raise _spec_error(f"damaged (unknown task {task!r:.40})")
-    return str(task)
+    if not isinstance(task, str) or task not in choices.TASKS:
+        raise _damaged(f"unknown task {_show(task)}; one of: {', '.join(choices.TASKS)}")
+    return task
 
 
 def _parts(data: Mapping[str, Any]) -> Tuple[str, ...]:
     parts = data.get("parts", [""])
     if not isinstance(parts, (list, tuple)) or not parts or not all(isinstance(p, str) for p in parts):
-        raise _spec_error("damaged (parts must be a non-empty list of module names)")
+        raise _damaged("parts must be a non-empty list of module names")
     return tuple(parts)
+
+
+# Constructor arguments are literals (``gfgp convert --kwarg key=value``): scalars, and lists,
+# tuples and dicts of them, nested at most this deep.
+_PLAIN_SCALARS = (type(None), bool, int, float, str)
+_PLAIN_DEPTH = 4
+
+
+def _check_plain(value: Any, where: str, depth: int = 0) -> None:
+    """Refuse (naming ``where``) a value that is not plain data: a tensor, an object, deep nesting."""
+    if type(value) in _PLAIN_SCALARS:
+        return
+    if depth < _PLAIN_DEPTH and type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]", depth + 1)
+        return
+    if depth < _PLAIN_DEPTH and type(value) is dict and all(isinstance(k, str) for k in value):
+        for k, item in value.items():
+            _check_plain(item, f"{where}[{k!r}]", depth + 1)
+        return
+    raise _damaged(f"{where} must be a plain value (None, a bool, int, float or string, or a list, tuple or dict "
+                   f"of them, at most {_PLAIN_DEPTH} deep), got {type(value).__name__} {_show(value)}")
+
+
+_SITE_KINDS = ("conv", "max_pool", "avg_pool", "skip")
+_SITE_TEXT = ("node", "qualname", "kind", "reason")
+_SITE_FLAGS = ("ceil_mode", "convert", "count_include_pad")
+_SITE_GEOMETRY = ("kernel", "stride", "padding", "dilation")  # (h, w) or (t, h, w), one length
+_SITE_SHAPES = ("in_shape", "out_shape")
+
+
+def _sites(data: Mapping[str, Any]) -> Tuple[Site, ...]:
+    sites = _get(data, "sites")
+    if not isinstance(sites, (list, tuple)):
+        raise _damaged(f"sites must be a list of site records, got {_show(sites)}")
+    return tuple(_site(record, f"sites[{i}]") for i, record in enumerate(sites))
+
+
+def _site(record: Any, where: str) -> Site:
+    """One ``graph_passes.Site`` from its record, every field checked (lists become tuples)."""
+    if not isinstance(record, Mapping) or not all(isinstance(k, str) for k in record):
+        raise _damaged(f"{where} must be a record of site fields, got {_show(record)}")
+    try:
+        site = Site(**record)  # names the field that is missing or unknown
+    except TypeError as e:
+        detail = str(e).encode("unicode_escape").decode("ascii")[:160]  # a field name may hold a line break
+        raise _damaged(f"TypeError: {where}: {detail}") from e
+    for key in _SITE_TEXT:
+        if not isinstance(getattr(site, key), str):
+            raise _damaged(f"{where}.{key} must be a string, got {_show(getattr(site, key))}")
+    if site.kind not in _SITE_KINDS:
+        raise _damaged(f"{where}.kind {_show(site.kind)} is not one of {', '.join(_SITE_KINDS)}")
+    if not _is_int(site.channels) or site.channels < 0:
+        raise _damaged(f"{where}.channels must be a non-negative integer, got {_show(site.channels)}")
+    for key in _SITE_FLAGS:
+        if not isinstance(getattr(site, key), bool):
+            raise _damaged(f"{where}.{key} must be True or False, got {_show(getattr(site, key))}")
+    kernel, stride, padding, dilation, in_shape, out_shape = (
+        _int_tuple(getattr(site, key), f"{where}.{key}") for key in _SITE_GEOMETRY + _SITE_SHAPES)
+    if len({len(kernel), len(stride), len(padding), len(dilation)}) != 1 or not 1 <= len(kernel) <= 3:
+        raise _damaged(f"{where}: kernel, stride, padding and dilation must be pairs or triples of one length")
+    return dataclasses.replace(site, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
+                               in_shape=in_shape, out_shape=out_shape)
+
+
+def _int_tuple(value: Any, where: str) -> Tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) > 8 or not all(_is_int(v) and v >= 0 for v in value):
+        raise _damaged(f"{where} must be a short tuple of non-negative integers, got {_show(value)}")
+    return tuple(int(v) for v in value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec on a converted model
+# ---------------------------------------------------------------------------------------------
 
 
 def spec_of(model: nn.Module) -> ConversionSpec:
