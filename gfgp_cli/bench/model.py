@@ -7,10 +7,18 @@ interleaved (:func:`~gfgp_cli.bench.timing.interleaved_medians`) on one random b
 ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2; convolutions and matmuls, the pooling op
 itself is not counted). The interesting number is time ratio / MACs ratio: how much the
 converted model costs beyond the convolutions it runs at full resolution.
+
+A third row trains the converted model with ``--activation-checkpointing`` (its full-resolution
+stage recomputed in the backward pass, :mod:`gfgp_cli.train.recompute`). Every row also reports
+the peak memory of a forward+backward (:func:`gfgp_cli.train.memory.step_growth`: on CUDA the
+peak allocated, on the CPU the growth of the process's peak resident memory; the largest of
+three measurements, interleaved, since memory the process already holds and reuses can only
+make a measurement smaller).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -54,6 +62,8 @@ def bench_model(
     from .. import zoo
     from ..conversion import _macs, convert_with_report, default_image_size
     from ..errors import BadInputError
+    from ..train.memory import step_growth
+    from ..train.recompute import checkpoint_full_resolution
 
     if batch_size < 2:
         raise ValueError(f"batch-size must be >= 2 (BatchNorm in training mode needs more than one sample), got {batch_size}")
@@ -77,8 +87,22 @@ def bench_model(
     x = torch.randn(batch_size, 3, size, size, generator=gen).to(dev).contiguous(memory_format=memory_format)
     num_classes = original(example).shape[1]
     y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
-    steps = {name: _train_step(m.to(dev, memory_format=memory_format).train(), x, y) for name, m in models.items()}
+    for m in models.values():
+        m.to(dev, memory_format=memory_format).train()
+    running = dict(models)
+    try:
+        recomputing, _ = checkpoint_full_resolution(copy.deepcopy(converted), x[:1])
+        running[f"{model} ({report.pool}, act-ckpt)"] = recomputing
+        models[f"{model} ({report.pool}, act-ckpt)"] = recomputing
+        macs[f"{model} ({report.pool}, act-ckpt)"] = macs[f"{model} ({report.pool})"]
+    except BadInputError:  # no full-resolution stage (or not one traced graph): two rows
+        pass
+    steps = {name: _train_step(m, x, y) for name, m in running.items()}
     times = interleaved_medians(steps, repeats, warmup=2, sync=device_sync(dev))
+    memory = {name: 0 for name in running}
+    for _ in range(3):
+        for name, m in running.items():
+            memory[name] = max(memory[name], step_growth(m, x, y, dev)[0])
 
     base = model
     rows = []
@@ -89,6 +113,7 @@ def bench_model(
             "model": name, "params": sum(p.numel() for p in m.parameters()), "macs": macs[name],
             "step_ms": times[name] * 1e3, "macs_ratio": macs_ratio, "time_ratio": time_ratio,
             "time_per_macs_ratio": time_ratio / macs_ratio,
+            "peak_memory_bytes": memory[name], "memory_ratio": memory[name] / memory[base] if memory[base] else None,
         })
     return {
         "model": model, "pool": report.pool, "batch_size": batch_size, "image_size": size, "repeats": repeats,

@@ -47,10 +47,12 @@ def print_model_report(result: dict, as_json: bool) -> None:
     if as_json:
         print_json(result)
         return
-    columns = ["model", "params M", "GMACs", "train step ms", "MACs ratio", "time ratio", "time / MACs ratio"]
+    columns = ["model", "params M", "GMACs", "train step ms", "MACs ratio", "time ratio", "time / MACs ratio",
+               "step peak MiB", "memory ratio"]
     rows = [
         (r["model"], f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e9:.3f}", f"{r['step_ms']:.1f}",
-         f"{r['macs_ratio']:.2f}", f"{r['time_ratio']:.2f}", f"{r['time_per_macs_ratio']:.2f}")
+         f"{r['macs_ratio']:.2f}", f"{r['time_ratio']:.2f}", f"{r['time_per_macs_ratio']:.2f}",
+         f"{r['peak_memory_bytes'] / 2**20:.0f}", "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}")
         for r in result["rows"]
     ]
     layout = ", channels_last" if result.get("memory_format") == "channels_last" else ""

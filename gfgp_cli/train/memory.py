@@ -49,7 +49,8 @@ from ..errors import BadInputError
 from .config import TrainConfig
 from .runtime import autocast, to_channels_last, to_device
 
-__all__ = ["StepMemory", "USABLE", "available_memory", "measure_step", "plan_micro_batches", "parse_size"]
+__all__ = ["StepMemory", "USABLE", "available_memory", "measure_step", "step_growth", "plan_micro_batches",
+           "parse_size"]
 
 USABLE = 0.85  # of the available memory, what the training step may plan to use
 MEASURE_BATCH = 8  # samples of the measured step (fewer where the batch is smaller): at 4, allocator
@@ -191,7 +192,7 @@ def measure_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, d
     if config.channels_last:
         to_channels_last(model)
     with _rng_kept(device):
-        measured = [_step_growth(model, images[:n], labels[:n], device, config, grads) for n in sizes]
+        measured = [step_growth(model, images[:n], labels[:n], device, config, grads) for n in sizes]
     del model
     how = measured[-1][1]
     per_sample = max(0, measured[-1][0] - grads) / batch
@@ -201,9 +202,11 @@ def measure_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, d
                       how=f"{how} of steps at batch {' and '.join(map(str, sizes))}")
 
 
-def _step_growth(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                 config: TrainConfig, grads: int) -> Tuple[int, str]:
-    """``(bytes the step added at its peak, how measured)``."""
+def step_growth(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                config: Optional[TrainConfig] = None, grads: int = 0) -> Tuple[int, str]:
+    """``(bytes one forward+backward of ``model`` adds at its peak, how it was measured)``;
+    gradients are cleared first, so their memory is part of it. ``grads``: their bytes, for the
+    estimate where the peak cannot be read."""
     criterion = nn.CrossEntropyLoss()
     for p in model.parameters():
         p.grad = None

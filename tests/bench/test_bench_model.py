@@ -25,8 +25,9 @@ def result():
 
 def test_bench_model_reports_original_and_converted(result):
     assert (result["model"], result["pool"], result["batch_size"], result["image_size"]) == ("resnet18", "gfgp", 2, 32)
-    original, converted = result["rows"]
+    original, converted, recomputing = result["rows"]
     assert original["model"] == "resnet18" and converted["model"] == "resnet18 (gfgp)"
+    assert recomputing["model"] == "resnet18 (gfgp, act-ckpt)" and recomputing["macs"] == converted["macs"]
     assert original["macs_ratio"] == original["time_ratio"] == original["time_per_macs_ratio"] == 1.0
     assert converted["macs_ratio"] == pytest.approx(converted["macs"] / original["macs"])
     assert converted["time_ratio"] == pytest.approx(converted["step_ms"] / original["step_ms"])
@@ -50,7 +51,7 @@ def test_bench_model_table(result, capsys):
         assert text in out
 
 
-def test_bench_model_channels_last_runs_both_models_in_that_format(monkeypatch):
+def test_bench_model_channels_last_runs_every_model_in_that_format(monkeypatch):
     from gfgp_cli.bench import model as bench_model_module
 
     formats = []
@@ -66,7 +67,7 @@ def test_bench_model_channels_last_runs_both_models_in_that_format(monkeypatch):
     run = CliRunner().invoke(cli, [*ARGS, "--channels-last", "--json"], catch_exceptions=False)
     assert run.exit_code == 0, run.output
     assert json.loads(run.output)["memory_format"] == "channels_last"
-    assert formats == [(True, True), (True, True)]
+    assert formats == [(True, True)] * 3  # original, converted, converted with activation checkpointing
 
 
 def test_bench_model_default_is_contiguous(result):
@@ -82,3 +83,10 @@ def test_bench_model_bad_input_exits_2_with_one_line(args, message):
     assert run.exit_code == 2
     lines = [line for line in run.output.splitlines() if line.strip()]
     assert message in run.output and (len(lines) == 1 or lines[0].startswith("Usage"))
+
+
+def test_bench_model_measures_the_peak_memory_of_each_step(result):
+    original, converted, recomputing = result["rows"]
+    assert all(r["peak_memory_bytes"] > 0 for r in result["rows"])
+    assert converted["memory_ratio"] == pytest.approx(converted["peak_memory_bytes"] / original["peak_memory_bytes"])
+    assert original["memory_ratio"] == 1.0
