@@ -39,6 +39,8 @@ import graph_passes
 from graph_passes.testing import randomize_norms
 
 from . import choices, zoo
+from ._io import format_bytes
+from .cpu_memory import memory_limits
 from .errors import BadInputError
 from .layout import cast_example, layout_check
 from .nn import COMPARISON_MODULES, GFGPPool2d, GFGPPool3d, MaxEntPool2d, MaxEntPool3d
@@ -443,32 +445,10 @@ def _measure(report: ConversionReport, original: nn.Module, gm: nn.Module, task:
 
 
 def available_memory() -> Optional[int]:
-    """Bytes of memory this process may still allocate, or None where that is unknown.
-
-    The kernel's ``MemAvailable`` (free memory plus caches it can drop), capped by the memory
-    cgroup's limit less its usage (a container's limit; cgroup v2 or v1); elsewhere the physical
-    memory (``sysconf``).
-    """
-    found: List[int] = []
-    try:
-        with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        try:
-            limit = Path("/sys/fs/cgroup", limit_file).read_text().strip()
-            usage = int(Path("/sys/fs/cgroup", usage_file).read_text())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 2**60:  # "max", or v1's "no limit" (a page-rounded 2**63)
-            found.append(max(int(limit) - usage, 0))
-    if not found:
-        try:
-            found.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        except (ValueError, OSError, AttributeError):
-            return None
-    return min(found)
+    """Bytes of memory this process may still allocate (the least of
+    :func:`gfgp_cli.cpu_memory.memory_limits`), or None where that is unknown."""
+    limits = memory_limits()
+    return min(b for b, _ in limits) if limits else None
 
 
 class _FactoriesOnMeta(TorchFunctionMode):
@@ -534,15 +514,6 @@ def _largest_activation(model: nn.Module, example: Any) -> int:
     return mode.largest
 
 
-def _format_bytes(n: int) -> str:
-    size, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        if size < 1024 or unit == "EiB":
-            break
-        size /= 1024
-    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-
-
 def _shown_kwargs(kwargs: Dict[str, Any]) -> str:
     text = str({k: v for k, v in kwargs.items() if not (k == "weights_backbone" and v is None)})
     return text if len(text) <= 120 else text[:117] + "..."
@@ -591,13 +562,13 @@ def check_fits_in_memory(model: Union[str, nn.Module], model_kwargs: Dict[str, A
     needed = params + inputs + largest
     if needed > available:
         what = f"{name} with {_shown_kwargs(model_kwargs)}" if name else type(model).__name__
-        parts = [f"{_format_bytes(params)} of parameters and buffers"] if name else []
-        parts.append(f"{_format_bytes(inputs)} for the example input ({graph_passes.describe_example(example)})")
+        parts = [f"{format_bytes(params)} of parameters and buffers"] if name else []
+        parts.append(f"{format_bytes(inputs)} for the example input ({graph_passes.describe_example(example)})")
         if largest:
-            parts.append(f"{_format_bytes(largest)} for the largest activation")
+            parts.append(f"{format_bytes(largest)} for the largest activation")
         raise BadInputError(
-            f"{what} at image size {size} needs at least {_format_bytes(needed)} of memory ({', '.join(parts)}), "
-            f"more than the {_format_bytes(available)} available; use smaller constructor arguments or image size"
+            f"{what} at image size {size} needs at least {format_bytes(needed)} of memory ({', '.join(parts)}), "
+            f"more than the {format_bytes(available)} available; use smaller constructor arguments or image size"
         )
 
 

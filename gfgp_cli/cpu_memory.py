@@ -26,7 +26,7 @@ import os
 import platform
 from typing import Optional
 
-__all__ = ["reuse_freed_memory", "allocator_description"]
+__all__ = ["reuse_freed_memory", "allocator_description", "memory_limits"]
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -84,3 +84,43 @@ def allocator_description() -> str:
     if _state is not None:
         return _state
     return _user_choice() or "the C library's default allocator (freed large blocks go back to the OS)"
+
+
+def memory_limits() -> "list[tuple[int, str]]":
+    """``(bytes, what sets it)`` for every limit on the memory this process may still allocate
+    that can be read: the kernel's ``MemAvailable`` (free memory plus caches it can drop), the
+    memory cgroup's limit less its usage (a container's; v2 or v1), the address-space limit
+    (``ulimit -v``) less the address space in use; where none can be read, the physical memory.
+    The least of them is what is available; empty only where not even that is known."""
+    import resource
+    from pathlib import Path
+
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [(int(line.split()[1]) * 1024, "available memory") for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = Path("/sys/fs/cgroup", limit_file).read_text().strip()
+            usage = int(Path("/sys/fs/cgroup", usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max", or v1's "no limit" (a page-rounded 2**63)
+            found.append((max(int(limit) - usage, 0), "the cgroup's memory limit"))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/status") as f:
+                size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            found.append((max(0, soft - size), "the address-space limit (ulimit -v)"))
+        except (OSError, StopIteration, ValueError):
+            pass
+    if not found:
+        try:
+            found.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    return found

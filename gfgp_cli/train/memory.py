@@ -35,16 +35,15 @@ import contextlib
 import copy
 import ctypes
 import math
-import os
 import platform
-import resource
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .._io import format_bytes
+from ..cpu_memory import memory_limits
 from ..errors import BadInputError
 from .config import TrainConfig
 from .runtime import autocast, to_channels_last, to_device
@@ -111,33 +110,19 @@ def _read_int(path: str) -> Optional[int]:
 
 def available_memory(device: torch.device, local_processes: int = 1,
                      limit: Optional[int] = None) -> Tuple[int, str]:
-    """``(bytes, where the number comes from)`` this process may use for training."""
+    """``(bytes, what limits it)`` this process may use for training: on CUDA the device's free
+    memory plus what torch holds unused; on the CPU the least of
+    :func:`gfgp_cli.cpu_memory.memory_limits` (the machine's shares divided among the
+    ``local_processes`` of this node) and ``limit`` less what the process already holds."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return free + unused, f"free memory of {device}"
-    candidates: List[Tuple[int, str]] = []
-    meminfo = {}
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            meminfo[key] = int(rest.split()[0]) * 1024
-    if "MemAvailable" in meminfo:
-        candidates.append((meminfo["MemAvailable"] // local_processes, "available memory"))
-    cg_max, cg_now = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
-    if cg_max is not None and cg_now is not None:
-        candidates.append((max(0, cg_max - cg_now) // local_processes, "the cgroup's memory limit"))
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    size = _status("VmSize:")
-    if soft != resource.RLIM_INFINITY and size is not None:
-        candidates.append((max(0, soft - size), "the address-space limit (ulimit -v)"))
-    rss = _status("VmRSS:")
+    shared = ("available memory", "the cgroup's memory limit", "physical memory")
+    candidates = [(b // local_processes if what in shared else b, what) for b, what in memory_limits()]
     if limit is not None:
-        candidates.append((max(0, limit - (rss or 0)), "--memory-limit"))
-    if not candidates:  # not Linux: what psutil-free Python can tell
-        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
-        candidates.append((pages * os.sysconf("SC_PAGE_SIZE") // local_processes, "free physical memory"))
-    return min(candidates)
+        candidates.append((max(0, limit - (_status("VmRSS:") or 0)), "--memory-limit"))
+    return min(candidates) if candidates else (1 << 62, "no known limit")
 
 
 # --- measuring one step -----------------------------------------------------------------------------
