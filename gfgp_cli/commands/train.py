@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .. import choices
+from ..errors import BadInputError
 
 __all__ = ["COMMANDS", "train", "eval_"]
 
+# --resume given without a value: the run folder is --out.
+_IN_OUT = "\0--out"
+
 
 @click.command("train")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, help=f"The data: {choices.DATA_SPEC_HELP}.")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics, config.json).")
+@click.argument("checkpoint", required=False, type=click.Path())
+@click.option("--data", default=None, help=f"The data: {choices.DATA_SPEC_HELP} [with --resume: the run's].")
+@click.option("--out", "-o", default=None, type=click.Path(), help="Run directory (checkpoints, metrics, config.json).")
+@click.option("--config", "config_file", default=None, metavar="FILE",
+              help="Settings from a JSON or YAML file (.yaml/.yml, needs PyYAML) with the keys of RUN_DIR/config.json, "
+                   "checkpoint, data and out included; options given here override it.")
 @click.option("--recipe", type=click.Choice(choices.RECIPES), default=None,
               help="Training recipe (docs/method.md section 5) [default: paper-vgg for VGG models, else paper-resnet].")
 @click.option("--epochs", type=int, default=None, help="Epochs [default: the recipe's].")
@@ -71,21 +80,32 @@ __all__ = ["COMMANDS", "train", "eval_"]
 @click.option("--skip-bad-images/--no-skip-bad-images", default=None,
               help="Skip image files that cannot be read (counted in the log) instead of stopping: in training each is "
                    "replaced by the next readable file, in validation it is left out [default: off, stop and name it].")
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where last.pt left it.")
+@click.option("--resume", is_flag=False, flag_value=_IN_OUT, default=None, metavar="[RUN_DIR]",
+              help="Continue the run in RUN_DIR (or, given alone, in --out) exactly where its last.pt left it; "
+                   "CHECKPOINT and --data are the run's.")
 @click.option("--force", is_flag=True, help="Start over in an --out that already holds a run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def train(checkpoint, data, out, recipe, resume, force, as_json, compile_, memory_limit, **flags):
-    """Train or fine-tune the converted model in CHECKPOINT on --data.
+def train(checkpoint, data, out, config_file, recipe, resume, force, as_json, compile_, memory_limit, **flags):
+    """Train or fine-tune the converted model in CHECKPOINT on --data, or continue a run (--resume RUN_DIR).
 
     Writes RUN_DIR/last.pt (every epoch, and every --save-every-steps), best.pt (best val top-1),
     metrics.csv, metrics.jsonl and config.json; with --ema-decay also ema.pt (the EMA weights,
     after every epoch; best.pt still follows the trained weights). Ctrl-C saves last.pt and exits (code 130);
     --resume continues exactly. A NaN/Inf loss stops the run (exit 1) keeping the last good
     checkpoint. Before the first step one step is measured: a batch that does not fit in memory is
-split into micro-batches that do (said in a note and recorded in config.json). An image that
-cannot be read stops the run (exit 2) naming it, with last.pt saved
-    at the last finished step; fix the file and --resume. For several processes or GPUs launch
-    through torchrun.
+    split into micro-batches that do (said in a note and recorded in config.json). An image that
+    cannot be read stops the run (exit 2) naming it, with last.pt saved at the last finished step;
+    fix the file and --resume. For several processes or GPUs launch through torchrun.
+
+    --config FILE takes the settings of a JSON or YAML file: a run's own config.json runs the
+    same configuration again (give another --out). --resume RUN_DIR alone continues a run: the
+    saved configuration knows the checkpoint and the data; options that keep the run exact
+    (--epochs, --workers, --threads, --device, ...) may change. A checkpoint converted without
+    --weights is refused by --recipe finetune (its reused layers would learn at a tenth of the
+    rate while random) unless it is a trained run's best.pt or last.pt.
+
+    Progress goes to stderr with the time left in the epoch and in the run: bars on a terminal,
+    a few plain lines per epoch otherwise (logs, pipes), then one summary line per epoch.
 
     \b
     Examples:
@@ -94,6 +114,10 @@ cannot be read stops the run (exit 2) naming it, with last.pt saved
       gfgp train m.pt --data cifar10:data --download --out runs/c10 --recipe paper-vgg
       gfgp train m.pt --data ~/imagenet --out runs/r50 --opt adamw --lr 1e-3 --sched cosine --warmup-epochs 5
       gfgp train m.pt --data ~/imagenet --out runs/r50 --label-smoothing 0.1 --mixup 0.2 --ema-decay 0.9998
+      gfgp train --config r50.yaml
+      gfgp train --config runs/digits/config.json --out runs/digits-again --seed 1
+      gfgp train --resume runs/digits
+      gfgp train --resume runs/digits --epochs 10
       gfgp train m.pt --data digits --out runs/digits --resume
       torchrun --nproc-per-node 4 -m gfgp_cli train m.pt --data ~/imagenet --out runs/r50 --sync-bn
     """
@@ -102,11 +126,53 @@ cannot be read stops the run (exit 2) naming it, with last.pt saved
     from ..train.render import render_train_result
 
     limit = parse_size(memory_limit) if memory_limit is not None else None
-    result = run(checkpoint, data, out, recipe=recipe, resume=resume, force=force, compile=compile_,
-                 memory_limit=limit, **flags)
+    flags["compile"] = compile_
+    checkpoint, data, out, recipe, resumed = _arguments(checkpoint, data, out, config_file, recipe, resume, force, flags)
+    result = run(checkpoint, data, out, recipe=recipe, resume=resumed, force=force, memory_limit=limit, **flags)
     render_train_result(result, as_json)
     if result.interrupted:
         click.get_current_context().exit(130)  # the shell's code for a run stopped by Ctrl-C
+
+
+def _arguments(checkpoint, data, out, config_file, recipe, resume, force, flags):
+    """``(checkpoint, data, out, recipe, resume)`` from the command line and its --config file
+    (``flags`` gets the file's other settings where the command line gave none); bad input (exit
+    2, one line) for a combination that names no run, or two."""
+    if resume is not None and force:
+        raise BadInputError("--resume continues the run and --force starts it over; give one of them")
+    if resume is not None and resume != _IN_OUT:
+        if os.path.isfile(resume):
+            raise BadInputError(f"--resume takes the run folder (the one holding last.pt), and {resume} is a file; "
+                                "write `gfgp train --resume RUN_DIR`, or give CHECKPOINT before --resume")
+        if out is not None and os.path.normpath(out) != os.path.normpath(resume):
+            raise BadInputError(f"--resume {resume} and --out {out} name two run folders; give one "
+                                "(--resume RUN_DIR alone continues the run)")
+        out = resume
+    if config_file is not None:
+        from ..train.config import read_config_file
+
+        settings = read_config_file(config_file)
+        given = {"checkpoint": checkpoint, "data": data, "out": out, "recipe": recipe}
+        checkpoint, data, out, recipe = (v if v is not None else settings.get(k) for k, v in given.items())
+        for key, value in settings.items():
+            if key not in given and flags.get(key) is None:
+                flags[key] = value
+    if checkpoint is not None and os.path.isdir(checkpoint):
+        hint = (f"to continue the run in it write `gfgp train --resume {checkpoint}`"
+                if resume is not None or os.path.exists(os.path.join(checkpoint, "last.pt"))
+                else "give the path of a .pt file made by gfgp convert")
+        raise BadInputError(f"CHECKPOINT {checkpoint} is a folder; {hint}")
+    if out is None:
+        if resume is not None:
+            raise BadInputError("--resume needs the run folder: --resume RUN_DIR (or --out RUN_DIR --resume)")
+        raise BadInputError("missing --out RUN_DIR: the folder the run writes its checkpoints and metrics to")
+    if resume is None:
+        if checkpoint is None:
+            raise BadInputError("missing CHECKPOINT: the converted model to train (`gfgp train m.pt --data SPEC --out "
+                                "RUN_DIR`); to continue a run give --resume RUN_DIR")
+        if data is None:
+            raise BadInputError(f"missing --data SPEC: the data to train on, {choices.DATA_SPEC_HELP}")
+    return checkpoint, data, out, recipe, resume is not None
 
 
 @click.command("eval")

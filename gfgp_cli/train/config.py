@@ -4,6 +4,8 @@ A run is described by one frozen :class:`TrainConfig`. :func:`resolve_config` st
 in :data:`RECIPES`, applies the flags the user gave explicitly (``None`` means "not given"), scales
 the learning rate linearly when the batch size differs from the recipe's (Goyal et al. 2017) and
 returns the notes that say so; the run directory records the result as ``config.json``.
+:func:`read_config_file` reads the settings of ``gfgp train --config FILE`` (JSON or YAML, the
+keys of ``config.json``), so a run's own ``config.json`` describes the same run again.
 
 Options with the names users know from torchvision's and timm's references, all off (or SGD) by
 default, so a recipe means what it always did:
@@ -22,14 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
 from ..devices import check_device_name
 from ..errors import BadInputError
 
-__all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "OPTIMIZERS", "FLAGS", "resolve_config", "check_config", "lr_factor",
-           "schedule_factor", "config_from_dict"]
+__all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "OPTIMIZERS", "FLAGS", "FILE_ONLY", "resolve_config", "check_config",
+           "lr_factor", "schedule_factor", "config_from_dict", "read_config_file", "CONFIG_FILE_KEYS"]
 
 # Mapping from recipe name to its hyper-parameters. `batch_size` is the global batch per optimizer
 # step (all devices and accumulation steps together), as in the paper.
@@ -113,6 +117,13 @@ RESUME_MUTABLE = ("checkpoint", "epochs", "workers", "threads", "device", "downl
 # The flag of each field whose flag is not "--" + its name with dashes.
 FLAGS = {"weight_decay": "--wd", "schedule": "--sched", "opt": "--opt"}
 
+# Fields that come from the recipe and have no flag of their own (a --config file may set them).
+FILE_ONLY = ("final_lr_ratio", "step_size", "gamma", "backbone_lr_scale")
+
+# Keys a --config file may hold: the fields of RUN_DIR/config.json; its "notes" are ignored.
+CONFIG_FILE_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_IGNORED_KEYS = ("notes",)
+
 _AMP_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
 
 
@@ -123,6 +134,92 @@ def config_from_dict(data: Dict[str, Any]) -> TrainConfig:
     if unknown:
         raise BadInputError(f"saved training configuration has unknown entries {unknown}; it was written by another gfgp version")
     return TrainConfig(**data)
+
+
+def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """The settings of a ``gfgp train --config FILE``: JSON, or YAML (``.yaml``/``.yml``, needs
+    PyYAML) holding the keys of RUN_DIR/config.json (:data:`CONFIG_FILE_KEYS`; ``notes`` is
+    ignored), so a run's own config.json describes the same run again.
+
+    Returns ``{field: value}`` with each value of its field's type (an integer where a float is
+    expected becomes a float); a missing or unreadable file, an unknown key or a value of the wrong
+    type is bad input (exit 2) naming the key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise BadInputError(f"--config {path} {what}; give a JSON or YAML file of training settings")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"--config {path} cannot be read ({e}); give a JSON or YAML text file") from e
+    raw = _parse_yaml(path, text) if path.suffix.lower() in (".yaml", ".yml") else _parse_json(path, text)
+    if not isinstance(raw, dict):
+        raise BadInputError(f"--config {path} holds a {type(raw).__name__}, not a mapping of settings "
+                            "(key: value, as in RUN_DIR/config.json)")
+    hints = get_type_hints(TrainConfig)
+    values: Dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _IGNORED_KEYS:
+            continue
+        if key not in hints:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), CONFIG_FILE_KEYS, n=1)
+            hint = f"did you mean {close[0]}?" if close else "the keys are those of RUN_DIR/config.json"
+            raise BadInputError(f"--config {path}: unknown key {key!r}; {hint}")
+        values[key] = _typed(path, key, value, hints[key])
+    return values
+
+
+def _parse_json(path: Path, text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"--config {path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); "
+                            "fix it, or name a YAML file .yaml") from e
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise BadInputError(f"--config {path} is YAML, which needs PyYAML: pip install pyyaml "
+                            "(or give the settings as JSON)") from None
+    class Loader(yaml.SafeLoader):
+        """YAML 1.2's numbers: 1e-3 is a float (YAML 1.1, PyYAML's, reads it as a string)."""
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+                   r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"),
+        list("-+0123456789."))
+    try:
+        return yaml.load(text, Loader=Loader)  # a SafeLoader: plain data only
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise BadInputError(f"--config {path} is not valid YAML ({where}{problem}); fix it") from e
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _typed(path: Path, key: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` of field ``key`` (``X`` or ``Optional[X]``); bad input otherwise."""
+    optional = get_origin(hint) is Union and type(None) in get_args(hint)
+    kind = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    expected = _TYPE_NAMES[kind] + (" or null" if optional else "")
+    raise BadInputError(f"--config {path}: {key} must be {expected}, got {value!r}")
 
 
 def resolve_config(checkpoint: str, data: str, out: str, recipe: str = "paper-resnet",

@@ -217,7 +217,8 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
         if epoch != start_epoch or meters is None:
             meters = Meters()
         title = f"epoch {epoch + 1}/{config.epochs}"
-        t.progress.start(f"{t.label} {title}" if t.label else title, steps, t.sampler.start_step)
+        t.progress.start(f"{t.label} {title}" if t.label else title, steps, t.sampler.start_step, epoch=epoch,
+                         epochs=config.epochs)
         lrs = [g["lr"] for g in t.optimizer.param_groups]
         t0 = time.perf_counter()
 
@@ -253,9 +254,9 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
         if t.val_loader is not None:
             val_criterion = t.val_criterion if t.val_criterion is not None else nn.CrossEntropyLoss()
             try:
-                val_m = evaluate(t.model, val_criterion, t.val_loader, t.device, config, t.info)
+                val_m = _validate(t, t.model, val_criterion, "val")
                 if t.ema is not None:
-                    ema_m = evaluate(t.ema.module, val_criterion, t.val_loader, t.device, config, t.info)
+                    ema_m = _validate(t, t.ema.module, val_criterion, "ema val")
             except UnreadableImageError as e:
                 if not _save_before_stopping(hooks, t.info, epoch, steps, meters):
                     raise
@@ -288,6 +289,15 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
         if stop:
             return epoch + 1, 0
     return None
+
+
+def _validate(t: Trainer, model: nn.Module, criterion: nn.Module, name: str) -> Dict[str, float]:
+    """:func:`evaluate` of ``model`` on the trainer's validation data, shown as the phase ``name``."""
+    t.progress.start_validation(len(t.val_loader), name)
+    try:
+        return evaluate(model, criterion, t.val_loader, t.device, t.config, t.info, progress=t.progress)
+    finally:
+        t.progress.stop()
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import load
+from ..checkpoint import load, read_checkpoint
 from ..errors import BadInputError, WorkFailedError
 from ..spec import ConversionSpec, TorchvisionSource, spec_of
-from .config import FLAGS, RESUME_MUTABLE, TrainConfig, check_config, resolve_config
+from .config import FILE_ONLY, FLAGS, RECIPES, RESUME_MUTABLE, TrainConfig, check_config, resolve_config
 from .data import DataBundle, ResumableSampler, SeededSamples
 from .distributed import DistInfo, all_gather_object, cleanup_distributed, init_distributed, run_on_main
 from .engine import NonFiniteLoss, Trainer, run_epochs, train_one_epoch
@@ -56,7 +56,7 @@ from .state import LAST, read_run_checkpoint, rebuild_model, resume_training, sa
 __all__ = ["train", "main", "train_one_epoch", "evaluate", "evaluate_checkpoint", "TrainResult", "RUN_FILES"]
 
 
-def train(checkpoint: str, data: str, out: str, *, recipe: Optional[str] = None, resume: bool = False,
+def train(checkpoint: Optional[str], data: Optional[str], out: str, *, recipe: Optional[str] = None, resume: bool = False,
           force: bool = False, model: Optional[nn.Module] = None, spec: Optional[ConversionSpec] = None,
           memory_limit: Optional[int] = None, **flags: Any) -> TrainResult:
     """Train the model of a gfgp checkpoint (``gfgp train``); ``flags`` are TrainConfig fields,
@@ -67,16 +67,26 @@ def train(checkpoint: str, data: str, out: str, *, recipe: Optional[str] = None,
     is measured (:mod:`.memory`): without ``accum_steps`` a batch that does not fit is split into
     micro-batches that do; ``memory_limit`` (bytes) caps what the run may use. Every input is checked before anything is
     written; a bad one raises BadInputError (exit 2).
+
+    With ``resume`` the saved run in ``out`` knows its checkpoint and data: ``checkpoint`` and
+    ``data`` may be None (a given ``data`` must be the saved one). A new run needs both. A recipe
+    that trains the reused layers slower (``finetune``) refuses a torchvision checkpoint whose
+    reused layers are random: converted without --weights and never trained.
     """
     run_dir = Path(out)
     notes: List[str] = []
+    if not resume and (checkpoint is None or data is None):
+        missing = "CHECKPOINT" if checkpoint is None else "--data SPEC"
+        raise BadInputError(f"a new run needs {missing}; give the converted model and the data "
+                            "(`gfgp train m.pt --data SPEC --out RUN_DIR`), or --resume RUN_DIR to continue a run")
     with _held(run_dir, resume, notes):
         state = None
         if resume:
             state = read_run_checkpoint(_resumable(run_dir))
             config, resumed = _resume_config(saved_config(state), data, recipe, flags)
             # The run continues where it lies now (the folder may have been moved or copied).
-            config = dataclasses.replace(config, out=str(out), checkpoint=str(checkpoint))
+            config = dataclasses.replace(config, out=str(out),
+                                         checkpoint=config.checkpoint if checkpoint is None else str(checkpoint))
             model = rebuild_model(state, model)
             spec = state["spec"]
         else:
@@ -86,12 +96,15 @@ def train(checkpoint: str, data: str, out: str, *, recipe: Optional[str] = None,
                     f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it "
                     "or --force to start over"
                 )
-            if model is None:
+            from_file = model is None
+            if from_file:
                 model = load(checkpoint)
                 spec = spec_of(model)
             elif spec is None:
                 raise TypeError("train(model=...) needs the model's conversion spec (spec=...)")
             config, resumed = resolve_config(checkpoint, data, out, recipe or _default_recipe(spec), **flags)
+            if from_file:
+                _check_reused_layers(config, spec, checkpoint)
         return main(config, model, spec, state=state, force=force, notes=resumed + notes, memory_limit=memory_limit,
                     auto_accum=not resume and flags.get("accum_steps") is None)
 
@@ -207,7 +220,8 @@ def _resume_config(saved: TrainConfig, data: str, recipe: Optional[str], flags: 
     given = {k: v for k, v in flags.items() if v is not None}
     if recipe is not None:
         given["recipe"] = recipe
-    given["data"] = data
+    if data is not None:
+        given["data"] = data
     changes, notes = {}, []
     for key, value in given.items():
         old = getattr(saved, key)
@@ -216,7 +230,7 @@ def _resume_config(saved: TrainConfig, data: str, recipe: Optional[str], flags: 
         if value == old:
             continue
         if key not in RESUME_MUTABLE:
-            flag = FLAGS.get(key, "--" + key.replace("_", "-"))
+            flag = key if key in FILE_ONLY else FLAGS.get(key, "--" + key.replace("_", "-"))
             raise BadInputError(
                 f"the run was started with {flag} {old}; --resume continues it unchanged, so drop {flag} "
                 "(or start over with --force)"
@@ -226,6 +240,27 @@ def _resume_config(saved: TrainConfig, data: str, recipe: Optional[str], flags: 
     config = dataclasses.replace(saved, **changes)
     check_config(config)
     return config, notes
+
+
+def _check_reused_layers(config: TrainConfig, spec: ConversionSpec, checkpoint: str) -> None:
+    """Bad input when the reused layers would learn slower than the new ones (the finetune
+    recipe's backbone_lr_scale) while they are random: a torchvision model converted without
+    --weights whose checkpoint is no trained run's (best.pt, last.pt and ema.pt hold the run's
+    ``config``). A user's module may hold trained weights the spec does not know of: not refused."""
+    scale = config.backbone_lr_scale
+    if scale >= 1 or spec.weights or not isinstance(spec.source, TorchvisionSource):
+        return
+    saved = read_checkpoint(checkpoint)
+    if "config" in saved or "history" in saved:
+        return
+    what = (f"--recipe {config.recipe}" if RECIPES.get(config.recipe, {}).get("backbone_lr_scale") == scale
+            else f"backbone_lr_scale {scale:g}")
+    raise BadInputError(
+        f"{what} trains the reused layers at {scale:g}x the learning rate, but {checkpoint} was converted without "
+        "--weights and never trained, so they are random and would barely learn; convert with "
+        f"`gfgp convert {spec.source.name} --weights DEFAULT ...` to fine-tune, or train from scratch with "
+        "--recipe paper-resnet (or paper-vgg)"
+    )
 
 
 def _default_recipe(spec: ConversionSpec) -> str:

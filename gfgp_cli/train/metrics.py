@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -116,56 +116,195 @@ class MetricsLog:
 
 
 class Progress:
-    """Per-epoch progress on stderr: rich bars on a terminal, a few plain log lines otherwise.
+    """Progress of a run on stderr, with the time left (ETA) in the epoch and in the whole run.
 
-    Silent on ranks other than 0.
+    On a terminal: a rich bar for each epoch's training and for its validation (transient; the
+    epoch's summary line stays). Elsewhere (a pipe, a log file): plain lines, one at the end of
+    each epoch's training and in between at most ``lines_per_epoch`` per phase (at every
+    1/lines_per_epoch of it), none sooner than ``min_interval_s`` after the last, so a log gets the
+    same numbers without a line per step::
+
+        epoch 2/5 22/22  loss 0.9  top1 71.4  1412 img/s  ETA epoch 0:00:01 run 0:00:09
+
+    The epoch's ETA covers its remaining steps and its validation (as long as the last epoch's
+    took); the run's adds the epochs left at this pace. Nothing is printed when ``enabled`` is
+    False (ranks other than 0). ``terminal`` (default: whether ``console`` is one) chooses the
+    display; ``console`` defaults to gfgp's stderr console.
     """
 
-    def __init__(self, enabled: bool = True, lines_per_epoch: int = 4) -> None:
-        from ..console import err
-
-        self.console = err
+    def __init__(self, enabled: bool = True, lines_per_epoch: int = 10, *, terminal: Optional[bool] = None,
+                 console: Any = None, min_interval_s: float = 10.0) -> None:
+        if console is None:
+            from ..console import err as console
+        self.console = console
         self.enabled = enabled
-        self.rich = enabled and err.is_terminal
-        self.lines_per_epoch = lines_per_epoch
-        self._bar = None
-        self._task = None
-        self._t0 = 0.0
+        self.rich = enabled and (console.is_terminal if terminal is None else terminal)
+        self.lines_per_epoch = max(1, lines_per_epoch)
+        self.min_interval_s = min_interval_s
+        self._bar: Any = None  # the rich display of the phase, and its rows
+        self._task: Any = None
+        self._run_task: Any = None
+        # the phase running: "train" (an epoch's steps) or "val"; its steps or batches
+        self._phase, self._name, self._label = "train", "", ""
+        self._total = self._done = self._first = 0
+        self._t0 = self._last_line = 0.0
         self._images = 0
+        self._running = False
+        self._train_rate = 0.0
+        # what the ETAs are made of
+        self._epoch: Optional[int] = None  # 0-based epoch being run (None: not told, no run ETA)
+        self._epochs: Optional[int] = None
+        self._steps = 0  # training steps per epoch
+        self._step_s: Optional[float] = None  # seconds per training step (this epoch's pace, else the last's)
+        self._batch_s: Optional[float] = None  # seconds per validation batch
+        self._val_s: Optional[float] = None  # seconds the last epoch's validation took, all its phases
+        self._val_s_epoch = 0.0  # this epoch's finished validation phases
 
-    def start(self, label: str, total: int, done: int = 0) -> None:
-        self._label, self._total, self._t0, self._images = label, total, time.perf_counter(), 0
-        if not self.enabled:
+    # -- phases -------------------------------------------------------------------------------
+
+    def start(self, label: str, total: int, done: int = 0, *, epoch: Optional[int] = None,
+              epochs: Optional[int] = None) -> None:
+        """An epoch's training, ``label`` (e.g. "epoch 2/5"): ``total`` steps, ``done`` of them
+        already (a resumed epoch). ``epoch`` (0-based) of ``epochs`` gives the run's ETA."""
+        if self._val_s_epoch:
+            self._val_s, self._val_s_epoch = self._val_s_epoch, 0.0
+        self._label, self._steps, self._epoch, self._epochs = label, total, epoch, epochs
+        self._begin("train", "", total, done)
+
+    def start_validation(self, total: int, name: str = "val") -> None:
+        """A validation (``total`` batches) of the epoch last started, shown as "<label> <name>"."""
+        self._begin("val", name, total, 0)
+
+    def _begin(self, phase: str, name: str, total: int, done: int) -> None:
+        self._phase, self._name, self._total, self._done, self._first = phase, name, total, done, done
+        self._t0 = self._last_line = time.perf_counter()
+        self._images, self._running = 0, True
+        if not self.rich:
             return
-        if self.rich:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as RichProgress
+        from rich.progress import BarColumn, TextColumn
+        from rich.progress import Progress as RichProgress
+        from rich.table import Column
 
-            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                     console=self.console, transient=True)
-            self._bar.start()
-            self._task = self._bar.add_task(label, total=total, completed=done, info="")
+        # Two rows: the phase's (steps, running metrics, its epoch's ETA) and the run's (epochs, ETA).
+        self._bar = RichProgress(TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+                                 BarColumn(bar_width=16), TextColumn("{task.fields[count]}"),
+                                 TextColumn("{task.fields[info]}"), TextColumn("{task.fields[eta]}"),
+                                 console=self.console, transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task(self._where(), total=total, completed=done, count=f"{done}/{total}", info="",
+                                        eta="")
+        self._run_task = None
+        if self._epoch is not None and self._epochs is not None:
+            self._run_task = self._bar.add_task("run", total=self._epochs * max(self._steps, 1), count="", info="",
+                                                eta="")
+            self._show_run(done)
+
+    def _show_run(self, done: int) -> None:
+        """The run's row: epochs finished of all, and the run's ETA."""
+        if self._run_task is None:
+            return
+        steps = max(self._steps, 1)
+        finished = self._epoch * steps + (done if self._phase == "train" else steps)
+        run = self.eta()[1]
+        self._bar.update(self._run_task, completed=finished, count=f"{self._epoch}/{self._epochs} epochs",
+                         eta="" if run is None else f"ETA {_clock(run)}")
 
     def update(self, done: int, images: int, info: Dict[str, float]) -> None:
+        """``done`` steps (validation: batches) of the phase finished, with ``images`` more images;
+        ``info``: running metrics to show."""
+        now = time.perf_counter()
         self._images += images
+        self._done = done
+        if done > self._first:
+            pace = (now - self._t0) / (done - self._first)
+            if self._phase == "train":
+                self._step_s = pace
+            else:
+                self._batch_s = pace
         if not self.enabled:
             return
-        rate = self._images / max(time.perf_counter() - self._t0, 1e-9)
-        text = "  ".join(f"{k} {v:.4g}" for k, v in info.items()) + f"  {rate:.0f} img/s"
+        rate = self._images / max(now - self._t0, 1e-9)
+        text = "  ".join([f"{k} {v:.4g}" for k, v in info.items()] + [f"{rate:.0f} img/s"])
         if self._bar is not None:
-            self._bar.update(self._task, completed=done, info=text)
-        elif done == self._total or done % max(1, self._total // self.lines_per_epoch) == 0:
-            self.console.print(f"{self._label} {done}/{self._total}  {text}", markup=False)
-
-    def images_per_s(self) -> float:
-        return self._images / max(time.perf_counter() - self._t0, 1e-9)
+            epoch = self.eta()[0]
+            self._bar.update(self._task, completed=done, count=f"{done}/{self._total}", info=text,
+                             eta="" if epoch is None else f"ETA {_clock(epoch)}")
+            self._show_run(done)
+            return
+        every = max(1, self._total // self.lines_per_epoch)
+        end_of_training = self._phase == "train" and done == self._total
+        if end_of_training or (done % every == 0 and now - self._last_line >= self.min_interval_s):
+            self._last_line = now
+            eta = self.eta_text()
+            self.console.print(f"{self._where()} {done}/{self._total}  {text}" + (f"  {eta}" if eta else ""),
+                               markup=False)
 
     def stop(self) -> None:
+        """The phase ended (or an error stopped it); safe to call twice."""
+        if self._running:
+            seconds = time.perf_counter() - self._t0
+            if self._phase == "train":
+                self._train_rate = self._images / max(seconds, 1e-9)
+            else:
+                self._val_s_epoch += seconds
+            self._running = False
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
 
+    def images_per_s(self) -> float:
+        """Training images per second of the epoch's steps (those run so far while they run)."""
+        if self._running and self._phase == "train":
+            return self._images / max(time.perf_counter() - self._t0, 1e-9)
+        return self._train_rate
+
     def log(self, text: str) -> None:
         if self.enabled:
             self.console.print(text, markup=False)
+
+    def _where(self) -> str:
+        return f"{self._label} {self._name}" if self._name else self._label
+
+    # -- time left ----------------------------------------------------------------------------
+
+    def eta(self) -> Tuple[Optional[float], Optional[float]]:
+        """``(epoch, run)``: seconds left in the epoch (its validation included) and in the run;
+        None where not known yet (before the first step; the run's without ``epochs``)."""
+        if self._step_s is None:
+            return None, None
+        left = max(self._total - self._done, 0)
+        if self._phase == "train":
+            val = self._val_estimate()
+            epoch = left * self._step_s + val
+        else:
+            val = self._val_estimate()
+            # this phase's batches left, or what the last epoch's validation had left at this point
+            # (an EMA model's validation may follow)
+            spent = self._val_s_epoch + time.perf_counter() - self._t0
+            epoch = max(left * (self._batch_s or 0.0), val - spent)
+        if self._epoch is None or self._epochs is None:
+            return epoch, None
+        later = max(self._epochs - self._epoch - 1, 0)
+        return epoch, epoch + later * (self._steps * self._step_s + val)
+
+    def eta_text(self) -> str:
+        """"ETA epoch h:mm:ss run h:mm:ss" (empty before the first step)."""
+        epoch, run = self.eta()
+        if epoch is None:
+            return ""
+        return f"ETA epoch {_clock(epoch)}" + (f" run {_clock(run)}" if run is not None else "")
+
+    def _val_estimate(self) -> float:
+        """Seconds of one epoch's validation: the last epoch's; during the first, this one's
+        phases so far with the running one at its pace; 0 before any."""
+        if self._val_s is not None:
+            return self._val_s
+        if self._phase == "val" and self._batch_s is not None:
+            return self._val_s_epoch + self._total * self._batch_s
+        return self._val_s_epoch
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss, as rich shows times."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

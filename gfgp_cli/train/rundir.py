@@ -273,4 +273,4 @@ def _space_advice(run_dir: Path, config: TrainConfig) -> str:
     if not last.exists():
         return "free some space and start the run again"
     return (f"{last} ({format_bytes(last.stat().st_size)}) is intact; free some space and continue with "
-            f"`gfgp train {config.checkpoint} --data {config.data} --out {run_dir} --resume`")
+            f"`gfgp train --resume {run_dir}`")

@@ -17,9 +17,9 @@ from gfgp_cli.checkpoint import read_checkpoint
 from gfgp_cli.cli import cli
 
 CLASSES = 10  # the `converted` checkpoint's outputs
-# 20 training images (5 steps of 4 per epoch), 10 validation images; --recipe finetune (cosine),
-# so a resumed run must also land on the right learning rate.
-TRAIN = ["--epochs", "2", "--batch-size", "4", "--recipe", "finetune", "--deterministic"]
+# 20 training images (5 steps of 4 per epoch), 10 validation images; --recipe paper-vgg (log-linear
+# decay), so a resumed run must also land on the right learning rate.
+TRAIN = ["--epochs", "2", "--batch-size", "4", "--recipe", "paper-vgg", "--deterministic"]
 BAD_TRAIN = ("train", "c3", "1.jpg")
 BAD_VAL = ("val", "c7", "0.png")
 

@@ -113,7 +113,7 @@ def test_the_next_checkpoint_is_foreseen_after_each_epoch(tmp_path, train_tiny, 
         train_tiny(run, epochs=3)
     message = str(e.value)
     assert message.startswith(f"not enough space left on device for the checkpoint of epoch 2 in {run}")
-    assert f"{run / 'last.pt'} (" in message and f"--out {run} --resume" in message
+    assert f"{run / 'last.pt'} (" in message and f"`gfgp train --resume {run}`" in message
     assert read_checkpoint(run / "last.pt")["epoch"] == 1  # epoch 1 is kept, epoch 2 never started
     monkeypatch.setattr(_io, "free_bytes", lambda folder: 1 << 40)  # space freed
     assert train_tiny(run, epochs=3, resume=True).epochs == 3
