@@ -52,6 +52,13 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                      schedule="cosine", final_lr_ratio=0.0, step_size=0, gamma=1.0, backbone_lr_scale=0.1),
 }
 
+# The shape of each schedule where it replaces a recipe's: cosine decays to zero, loglinear by
+# 1000x over the run (the paper's VGG recipe), step by 10x every 30 epochs (its ResNet recipe).
+SCHEDULE_DEFAULTS: Dict[str, Dict[str, float]] = {
+    "cosine": dict(final_lr_ratio=0.0), "loglinear": dict(final_lr_ratio=1e-3),
+    "step": dict(step_size=30, gamma=0.1), "constant": {},
+}
+
 SCHEDULES = ("loglinear", "step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -245,6 +252,14 @@ def resolve_config(checkpoint: str, data: str, out: str, recipe: str = "paper-re
     values = {**defaults, **RECIPES[recipe], **given}
     notes: List[str] = []
     base = RECIPES[recipe]
+    if values["schedule"] != base["schedule"]:
+        # Another schedule than the recipe's comes with its own shape (the recipe's would make a
+        # cosine constant: paper-resnet's floor ratio is 1), unless given too.
+        shape = {k: v for k, v in SCHEDULE_DEFAULTS.get(values["schedule"], {}).items() if k not in given}
+        values.update(shape)
+        if shape:
+            notes.append(f"--sched {values['schedule']} instead of the {recipe} recipe's {base['schedule']}: "
+                         + ", ".join(f"{k} {v:g}" for k, v in shape.items()))
     _check(values)
     if "momentum" in given and values["opt"] != "sgd":
         raise BadInputError("--momentum applies to --opt sgd only; AdamW uses its betas (0.9, 0.999), drop --momentum")

@@ -309,3 +309,15 @@ def test_sigkill_mid_epoch_with_every_option_then_resume_is_bit_identical(tmp_pa
     rows = _rows(whole)
     assert _rows(killed) == rows  # the interrupted epoch's train and EMA metrics included
     assert [r["lr"] for r in rows] == pytest.approx([2e-4, 2e-3])
+
+
+def test_a_schedule_other_than_the_recipes_brings_its_own_shape():
+    from gfgp_cli.train.config import lr_factor, resolve_config
+
+    # paper-resnet's floor ratio (1.0) would make a cosine constant
+    config, notes = resolve_config("m.pt", "digits", "run", "paper-resnet", schedule="cosine", epochs=4,
+                                   warmup_epochs=1)
+    assert [round(lr_factor(config, e), 4) for e in range(4)] == [0.01, 1.0, 0.75, 0.25]
+    assert "--sched cosine instead of the paper-resnet recipe's step: final_lr_ratio 0" in notes
+    config, _ = resolve_config("m.pt", "digits", "run", "paper-resnet", schedule="cosine", final_lr_ratio=0.5, epochs=2)
+    assert config.final_lr_ratio == 0.5  # given: kept
