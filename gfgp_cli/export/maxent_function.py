@@ -18,35 +18,46 @@ attributes and in the input size (it reads them at run time through attribute re
 
 Both bodies come from one builder, :func:`maxent_pool_function`, parameterised by the number of
 spatial dims D (2 or 3). The body is the op's definition (docs/method.md section 1), computed the
-way the reference kernel in ``gfgp_cli/ops`` computes it:
+way the reference kernel in ``gfgp_cli/ops`` computes it, in one straight line of ops: no ``If``,
+no subgraph, so every consumer sees one graph, and none converts or infers a branch that a
+given pool does not take (OpenVINO and onnxsim failed on such branches of an earlier body):
 
-1. output size by PyTorch's rule (``pool_output_size``, per dim; ceil mode drops a last window
-   that would start in the end padding);
-2. the windows, laid out tap-major, by one of two branches of an ``If``:
-
-   - a pool of kernel = stride = 2x2 over (H, W) (and 1 over T for 3-D) without padding on a
-     map of even height and width, with lam of shape [., ., 1, ...] (GFGP's pools, mostly):
-     ``SpaceToDepth`` (of the frames folded into the channels, for 3-D) makes
-     Tensor[N, 4, C, (T,) out_h, out_w] (no index arithmetic, no padded tap; 1.5x faster in
-     onnxruntime than the gather branch on ResNet's 8x64x224x224 stem pool: 49.6 vs 73.6 ms);
-   - every other pool: the windows are gathered explicitly ("unfold" as one ``Gather`` of flat
-     indices into X): Xw is Tensor[N, C, K, out_...] with K = prod(kernel), an exact copy; a tap
-     in the padding reads a clamped real position instead (no ``Pad`` copy of the input), and
-     the validity of each tap comes from the same index arithmetic: padded taps get
-     ``lam * x = -inf`` and so weight exactly 0 (a broadcast ``Add`` of 0 or -inf);
-
+1. the window starts along each dim d: ``Slice(Range(-begin_d, n_d), 0, end_d, step=stride_d)``
+   with ``end_d = n_d + begin_d + end_pad_d - k_d + 1 + ceil_mode (stride_d - 1)``; the Slice
+   also stops at the last real position, which is PyTorch's ceil-mode rule (a last window that
+   would start in the end padding is dropped), so out_d is the length of that Slice;
+2. the windows, "unfolded" by one ``Gather`` of flat indices: X read as Tensor[H W, N, C] (one
+   ``Transpose``), so that each index copies a block of N C contiguous values, into Xw
+   Tensor[out_..., K, N, C] with K = prod(kernel), an exact copy; a tap in the padding reads a
+   clamped real position instead (no ``Pad`` copy of the input), and the validity of each tap
+   comes from the same index arithmetic: padded taps get ``lam * x = -inf`` and so weight exactly
+   0 (a broadcast ``Add`` of 0 or -inf, folded to a single 0, which onnxruntime drops, when no
+   tap is padded);
 3. ``m`` = the window's true maximum of ``lam * x`` over valid taps (each window has at least
    one), ``e = exp(lam x - m)`` (never overflows, and the window sum is >= 1: no 0/0), and
-   ``y = sum(e x) / sum(e)``.
+   ``y = sum(e x) / sum(e)``, transposed back to Tensor[N, C, out_...].
 
-The ``If`` wraps the whole computation, so what it hands out is the output, not a full-size
-intermediate (onnxruntime copies a branch's outputs: an earlier ``If`` around the padding mask
-cost more than the mask). Because lam multiplies the gathered windows, every lam shape, including
-one lam per output window, gets its own per-window shift. Why ``Gather`` and not the faster
+Because lam multiplies the gathered windows, every lam shape, including one lam per output window,
+gets its own per-window shift. With static input shapes every index above is a constant that
+onnxruntime folds when it loads the model. Why this layout: a ``Gather`` of single values from X
+as Tensor[N, C, H W] measured about 2x slower in onnxruntime than the ``SpaceToDepth`` of 2x2/2
+pools that an earlier body took behind an ``If``; blocks of N C values after one ``Transpose`` are
+close to it and faster than the single-value gather on every other pool (onnxruntime CPU, 2
+threads, 8x64x112x112: 2x2/2 22.0 ms vs SpaceToDepth 19.0 ms; 3x3/2 pad 1 89 ms vs 103 ms; the
+converted resnet18 at 32 px, batch 8: 19.0 vs 20.4 ms median). Why ``Gather`` and not the faster
 unfold by a depthwise ``Conv`` with one-hot kernels: that is exact on the CPU, but onnxruntime's
 CUDA provider runs fp32 convolutions in TF32 by default (``use_tf32``), which would round the
-selected values; reshaping X into [N, C, oh, kh, ow, kw], with or without a ``Transpose`` to
-tap-major, and K strided ``Slice``s measured slower in onnxruntime than the ``Gather``.
+selected values.
+
+The body is the same for every geometry (a model has one function per op type, and per-pool
+bodies would need IR-10 function overloads, which onnxslim loses), so the attributes reach it as
+``Constant`` nodes with an attribute reference (``value_ints = @kernel_shape`` ...); every other
+constant is a plain ``Constant(value=tensor)``, and every node is named. The output H and W are
+the lengths of run-time ``Range``/``Slice`` results; onnx's shape inference (even propagating
+data) does not evaluate those, so a tool that drops the exporter's value_info and re-infers the
+shapes sees them as unknown. The ops
+are those of opset 15 (``CastLike``, ``Shape`` with ``start``) except ``ReduceMax``, whose axes are
+an input from opset 18 on: the inline form converts to opset 17 with onnx.version_converter.
 """
 
 from __future__ import annotations
@@ -101,37 +112,48 @@ def _doc(dims: int) -> str:
 
 
 class _Body:
-    """Collects the nodes of a function body and hands out fresh value names."""
+    """Collects the nodes of a function body and hands out fresh value names.
 
-    def __init__(self, prefix: str = "") -> None:
+    Every node is named after its output: inlined, the names stay unique per call (the inliner
+    suffixes them), and onnxslim, which compares unnamed nodes by the values of their constant
+    inputs, cannot mistake one folded node for another (its cleanup then fails).
+    """
+
+    def __init__(self) -> None:
         self.nodes: List[onnx.NodeProto] = []
         self._count = 0
-        self._prefix = prefix  # keeps the names of a branch's values apart from the outer body's
 
     def __call__(self, op_type: str, *inputs: str, **attrs) -> str:
         self._count += 1
-        out = f"{self._prefix}{op_type.lower()}_{self._count}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        out = f"{op_type.lower()}_{self._count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
         return out
 
     def ints(self, *values: int) -> str:
-        return self("Constant", value_ints=list(values))
+        """A 1-D int64 Constant."""
+        return self._constant(TensorProto.INT64, [len(values)], values)
 
     def int_scalar(self, value: int) -> str:
-        return self("Constant", value_int=value)
+        """A 0-D int64 Constant."""
+        return self._constant(TensorProto.INT64, [], [value])
+
+    def float_scalar(self, value: float) -> str:
+        """A 0-D Constant of X's type (a float Constant cast like X)."""
+        return self("CastLike", self._constant(TensorProto.FLOAT, [], [value]), "X")
+
+    def _constant(self, data_type: int, dims: Sequence[int], values: Sequence) -> str:
+        # Constant(value=tensor): the spelling every consumer reads (onnxruntime's symbolic shape
+        # inference and onnx.version_converter know no value_int(s) / value_float(s)).
+        return self("Constant", value=helper.make_tensor("value", data_type, list(dims), list(values)))
 
     def ref(self, name: str, ref_name: str, attr_type: "AttributeProto.AttributeType") -> str:
         """A Constant whose value is the function attribute ``ref_name``."""
         self._count += 1
-        out = f"{self._prefix}{name}_{self._count}"
-        node = helper.make_node("Constant", [], [out])
+        out = f"{ref_name}_{self._count}"
+        node = helper.make_node("Constant", [], [out], name=out)
         node.attribute.append(helper.make_attribute_ref(name, attr_type, ref_attr_name=ref_name))
         self.nodes.append(node)
         return out
-
-    def graph(self, name: str, output: str) -> onnx.GraphProto:
-        """These nodes as the body of an ``If`` branch with one output (outer values in scope)."""
-        return helper.make_graph(self.nodes, name, [], [helper.make_value_info(output, onnx.TypeProto())])
 
 
 def maxent_pool_function(opset: int, dims: int = 2) -> FunctionProto:
@@ -143,44 +165,75 @@ def maxent_pool_function(opset: int, dims: int = 2) -> FunctionProto:
     if opset < MIN_OPSET:
         raise ValueError(f"the {name} function needs opset >= {MIN_OPSET}, got {opset}")
     b = _Body()
-    i64 = TensorProto.INT64
-    # --- attributes as int64 tensors
+    # --- the attributes as int64 tensors (the only Constants that are not plain tensors)
     k = b.ref("value_ints", "kernel_shape", AttributeProto.INTS)  # [k_0, ..., k_{D-1}]
     s = b.ref("value_ints", "strides", AttributeProto.INTS)  # [s_0, ..., s_{D-1}]
     pads = b.ref("value_ints", "pads", AttributeProto.INTS)  # [begin_0, ..., end_0, ...]
     ceil = b.ref("value_int", "ceil_mode", AttributeProto.INT)  # 0 or 1
-    zero1, dims1, two_dims1 = b.ints(0), b.ints(dims), b.ints(2 * dims)
     zero, one = b.int_scalar(0), b.int_scalar(1)
-    p_begin = b("Slice", pads, zero1, dims1)
-    p_end = b("Slice", pads, dims1, two_dims1)
-    size = b("Shape", "X", start=2)  # [H, W] or [T, H, W]
+    p_begin = b("Slice", pads, b.ints(0), b.ints(dims))
+    p_end = b("Slice", pads, b.ints(dims), b.ints(2 * dims))
+    size = b("Shape", "X", start=2)  # [n_0, ..., n_{D-1}]: [H, W] or [T, H, W]
 
-    # --- 1. output size, PyTorch's rule (gfgp_cli.ops.pool_output_size), every dim at once
-    s_minus_1 = b("Sub", s, one)
-    span = b("Sub", b("Add", b("Add", size, p_begin), p_end), k)
-    out = b("Add", b("Div", b("Add", span, b("Mul", s_minus_1, ceil)), s), one)
-    last_start = b("Mul", b("Sub", out, one), s)
-    starts_in_end_pad = b("Cast", b("GreaterOrEqual", last_start, b("Add", size, p_begin)), to=i64)
-    out = b("Sub", out, b("Mul", starts_in_end_pad, ceil))  # [out_0, ..., out_{D-1}]
+    # --- 1. window starts: in padded coordinates they run 0, s, 2 s, ... while a window fits in
+    # the padded input (ceil mode: with up to s - 1 more at the end) and, both modes, while it
+    # starts before the end padding (PyTorch's rule, gfgp_cli.ops.pool_output_size). The second
+    # bound is the length of Range(-begin, n); the Slice below clamps its end to it.
+    end = b("Add", b("Sub", b("Add", b("Add", size, p_begin), p_end), k),
+            b("Add", b("Mul", b("Sub", s, one), ceil), one))  # [end_0, ...]
 
-    # --- 2. the windows, then 3. and 4.: a 2x2/2 pool over (H, W) (stride and kernel 1 over T)
-    # without padding on a map of even height and width with lam of shape [., ., 1, ...] (GFGP's
-    # pools, mostly) takes SpaceToDepth, measured 1.5x faster in onnxruntime; the others take the
-    # general gather path.
-    fast_kernel = [1] * (dims - 2) + [2, 2]
-    hw = size if dims == 2 else b("Shape", "X", start=-2)  # [H, W]
-    is_fast = b("Cast", b("ReduceMin", b("Cast", b("Concat",
-        b("Equal", b("Concat", k, s, axis=0), b.ints(*fast_kernel, *fast_kernel)),
-        b("Equal", pads, b.ints(*[0] * (2 * dims))),
-        b("Equal", b("Mod", hw, b.ints(2, 2)), b.ints(0, 0)),
-        b("Equal", b("Shape", "LAM", start=2), b.ints(*[1] * dims)), axis=0), to=i64), keepdims=0), to=TensorProto.BOOL)
-    fast = _Body("s2d_")
-    general = _Body("unfold_")
-    y_fast = _space_to_depth_path(fast, dims)
-    axes = [zero, one] + [b.int_scalar(d) for d in range(2, dims)]  # index scalars 0 .. D-1
-    y_general = _gather_path(general, dims, k, s, p_begin, size, out, axes, zero1)
-    b.nodes.append(helper.make_node("If", [is_fast], ["Y"], then_branch=fast.graph("space_to_depth", y_fast),
-                                    else_branch=general.graph("gather", y_general)))
+    # Per dim d, the index read along d by output o's tap i, start_o + i, Tensor[out_d, k_d],
+    # unsqueezed to rank 2 D with the output at axis d and the tap at axis D + d (2-D: rows
+    # [out_h, 1, kh, 1], cols [1, out_w, 1, kw]).
+    index, extent, out = [], [], []
+    for d in range(dims):
+        at_d, next_d = b.ints(d), b.ints(d + 1)
+        d_ = b.int_scalar(d)
+        n = b("Gather", size, d_)
+        positions = b("Range", b("Neg", b("Gather", p_begin, d_)), n, one)  # -begin_d .. n_d - 1
+        starts = b("Slice", positions, b.ints(0), b("Slice", end, at_d, next_d), b.ints(0), b("Slice", s, at_d, next_d))
+        taps = b("Range", zero, b("Gather", k, d_), one)
+        idx = b("Add", b("Unsqueeze", starts, b.ints(1)), b("Unsqueeze", taps, b.ints(0)))
+        spread = [a for a in range(2 * dims) if a not in (d, dims + d)]
+        index.append(b("Unsqueeze", idx, b.ints(*spread)))
+        extent.append(n)
+        out.append(b("Shape", starts))
+    window_shape = b("Concat", *out, b.ints(-1), axis=0)  # [out_0, ..., out_{D-1}, K]
+
+    # --- 2. the windows. Taps in the padding read a clamped (real, finite) position; step 3 gives
+    # them weight 0. Reading X in place, without a Pad, saves a copy of the input. Flat index,
+    # row-major: ((i_0 * n_1) + i_1) * n_2 + i_2 ...
+    flat = valid = ""
+    for idx, n in zip(index, extent):
+        at = b("Clip", idx, zero, b("Sub", n, one))
+        flat = at if not flat else b("Add", b("Mul", flat, n), at)
+        ok = b("And", b("GreaterOrEqual", idx, zero), b("Less", idx, n))
+        valid = ok if not valid else b("And", valid, ok)
+    flat = b("Reshape", flat, window_shape)  # Tensor[out_0, ..., K]
+    valid = b("Reshape", valid, window_shape)
+    # X as Tensor[n_0 n_1 ..., N, C]: each index gathers a block of N C contiguous values.
+    x_t = b("Transpose", b("Reshape", "X", b.ints(0, 0, -1)), perm=[2, 0, 1])
+    xw = b("Gather", x_t, flat, axis=0)  # Tensor[out_0, ..., K, N, C]
+
+    # --- 3. lam x, with lam x = -inf at the padded taps; softmax(lam x)-weighted mean over the taps
+    taps_axis = b.ints(dims)
+    lam = b("Unsqueeze", b("Transpose", "LAM", perm=[*range(2, dims + 2), 0, 1]), taps_axis)  # [out_..., 1, N, C]
+    mask_bias = b("Where", valid, b.float_scalar(0.0), b.float_scalar(float("-inf")))  # 0 or -inf
+    # Without a padded tap (no padding, no partial window: GFGP's 2x2/2 pools, mostly) the bias is
+    # all 0; it is then one 0 of shape [1, ...] instead, which onnxruntime folds and whose Add it
+    # drops (NoopElimination takes one-element constants only), saving a full-size pass.
+    bias_shape = b("Shape", mask_bias)
+    padded = b("Not", b("Cast", b("ReduceMin", b("Cast", valid, to=TensorProto.INT64), keepdims=0), to=TensorProto.BOOL))
+    bias_shape = b("Where", padded, bias_shape, b("Expand", b.ints(1), b("Shape", bias_shape)))  # or [1, ...]
+    mask_bias = b("Reshape", b("Slice", b("Reshape", mask_bias, b.ints(-1)), b.ints(0),
+                               b("ReduceProd", bias_shape, keepdims=1)), bias_shape)
+    z = b("Add", b("Mul", xw, lam), b("Unsqueeze", mask_bias, b.ints(dims + 1, dims + 2)))
+    m = b("ReduceMax", z, taps_axis, keepdims=1)  # each window has a valid tap: m is finite
+    e = b("Exp", b("Sub", z, m))  # padded taps: exp(-inf) = 0
+    num = b("ReduceSum", b("Mul", e, xw), taps_axis, keepdims=0)
+    den = b("ReduceSum", e, taps_axis, keepdims=0)  # >= 1
+    y = b("Div", num, den)  # Tensor[out_0, ..., N, C]
+    b.nodes.append(helper.make_node("Transpose", [y], ["Y"], name="transpose_y", perm=[dims, dims + 1, *range(dims)]))
 
     return helper.make_function(
         DOMAIN,
@@ -203,97 +256,6 @@ def maxent_pool2d_function(opset: int) -> FunctionProto:
 def maxent_pool3d_function(opset: int) -> FunctionProto:
     """The model-local FunctionProto ``gfgp::MaxEntPool3d`` built from standard ops at ``opset``."""
     return maxent_pool_function(opset, 3)
-
-
-def _space_to_depth_path(b: _Body, dims: int) -> str:
-    """Y for 2x2/2 over (H, W) (1/1 over T), no padding, even H and W, one lam per (sample,
-    channel) at most: SpaceToDepth lays the four taps of every window out as Tensor[N, 4, C,
-    (T,) out_h, out_w] (tap (a, b) at channel block 2 a + b), with no index arithmetic and no
-    padded tap; then the softmax(lam x)-weighted mean over the tap axis. For 3-D input the frames
-    are folded into the channels first (Tensor[N, C T, H, W], a free reshape)."""
-    x = "X"
-    if dims > 2:
-        x = b("Reshape", x, b("Concat", b("Shape", x, start=0, end=1), b.ints(-1), b("Shape", x, start=-2), axis=0))
-    xs = b("SpaceToDepth", x, blocksize=2)  # Tensor[N, 4 C (T), H / 2, W / 2]
-    # The sizes come from xs itself (and the static C, T of X), not from the outer body's out:
-    # shape inference visits this branch for every static input shape, also those (odd sizes)
-    # that take the other branch. A 1-pixel map has H / 2 = 0 there: allowzero=1 makes that 0 a
-    # size, not "copy the input's dimension" (which position 4 of a rank-4 input does not have),
-    # so C is spelled out (ONNX forbids -1 next to a literal 0).
-    shape = b("Concat", b("Shape", xs, start=0, end=1), b.ints(4), b("Shape", "X", start=1, end=dims),
-              b("Shape", xs, start=2), axis=0)
-    xw = b("Reshape", xs, shape, allowzero=1)  # [N, 4, C, (T,) H / 2, W / 2]
-    axis1 = b.ints(1)
-    # LAM is [., ., 1, ...] on this branch; the ReduceMax (an identity then) keeps shape inference
-    # from failing on a per-window LAM of a static shape that takes the other branch.
-    lam = b("ReduceMax", "LAM", b.ints(*range(2, dims + 2)), keepdims=1)
-    z = b("Mul", xw, b("Unsqueeze", lam, axis1))
-    m = b("ReduceMax", z, axis1, keepdims=1)
-    e = b("Exp", b("Sub", z, m))
-    num = b("ReduceSum", b("Mul", e, xw), axis1, keepdims=0)
-    den = b("ReduceSum", e, axis1, keepdims=0)  # >= 1
-    return b("Div", num, den)
-
-
-def _gather_path(b: _Body, dims: int, k: str, s: str, p_begin: str, size: str, out: str, axes: Sequence[str],
-                 zero1: str) -> str:
-    """Y for any geometry: the windows gathered from X by flat index as Tensor[N, C, K, out_0, ...]
-    (K = prod(kernel), taps in row-major order), padded taps masked to lam x = -inf, then the
-    softmax(lam x)-weighted mean. ``axes[d]`` is the int64 scalar d (from the outer body)."""
-    zero, one = axes[0], axes[1]
-    one1 = b.ints(1)
-
-    def scalar(vec: str, d: int) -> str:
-        return b("Gather", vec, axes[d])
-
-    def taps(kernel: str, stride: str, n_out: str, begin: str) -> str:
-        """Input index along one dim read by tap i of output o: i + o * stride - begin, Tensor[k, n_out]."""
-        tap = b("Unsqueeze", b("Range", zero, kernel, one), one1)
-        start = b("Unsqueeze", b("Sub", b("Mul", b("Range", zero, n_out, one), stride), begin), zero1)
-        return b("Add", tap, start)
-
-    # Per dim d, the index read along d, as Tensor[k_d, out_d] unsqueezed to rank 2 D with the tap
-    # at axis d and the output at axis D + d (2-D: rows [kh, 1, out_h, 1], cols [1, kw, 1, out_w]).
-    index = []
-    for d in range(dims):
-        kept = (d, dims + d)
-        spread = [a for a in range(2 * dims) if a not in kept]
-        index.append(b("Unsqueeze", taps(scalar(k, d), scalar(s, d), scalar(out, d), scalar(p_begin, d)),
-                       b.ints(*spread)))
-    extent = [scalar(size, d) for d in range(dims)]
-    window_shape = b("Concat", b.ints(-1), out, axis=0)  # [K, out_0, ..., out_{D-1}]
-    # Taps in the padding read a clamped (real, finite) position; step 3 gives them weight 0.
-    # Reading X in place, without a Pad, saves a copy of the input. Flat index, row-major:
-    # ((i_0 * n_1) + i_1) * n_2 + i_2 ...
-    flat = ""
-    for idx, n in zip(index, extent):
-        at = b("Clip", idx, zero, b("Sub", n, one))
-        flat = at if not flat else b("Add", b("Mul", flat, n), at)
-    flat = b("Reshape", flat, window_shape)
-    xw = b("Gather", b("Reshape", "X", b.ints(0, 0, -1)), flat, axis=2)
-
-    # --- 3. valid (non-padded) taps, from the same index arithmetic; the others get lam*x = -inf
-    def inside(idx: str, n: str) -> str:
-        return b("And", b("GreaterOrEqual", idx, zero), b("Less", idx, n))
-
-    valid = ""
-    for idx, n in zip(index, extent):
-        ok = inside(idx, n)
-        valid = ok if not valid else b("And", valid, ok)
-    valid = b("Reshape", valid, window_shape)  # [K, out_0, ...]
-    axis2 = b.ints(2)
-    z = b("Mul", xw, b("Unsqueeze", "LAM", axis2))
-    neg_inf = b("CastLike", b("Constant", value=helper.make_tensor("neg_inf", TensorProto.FLOAT, [], [float("-inf")])), "X")
-    zero_t = b("CastLike", b("Constant", value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])), "X")
-    mask_bias = b("Where", valid, zero_t, neg_inf)  # Tensor[K, out_0, ...]: 0 or -inf
-    z = b("Add", z, mask_bias)
-
-    # --- 4. softmax(lam x) weighted mean, shifted by the window max over valid taps
-    m = b("ReduceMax", z, axis2, keepdims=1)
-    e = b("Exp", b("Sub", z, m))  # padded taps: exp(-inf) = 0
-    num = b("ReduceSum", b("Mul", e, xw), axis2, keepdims=0)
-    den = b("ReduceSum", e, axis2, keepdims=0)  # >= 1
-    return b("Div", num, den)
 
 
 def make_maxent_node(
