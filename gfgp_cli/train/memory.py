@@ -240,25 +240,25 @@ def plan_micro_batches(memory: StepMemory, available: int, where: str, batch_siz
     fitting = [a for a in options if memory.need(per_process // a) <= usable]
     scope = " per process" if world_size > 1 else ""
     size = f"{format_bytes(usable)}{scope} ({int(USABLE * 100)}% of {where}, {format_bytes(available)})"
+    largest = _largest_fitting(memory, usable, min_micro)
+    if largest < min_micro:
+        raise BadInputError(
+            f"not even a micro-batch of {min_micro} fits: it needs about {format_bytes(memory.need(min_micro))} "
+            f"and {size} is usable; use a smaller --image-size, --activation-checkpointing or a device with "
+            f"more memory [{memory.how}: {format_bytes(memory.per_sample)} per sample]"
+        )
     if accum_steps is not None:
         micro = per_process // accum_steps
         if memory.need(micro) <= usable:
             return accum_steps, None
         hint = (f"use --accum-steps {fitting[0]} (micro-batches of {per_process // fitting[0]})" if fitting
-                else f"lower --batch-size to {_largest_fitting(memory, usable, min_micro) * world_size}")
+                else f"lower --batch-size to {largest * world_size}")
         raise BadInputError(
             f"--batch-size {batch_size} with --accum-steps {accum_steps} runs micro-batches of {micro}{scope}, "
             f"which need about {format_bytes(memory.need(micro))}; {size} is usable: {hint} "
             f"[{memory.how}: {format_bytes(memory.per_sample)} per sample]"
         )
     if not fitting:
-        largest = _largest_fitting(memory, usable, min_micro)
-        if largest < min_micro:
-            raise BadInputError(
-                f"not even a micro-batch of {min_micro} fits: it needs about {format_bytes(memory.need(min_micro))} "
-                f"and {size} is usable; use a smaller --image-size, --activation-checkpointing or a device with "
-                f"more memory [{memory.how}: {format_bytes(memory.per_sample)} per sample]"
-            )
         raise BadInputError(
             f"no equal split of --batch-size {batch_size} into micro-batches of {min_micro} or more fits in {size}; "
             f"use a --batch-size that splits into micro-batches of at most {largest}, e.g. {largest * world_size}"

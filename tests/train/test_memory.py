@@ -191,3 +191,21 @@ def _rss():
     from gfgp_cli.train.memory import _status
 
     return _status("VmRSS:")
+
+
+def test_the_cli_refuses_a_run_that_cannot_fit_in_seconds(tmp_path, converted):
+    import time
+
+    from click.testing import CliRunner
+
+    from gfgp_cli.cli import cli
+
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, ["train", str(converted), "--data", "fake", "--out", str(tmp_path / "run"),
+                                      "--batch-size", "16", "--memory-limit", "1MiB"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: not even a micro-batch of 2 fits: it needs about ")
+    assert "is usable; use a smaller --image-size" in line and "per sample]" in line
+    assert time.monotonic() - started < 120  # a hang guard: it measures two small steps, then stops
+    assert not (tmp_path / "run").exists()
