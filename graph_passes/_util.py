@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import sys
 from collections.abc import Set
 from typing import Any
 
@@ -162,6 +163,34 @@ class _CallerOwnedArgs(ShapeProp):
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         return super().call_function(target, _mutable(args), _mutable(kwargs))
 
+    def run_node(self, n: Node) -> Any:
+        # ShapeProp prints a traceback before it re-raises; what a node prints is passed on when
+        # it runs, and a failure becomes one NodeFailed that names the node.
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(printed):
+                result = super().run_node(n)
+        except RuntimeError as e:
+            if e.__cause__ is None or not str(e).startswith("ShapeProp error for"):
+                raise
+            raise NodeFailed(n, e.__cause__) from e.__cause__
+        sys.stderr.write(printed.getvalue())
+        return result
+
+
+class NodeFailed(RuntimeError):
+    """A node of a graph failed during shape propagation; ``node`` and ``error`` say which and why."""
+
+    def __init__(self, node: Node, error: BaseException) -> None:
+        self.node, self.error = node, error
+        gm = node.graph.owning_module
+        if node.op == "call_module" and gm is not None:
+            what = type(gm.get_submodule(str(node.target))).__name__
+        else:
+            what = getattr(node.target, "__name__", str(node.target))
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(" While executing")[0]
+        super().__init__(f"at {node.name} ({what}): {first}")
+
 
 class _ShapePropRunner(nn.Module):
     """Lets ``torch.func.functional_call`` swap ``gm``'s tensors for the duration of a ShapeProp."""
@@ -211,8 +240,11 @@ def propagate_shapes(gm: GraphModule, example_input: ExampleInput) -> None:
             try:
                 runner(*args)
             except Exception as e:
+                reason = " ".join(str(e).split()).split(" While executing")[0]  # fx appends the node it ran
                 raise ValueError(
-                    f"shape propagation failed for an input of shape {describe_example(example_input)}: {e}"
+                    f"shape propagation failed for an input of shape {describe_example(example_input)} {reason}"
+                    if isinstance(e, NodeFailed) else
+                    f"shape propagation failed for an input of shape {describe_example(example_input)}: {reason}"
                 ) from e
     finally:
         for m, flag in flags.items():

@@ -197,3 +197,12 @@ def test_convert_onto_a_full_disk_exits_1_naming_the_file(tmp_path):
         f"Error: no space left on device writing {disk}/m.pt; nothing was written; free some space and run again")
     assert "Traceback" not in proc.stderr
     assert proc.stdout.split("rc=1")[1].split() == [".", ".."]  # no temporary file left on the disk
+
+
+def test_a_model_that_cannot_take_the_image_size_is_one_line_naming_the_layer(tmp_path):
+    result = CliRunner().invoke(cli, ["convert", "alexnet", "--image-size", "8", "--out", str(tmp_path / "m.pt")])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()  # torch.fx's ShapeProp traceback is not printed
+    assert line.startswith("Error: shape propagation failed for an input of shape (2, 3, 8, 8) at features_2 "
+                           "(MaxPool2d): Given input size: (64x1x1)")
+    assert "While executing" not in line and "tlparse" not in line
