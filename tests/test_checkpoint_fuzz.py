@@ -251,21 +251,13 @@ def _edit(value: Any, path: Tuple[Any, ...], change) -> Any:
     if not path:
         return change(value)
     key, rest = path[0], path[1:]
-    if isinstance(value, dict):
-        new = dict(value)
-        result = _edit(value[key], rest, change)
-        if result is _DELETE:
-            del new[key]
-        else:
-            new[key] = result
-        return new
-    items = list(value)
-    result = _edit(items[key], rest, change)
+    new = dict(value) if isinstance(value, dict) else list(value)
+    result = _edit(new[key], rest, change)
     if result is _DELETE:
-        del items[key]
+        del new[key]
     else:
-        items[key] = result
-    return type(value)(items) if isinstance(value, tuple) else items
+        new[key] = result
+    return type(value)(new) if isinstance(value, tuple) else new
 
 
 _DELETE = object()

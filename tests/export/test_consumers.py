@@ -26,6 +26,7 @@ consumer changes:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 from typing import Dict, List
 
@@ -36,7 +37,7 @@ import pytest
 import torch
 from torch import nn
 
-from gfgp_cli import GFGPPool2d, GFGPPool3d, MaxEntPool2d, convert, export_onnx
+from gfgp_cli import GFGPPool3d, convert, export_onnx
 from gfgp_cli.export import DOMAIN
 from gfgp_cli.export.proto import inline_functions
 from gfgp_cli.export.verify import RTOL
@@ -44,23 +45,10 @@ from gfgp_cli.export.verify import RTOL
 BATCH = 2  # of the static exports (every shape in the file known); a dynamic-batch file runs at 3
 
 
-class ToOnePixel(nn.Module):
-    """16 px -> 8 -> 4 -> 2 -> 1 by GFGP 2x2/2 pools, then a 2x2/2 ceil-mode pool on the 1x1 map
-    and a 3x3/2 padded one: maps of one pixel, a map as large as the kernel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.pools = nn.ModuleList([GFGPPool2d(4, 2, 2, ceil_mode=True) for _ in range(4)])
-        self.at_one = MaxEntPool2d(4, 2, 2, ceil_mode=True, init=1.0)
-        self.padded = GFGPPool2d(4, 3, 2, 1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        for pool in self.pools:
-            x = pool(x)
-        return self.fc(torch.flatten(self.padded(self.at_one(x)), 1))
+_nets_spec = importlib.util.spec_from_file_location("_nets", Path(__file__).with_name("_nets.py"))
+_nets = importlib.util.module_from_spec(_nets_spec)
+_nets_spec.loader.exec_module(_nets)
+ToOnePixel = _nets.ToOnePixel
 
 
 class OnePool3d(nn.Module):

@@ -24,7 +24,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from gfgp_cli import GFGPPool2d, MaxEntPool2d, convert, export_onnx, save
+from gfgp_cli import convert, export_onnx, save
 from gfgp_cli.cli import cli
 from gfgp_cli.errors import WorkFailedError
 from gfgp_cli.export import proto as proto_module
@@ -39,26 +39,10 @@ _spec.loader.exec_module(_one_node)
 _ORT_REFUSAL = "[ONNXRuntimeError] : 1 : FAIL : Node () Op (Reshape)\n[ShapeInferenceError] Invalid position of 0."
 
 
-class ToOnePixel(nn.Module):
-    """16 px -> 8 -> 4 -> 2 -> 1 by GFGP 2x2/2 pools (the SpaceToDepth branch on even maps), then
-    a 2x2/2 ceil-mode pool on the 1x1 map and a 3x3/2 padded one (the gather branch); at odd
-    sizes the 2x2 pools see odd maps too (ceil mode keeps their last window)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.pools = nn.ModuleList([GFGPPool2d(4, 2, 2, ceil_mode=True) for _ in range(4)])
-        self.at_one = MaxEntPool2d(4, 2, 2, ceil_mode=True, init=1.0)
-        self.padded = GFGPPool2d(4, 3, 2, 1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        for pool in self.pools:
-            x = pool(x)
-        x = self.padded(self.at_one(x))
-        return self.fc(torch.flatten(x, 1))
+_nets_spec = importlib.util.spec_from_file_location("_nets", Path(__file__).with_name("_nets.py"))
+_nets = importlib.util.module_from_spec(_nets_spec)
+_nets_spec.loader.exec_module(_nets)
+ToOnePixel = _nets.ToOnePixel
 
 
 def _model() -> ToOnePixel:

@@ -88,17 +88,22 @@ def _same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_truncated_training_image_stops_at_a_step_then_resume_after_the_fix_is_exact(converted, clean, bad, tmp_path,
-                                                                                         workers):
-    bad.fix(bad.val)  # only the training image is broken
+def _stopped_by(broken, converted, clean, bad, tmp_path, workers):
+    """``(whole, run, error line)``: a clean run in tmp/whole, and the run in tmp/run that the one
+    ``broken`` file (the other is put back) stops with exit 2."""
+    bad.fix(bad.val if broken == bad.train else bad.train)
     whole = tmp_path / "whole"
     assert _invoke("train", converted, "--data", clean, "--out", whole, *TRAIN).exit_code == 0
-
     run = tmp_path / "run"
     result = _invoke("train", converted, "--data", bad.path, "--out", run, *TRAIN, "--workers", workers)
     assert result.exit_code == 2, result.output[-3000:]
-    line = _error_line(result)
+    return whole, run, _error_line(result)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_truncated_training_image_stops_at_a_step_then_resume_after_the_fix_is_exact(converted, clean, bad, tmp_path,
+                                                                                         workers):
+    whole, run, line = _stopped_by(bad.train, converted, clean, bad, tmp_path, workers)
     assert f"cannot read image {bad.train}: the file is truncated; remove or replace it, or pass --skip-bad-images" in line
     state = read_checkpoint(run / "last.pt")
     assert state["epoch"] == 0 and 0 <= state["step"] < 5  # the steps done before the batch holding it
@@ -114,14 +119,7 @@ def test_a_truncated_training_image_stops_at_a_step_then_resume_after_the_fix_is
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_empty_validation_image_keeps_the_epochs_training_and_resume_validates_it(converted, clean, bad, tmp_path,
                                                                                       workers):
-    bad.fix(bad.train)  # only the validation image is broken
-    whole = tmp_path / "whole"
-    assert _invoke("train", converted, "--data", clean, "--out", whole, *TRAIN).exit_code == 0
-
-    run = tmp_path / "run"
-    result = _invoke("train", converted, "--data", bad.path, "--out", run, *TRAIN, "--workers", workers)
-    assert result.exit_code == 2, result.output[-3000:]
-    line = _error_line(result)
+    whole, run, line = _stopped_by(bad.val, converted, clean, bad, tmp_path, workers)
     assert f"cannot read image {bad.val}: the file is empty (0 bytes); remove or replace it" in line
     assert "last.pt keeps epoch 1's training, and --resume continues with its validation" in line
     state = read_checkpoint(run / "last.pt")
