@@ -72,3 +72,20 @@ def converted(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "mnv3.pt"
     save(convert("mobilenet_v3_small", num_classes=10, width_mult=0.25, dropout=0.0, image_size=16), path)
     return path
+
+
+@pytest.fixture
+def wait_for_file():
+    """wait_for_file(path, proc): return once ``path`` exists; fail if ``proc`` exits first or
+    nothing appears in 15 minutes (a hang guard, not a speed check: a busy CI machine is fine)."""
+    import time
+
+    def wait(path: Path, proc, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            if time.monotonic() > deadline:
+                pytest.fail(f"{path} did not appear in {timeout:.0f} s: hung?")
+            time.sleep(0.02)
+
+    return wait

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,24 +23,15 @@ from gfgp_cli.train.rundir import LOCK
 ROOT = Path(__file__).parents[2]
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout  # a hang guard, not a speed check
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path} did not appear in {timeout} s: hung?")
-        time.sleep(0.05)
-
-
 def test_second_training_into_a_busy_folder_is_refused_and_a_killed_runs_lock_is_taken_over(
-        tmp_path, converted, subprocess_env):
+        tmp_path, converted, subprocess_env, wait_for_file):
     run = tmp_path / "run"
     first = subprocess.Popen(
         [sys.executable, "-m", "gfgp_cli", "train", str(converted), "--data", "fake", "--out", str(run),
          "--epochs", "50", "--batch-size", "16", "--save-every-steps", "1"],
         cwd=ROOT, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(run / "last.pt", first)
+        wait_for_file(run / "last.pt", first)
         holder = json.loads((run / LOCK).read_text())
         assert holder["pid"] == first.pid and holder["command"].startswith("gfgp train")
 
