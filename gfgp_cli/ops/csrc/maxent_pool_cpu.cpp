@@ -39,6 +39,21 @@
 
 namespace {
 
+// exp(xc) / 2^fx for fx = round(xc log2(e)): Cephes expf's Cody-Waite reduction r = xc - fx ln 2
+// (ln 2 in two parts) and its degree-6 polynomial of r; one body for floats and float vectors.
+template <typename T>
+inline T exp_reduced(T xc, T fx) {
+  T r = xc - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  const T r2 = r * r;
+  T p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r2 + r + 1.0f;
+}
+
 // exp for arguments <= 0 (Cephes expf: Cody-Waite range reduction and a degree-6 polynomial,
 // about 1 ulp); arguments below -87.3 give 0 (exp underflows there), -inf gives 0, NaN stays NaN.
 // Written branch-free so that GCC vectorises the loops that inline it.
@@ -47,16 +62,7 @@ inline float exp_nonpos(float x) {
   float xc = x < lo ? lo : (x > 88.0f ? 88.0f : x);
   // round(xc * log2(e)) by the 1.5 * 2^23 trick (round to nearest even, no libm call)
   float fx = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
+  const float p = exp_reduced(xc, fx);
   int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
   float pow2;
   std::memcpy(&pow2, &bits, sizeof(pow2));
@@ -114,16 +120,7 @@ inline vf exp_nonpos(vf x) {
 #else
   const vf fx = (t + 12582912.0f) - 12582912.0f;
 #endif
-  vf r = xc - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  const vf r2 = r * r;
-  vf p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
+  const vf p = exp_reduced(xc, fx);
 #if defined(__AVX512F__)
   const vf res = (vf)_mm512_scalef_ps((__m512)p, (__m512)fx);
 #else
