@@ -89,3 +89,19 @@ def wait_for_file():
             time.sleep(0.02)
 
     return wait
+
+
+@pytest.fixture
+def train_in_background(converted, subprocess_env):
+    """train_in_background(run, epochs, save_every_steps): ``gfgp train`` of the ``converted``
+    checkpoint on fake data into ``run``, as a subprocess (stdout/stderr piped, text)."""
+    import subprocess
+    import sys
+
+    def start(run: Path, epochs: int, save_every_steps: int):
+        return subprocess.Popen(
+            [sys.executable, "-m", "gfgp_cli", "train", str(converted), "--data", "fake", "--out", str(run),
+             "--epochs", str(epochs), "--batch-size", "16", "--save-every-steps", str(save_every_steps)],
+            cwd=ROOT, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    return start

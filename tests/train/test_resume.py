@@ -50,12 +50,9 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path, trai
     assert _rows(killed) == _rows(tmp_path / "whole")  # metrics of the interrupted epoch included
 
 
-def test_ctrl_c_saves_last_pt_and_exits_130_then_resumes(tmp_path, converted, subprocess_env, wait_for_file):
+def test_ctrl_c_saves_last_pt_and_exits_130_then_resumes(tmp_path, converted, train_in_background, wait_for_file):
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gfgp_cli", "train", str(converted), "--data", "fake", "--out", str(run),
-         "--epochs", "30", "--batch-size", "16", "--save-every-steps", "2"],
-        cwd=ROOT, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = train_in_background(run, epochs=30, save_every_steps=2)
     try:
         wait_for_file(run / "last.pt", proc)  # training is under way
         proc.send_signal(signal.SIGINT)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,12 +22,9 @@ ROOT = Path(__file__).parents[2]
 
 
 def test_second_training_into_a_busy_folder_is_refused_and_a_killed_runs_lock_is_taken_over(
-        tmp_path, converted, subprocess_env, wait_for_file):
+        tmp_path, converted, train_in_background, wait_for_file):
     run = tmp_path / "run"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "gfgp_cli", "train", str(converted), "--data", "fake", "--out", str(run),
-         "--epochs", "50", "--batch-size", "16", "--save-every-steps", "1"],
-        cwd=ROOT, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = train_in_background(run, epochs=50, save_every_steps=1)
     try:
         wait_for_file(run / "last.pt", first)
         holder = json.loads((run / LOCK).read_text())
