@@ -30,7 +30,8 @@ from torch import nn
 from ._io import atomic_open, check_output_file
 from .conversion import ConversionReport, PoolFactory, convert_with_report
 from .errors import BadInputError
-from .spec import ConversionSpec, ModuleSource, SpecError, TorchvisionSource, attach_spec, spec_error, spec_of
+from .spec import (ConversionSpec, FactorySource, ModuleSource, SpecError, TimmSource, TorchvisionSource, attach_spec,
+                   spec_error, spec_of)
 
 __all__ = ["FORMAT", "VERSION", "save", "load", "rebuild", "read_checkpoint", "write_checkpoint", "convert_to_file"]
 
@@ -116,8 +117,9 @@ def save(model: nn.Module, path: PathLike, **extra: Any) -> Path:
 def rebuild(spec: ConversionSpec, module: Optional[nn.Module] = None, pool: Optional[PoolFactory] = None) -> nn.Module:
     """Replay the conversion ``spec`` records; returns the converted model (fresh weights).
 
-    ``module`` is required for a spec converted from a user's own ``nn.Module`` (the spec records
-    the conversion, not the user's code), and ``pool`` for one converted with a callable pool.
+    ``module`` is required for a spec converted from a user's own ``nn.Module`` instance (the
+    spec records the conversion, not the user's code; a model converted from
+    ``package.module:function`` or ``timm:NAME`` is rebuilt by calling it again), and ``pool`` for one converted with a callable pool.
     The replay must find the same sites as the recorded conversion (a different torchvision, or
     a different module, would silently give a different model).
     """
@@ -138,14 +140,21 @@ def rebuild(spec: ConversionSpec, module: Optional[nn.Module] = None, pool: Opti
         image_size=spec.image_size, in_channels=spec.in_channels, frames=spec.frames, comparison=spec.comparison,
         weights=None,  # the checkpoint's state_dict holds the weights
     )
-    if isinstance(source, TorchvisionSource):
+    if isinstance(source, (TorchvisionSource, TimmSource, FactorySource)):
         if module is not None:
-            raise BadInputError("this checkpoint names a torchvision model; do not pass a module")
-        try:  # everything the replay is given comes from the spec: a refusal is the spec's
-            gm = _replay(source.name, options, source.kwargs)
+            raise BadInputError(f"this checkpoint names its model ({source.describe()}); do not pass a module")
+        # Everything the replay is given comes from the spec: a refusal is the spec's, except
+        # that timm or the user's factory may be missing here (that one says what to install).
+        target, kwargs = (source.name, source.kwargs) if isinstance(source, TorchvisionSource) else (source, {})
+        try:
+            gm = _replay(target, options, kwargs)
         except SpecError:
             raise
-        except ValueError as e:  # BadInputError, and graph_passes' "shape propagation failed"
+        except BadInputError as e:
+            if isinstance(source, TorchvisionSource) or not _is_environment_problem(e):
+                raise spec_error(" ".join(str(e).split())[:400]) from e
+            raise BadInputError(f"cannot rebuild the model this checkpoint records: {e}") from e
+        except ValueError as e:  # graph_passes' "shape propagation failed"
             raise spec_error(" ".join(str(e).split())[:400]) from e
     elif isinstance(source, ModuleSource):
         if module is None:
@@ -170,6 +179,13 @@ def rebuild(spec: ConversionSpec, module: Optional[nn.Module] = None, pool: Opti
         )
     # The recorded spec, not the replay's: it knows where the weights came from.
     return attach_spec(gm, spec)
+
+
+def _is_environment_problem(error: BadInputError) -> bool:
+    """Whether a replay failed because this environment lacks what the source needs (timm, the
+    user's factory module), not because the spec is wrong."""
+    text = str(error)
+    return "pip install 'gfgp[timm]'" in text or text.startswith(("cannot import ", "importing "))
 
 
 def load(path: Union[PathLike, Dict[str, Any]], module: Optional[nn.Module] = None,

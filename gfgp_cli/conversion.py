@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import time
 import urllib.error
@@ -38,13 +39,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import graph_passes
 from graph_passes.testing import randomize_norms
 
-from . import choices, zoo
+from . import choices, sources, zoo
 from ._io import format_bytes
 from .cpu_memory import memory_limits
 from .errors import BadInputError
 from .layout import cast_example, layout_check
 from .nn import COMPARISON_MODULES, GFGPPool2d, GFGPPool3d, MaxEntPool2d, MaxEntPool3d
-from .spec import CUSTOM_POOL, ConversionSpec, ModuleSource, Source, TorchvisionSource, attach_spec
+from .spec import CUSTOM_POOL, ConversionSpec, FactorySource, ModuleSource, Source, TimmSource, TorchvisionSource, attach_spec
 
 __all__ = ["convert", "convert_with_report", "register_pool", "POOLS", "ConversionReport",
            "list_model_names", "default_image_size", "EXACT_TOLERANCE", "check_fits_in_memory", "available_memory"]
@@ -274,11 +275,25 @@ def _macs(model: nn.Module, example: Any) -> int:
     return counter.get_total_flops() // 2
 
 
-def _resolve(model: Union[str, nn.Module], model_kwargs: Dict[str, Any], weights_backbone: Optional[str],
-             task: Optional[str]) -> Tuple[nn.Module, Optional[str], Source, str]:
-    """``(a fresh model to convert, its torchvision name or None, its source, its task)``."""
+def _resolve(model: Union[str, nn.Module, Source], model_kwargs: Dict[str, Any], weights_backbone: Optional[str],
+             task: Optional[str], pretrained: bool = False) -> Tuple[nn.Module, Optional[str], Source, str]:
+    """``(a fresh model to convert, its torchvision name or None, its source, its task)``.
+
+    ``model`` is a torchvision name, ``timm:NAME`` or ``package.module:function``
+    (:mod:`gfgp_cli.sources`), a timm or factory source (a replay), or the user's module.
+    ``pretrained``: build a timm model with its own pretrained weights.
+    """
     if task is not None and task not in choices.TASKS:
         raise choices.unknown("task", task, choices.TASKS)
+    if isinstance(model, str) and sources.is_external(model):
+        model = sources.parse(model, model_kwargs)
+    elif isinstance(model, (TimmSource, FactorySource)):
+        model = dataclasses.replace(model, kwargs={**model.kwargs, **model_kwargs})
+    if isinstance(model, (TimmSource, FactorySource)):
+        if weights_backbone:
+            raise BadInputError(f"--weights-backbone applies to torchvision detection and segmentation models, "
+                                f"not to {model.describe()}")
+        return sources.build(model, pretrained), None, model, task or "classification"
     if isinstance(model, str):
         name_task = zoo.task_of(model)
         if task is not None and task != name_task:
@@ -293,13 +308,14 @@ def _resolve(model: Union[str, nn.Module], model_kwargs: Dict[str, Any], weights
         return built, model, TorchvisionSource(model, dict(model_kwargs), weights_backbone), name_task
     if isinstance(model, nn.Module):
         if model_kwargs or weights_backbone:
-            raise BadInputError(f"constructor arguments {sorted(model_kwargs)} only apply to torchvision model names")
+            raise BadInputError(f"constructor arguments {sorted(model_kwargs)} only apply to models built by name")
         return copy.deepcopy(model), None, ModuleSource.of(model), task or "classification"
-    raise BadInputError(f"model must be a torchvision model name or an nn.Module, got {type(model).__name__}")
+    raise BadInputError(f"model must be a torchvision model name, timm:NAME, package.module:function or an nn.Module, "
+                        f"got {type(model).__name__}")
 
 
 def convert_with_report(
-    model: Union[str, nn.Module],
+    model: Union[str, nn.Module, Source],
     pool: Union[str, PoolFactory] = "gfgp",
     placement: str = choices.DEFAULT_PLACEMENT,
     *,
@@ -345,10 +361,12 @@ def convert_with_report(
 
     check_fits_in_memory(model, model_kwargs, task=task, in_channels=in_channels, image_size=image_size, frames=frames)
     with _seeded(seed):  # new layers (and a model built from a name) get reproducible weights
-        original, name, source, task = _resolve(model, dict(model_kwargs), weights_backbone, task)
-        not_loaded = _load_weights(original, name, weights) if weights is not None else []
+        pretrained = weights == sources.PRETRAINED and not _is_weights_file(weights)
+        original, name, source, task = _resolve(model, dict(model_kwargs), weights_backbone, task, pretrained)
+        not_loaded = _load_weights(original, name, weights) if weights is not None and not pretrained else []
         original.eval()
-        size = image_size or zoo.default_image_size(name, task)
+        size = image_size or (zoo.default_image_size(name, task) if name or isinstance(model, nn.Module)
+                              else sources.default_image_size(original) or zoo.default_image_size(None, task))
         frames = zoo.check_frames(source.describe(), task, frames)
         example = zoo.example_input(task, in_channels, size, frames=frames)
 
@@ -524,7 +542,14 @@ def _shown_kwargs(kwargs: Dict[str, Any]) -> str:
 _FOOTPRINTS: Dict[str, Tuple[int, int]] = {}
 
 
-def check_fits_in_memory(model: Union[str, nn.Module], model_kwargs: Dict[str, Any], *, task: Optional[str] = None,
+def _describe(model: Union[str, nn.Module, Source]) -> str:
+    """The model as messages name it: its name, its source's description, or its class."""
+    if isinstance(model, str):
+        return model
+    return type(model).__name__ if isinstance(model, nn.Module) else model.describe()
+
+
+def check_fits_in_memory(model: Union[str, nn.Module, Source], model_kwargs: Dict[str, Any], *, task: Optional[str] = None,
                          in_channels: int = 3, image_size: Optional[int] = None, frames: Optional[int] = None) -> None:
     """Refuse (BadInputError, one line: bytes needed against bytes available) a conversion that
     cannot fit in memory, before anything is allocated.
@@ -533,15 +558,16 @@ def check_fits_in_memory(model: Union[str, nn.Module], model_kwargs: Dict[str, A
     copy built on the meta device, which allocates nothing), the example input, and the largest
     tensor of one forward of it (run on meta tensors; unknown, so not counted, for models whose
     forward needs data: detection). A model whose builder cannot run on meta tensors is not
-    counted either. A user's module exists already: only its example input is counted.
+    counted either. A user's module exists already, and a timm or factory model is built by
+    code gfgp does not know: only their example input is counted.
     """
     available = available_memory()
     if available is None:
         return
-    name = model if isinstance(model, str) else None
+    name = model if isinstance(model, str) and not sources.is_external(model) else None
     task = zoo.task_of(name) if name is not None else task or "classification"  # a module's: the caller's
     size = image_size or zoo.default_image_size(name, task)
-    frames = zoo.check_frames(name or type(model).__name__, task, frames)
+    frames = zoo.check_frames(_describe(model), task, frames)
     with torch.device("meta"):
         example = zoo.example_input(task, in_channels, size, frames=frames)
     inputs = _nbytes(example)
@@ -561,7 +587,7 @@ def check_fits_in_memory(model: Union[str, nn.Module], model_kwargs: Dict[str, A
                 _FOOTPRINTS[key] = (params, largest)
     needed = params + inputs + largest
     if needed > available:
-        what = f"{name} with {_shown_kwargs(model_kwargs)}" if name else type(model).__name__
+        what = f"{name} with {_shown_kwargs(model_kwargs)}" if name else _describe(model)
         parts = [f"{format_bytes(params)} of parameters and buffers"] if name else []
         parts.append(f"{format_bytes(inputs)} for the example input ({graph_passes.describe_example(example)})")
         if largest:
@@ -578,18 +604,21 @@ def _nothing_converted(model: str, untraced: List[graph_passes.Untraced]) -> str
             f"downsampling site ({where}); make that forward traceable (no Python control flow on tensor values)")
 
 
-def convert(model: Union[str, nn.Module], pool: Union[str, PoolFactory] = choices.DEFAULT_POOL,
+def convert(model: Union[str, nn.Module, Source], pool: Union[str, PoolFactory] = choices.DEFAULT_POOL,
             placement: str = choices.DEFAULT_PLACEMENT, **options: Any) -> nn.Module:
     """Convert ``model`` so that its downsampling is done by ``pool`` pooling.
 
     Args:
-        model: a torchvision classification model name (constructor kwargs such as
-            ``num_classes`` go in ``options``) or any traceable ``nn.Module`` (never modified).
+        model: a torchvision model name of any task, ``timm:NAME`` (a timm model, optionally
+            with its pretrained tag: ``timm:resnet50.a1_in1k``), ``package.module:function`` (a
+            factory called with the constructor kwargs), or any ``nn.Module`` (never modified);
+            constructor kwargs such as ``num_classes`` go in ``options``.
         pool: ``"gfgp"`` (default), ``"maxent"`` (learned per-channel lam), ``"max"``,
             ``"avg"``, ``"skip"`` (decomposition only), or a callable ``site -> nn.Module | None``.
         placement: ``"paper"`` (default; the official layouts of docs/method.md section 3),
             ``"exact"`` (pools move only where the output is unchanged) or ``"local"``.
-        options: ``weights`` (torchvision weights name or state_dict file), ``activation``
+        options: ``weights`` (torchvision weights name, ``"pretrained"`` for a timm model's own
+            weights, or a state_dict file), ``activation``
             (``"sigmoid"`` or ``"softplus"``), ``include_patch_embed``, ``image_size`` and
             ``in_channels`` (of the example ``Tensor[2, in_channels, image_size, image_size]``
             used for shapes; default 224 and 3), ``frames`` (a video model's example clip is

@@ -30,11 +30,15 @@ Versions (bump :data:`SPEC_VERSION` and teach :meth:`ConversionSpec.from_dict` t
        a torchvision source's "weights_backbone" (None before).
     4: video models: "frames", the example clip's length T (None before, and for image models);
        sites of 3-D ops have (t, h, w) triples.
+    5: timm models and a user's factory: source kinds "timm" (``{"kind": "timm", "name":
+       "resnet50.a1_in1k", "kwargs": {...}}``) and "factory" (``{"kind": "factory", "target":
+       "package.module:function", "kwargs": {...}}``); the other fields are those of 4.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import reprlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
@@ -48,12 +52,13 @@ from . import choices
 from .errors import BadInputError
 
 __all__ = [
-    "SPEC_VERSION", "ConversionSpec", "Source", "TorchvisionSource", "ModuleSource", "SOURCE_KINDS",
+    "SPEC_VERSION", "ConversionSpec", "Source", "TorchvisionSource", "TimmSource", "FactorySource", "ModuleSource",
+    "SOURCE_KINDS",
     "CUSTOM_POOL", "spec_of", "attach_spec", "SpecError", "spec_error",
 ]
 
 #: Version of the spec's plain form written by this code (see the module docstring).
-SPEC_VERSION = 4
+SPEC_VERSION = 5
 
 #: ``ConversionSpec.pool`` for a pool given as a callable (it cannot be replayed by name).
 CUSTOM_POOL = "custom"
@@ -120,23 +125,97 @@ class TorchvisionSource:
     def from_dict(cls, data: Mapping[str, Any], version: int) -> "TorchvisionSource":
         """Read the plain form: a model name, constructor arguments of plain values (see
         :func:`_check_plain`) that are not conversion options, a backbone weights name or None."""
-        name, kwargs = data.get("name"), data.get("kwargs", {})
+        name = data.get("name")
         if not isinstance(name, str) or not name:
             raise _damaged("its torchvision source has no model name")
         if not name.isidentifier():  # every torchvision model name is one
             raise _damaged(f"source.name {_show(name)} is not a torchvision model name")
-        if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
-            raise _damaged(f"the constructor arguments of {name} are not a dict of names (source.kwargs is "
-                           f"{_show(kwargs)})")
-        taken = sorted(set(kwargs) & _CONVERSION_OPTIONS)
-        if taken:
-            raise _damaged(f"constructor arguments {taken} of {name} are conversion options")
-        for key, value in kwargs.items():
-            _check_plain(value, f"source.kwargs[{key!r}] of {name}")
+        kwargs = _constructor_kwargs(data, name)
         weights_backbone = data.get("weights_backbone")
         if weights_backbone is not None and not isinstance(weights_backbone, str):
             raise _damaged(f"weights_backbone of {name} is not a name")
-        return cls(name, dict(kwargs), weights_backbone)
+        return cls(name, kwargs, weights_backbone)
+
+
+def _constructor_kwargs(data: Mapping[str, Any], name: str) -> Dict[str, Any]:
+    """A source's ``kwargs``: a dict of identifiers to plain values, none a conversion option."""
+    kwargs = data.get("kwargs", {})
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise _damaged(f"the constructor arguments of {name} are not a dict of names (source.kwargs is "
+                       f"{_show(kwargs)})")
+    taken = sorted(set(kwargs) & _CONVERSION_OPTIONS)
+    if taken:
+        raise _damaged(f"constructor arguments {taken} of {name} are conversion options")
+    for key, value in kwargs.items():
+        _check_plain(value, f"source.kwargs[{key!r}] of {name}")
+    return dict(kwargs)
+
+
+#: How ``gfgp convert`` and :func:`gfgp_cli.convert` spell a timm model: ``timm:NAME``, where
+#: NAME is timm's model name, optionally with a pretrained tag (``resnet50.a1_in1k``).
+TIMM_PREFIX = "timm:"
+_TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
+# A factory: ``package.module:function`` (the attribute may be dotted: ``pkg.mod:Class.build``).
+_FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def is_timm_name(text: str) -> bool:
+    """Whether ``text`` is ``timm:NAME`` with a well-formed NAME."""
+    return text.startswith(TIMM_PREFIX) and _TIMM_NAME.fullmatch(text[len(TIMM_PREFIX):]) is not None
+
+
+def is_factory_target(text: str) -> bool:
+    """Whether ``text`` is ``package.module:function`` (and not ``timm:NAME``)."""
+    return not text.startswith(TIMM_PREFIX) and _FACTORY.fullmatch(text) is not None
+
+
+@dataclass(frozen=True)
+class TimmSource:
+    """A timm model built by name: ``timm.create_model(name, pretrained=False, **kwargs)``.
+
+    ``name`` may carry timm's pretrained tag (``resnet50.a1_in1k``); a replay builds without
+    pretrained weights (the checkpoint holds the weights).
+    """
+
+    kind: ClassVar[str] = "timm"
+    name: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return TIMM_PREFIX + self.name
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], version: int) -> "TimmSource":
+        name = data.get("name")
+        if not isinstance(name, str) or not is_timm_name(TIMM_PREFIX + name):
+            raise _damaged(f"source.name {_show(name)} is not a timm model name")
+        return cls(name, _constructor_kwargs(data, TIMM_PREFIX + name))
+
+
+@dataclass(frozen=True)
+class FactorySource:
+    """A user's factory: ``target`` is ``package.module:function``, called as ``function(**kwargs)``
+    to build the model (a replay imports and calls it again)."""
+
+    kind: ClassVar[str] = "factory"
+    target: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return self.target
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "target": self.target, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], version: int) -> "FactorySource":
+        target = data.get("target")
+        if not isinstance(target, str) or not is_factory_target(target):
+            raise _damaged(f"source.target {_show(target)} is not package.module:function")
+        return cls(target, _constructor_kwargs(data, target))
 
 
 @dataclass(frozen=True)
@@ -167,12 +246,12 @@ class ModuleSource:
         return cls(qualname)
 
 
-#: A model source. New kinds (timm models, a user's factory) are new dataclasses with a ``kind``
-#: tag, ``describe``/``to_dict``/``from_dict``, added here and to :data:`SOURCE_KINDS`.
-Source = Union[TorchvisionSource, ModuleSource]
+#: A model source. A new kind is a new dataclass with a ``kind`` tag and
+#: ``describe``/``to_dict``/``from_dict``, added here and to :data:`SOURCE_KINDS`.
+Source = Union[TorchvisionSource, TimmSource, FactorySource, ModuleSource]
 
 #: Mapping from the plain form's ``"kind"`` tag to the source class that reads it.
-SOURCE_KINDS: Dict[str, Type[Any]] = {cls.kind: cls for cls in (TorchvisionSource, ModuleSource)}
+SOURCE_KINDS: Dict[str, Type[Any]] = {cls.kind: cls for cls in (TorchvisionSource, TimmSource, FactorySource, ModuleSource)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +264,8 @@ class ConversionSpec:
     """One conversion, recorded (frozen: change it with :meth:`replace`).
 
     Attributes:
-        source: where the model came from (:class:`TorchvisionSource` or :class:`ModuleSource`).
+        source: where the model came from (:class:`TorchvisionSource`, :class:`TimmSource`,
+            :class:`FactorySource` or :class:`ModuleSource`).
         pool: the pool name (one of ``gfgp_cli.choices.POOLS``), or :data:`CUSTOM_POOL` for a
             callable, whose ``__name__`` is ``pool_name``.
         placement, activation, include_patch_embed, comparison: the conversion options.

@@ -1,4 +1,4 @@
-"""`gfgp convert`: a torchvision model name (any task) -> a converted gfgp checkpoint."""
+"""`gfgp convert`: a model (torchvision name of any task, timm:NAME, package.module:function) -> a converted gfgp checkpoint."""
 
 from __future__ import annotations
 
@@ -34,13 +34,14 @@ def _kwarg(ctx, param, values):
 @click.option("--activation", type=click.Choice(choices.ACTIVATIONS), default=choices.DEFAULT_ACTIVATION, show_default=True,
               help="Activation that bounds lam (gfgp and maxent pools).")
 @click.option("--weights", default=None,
-              help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...; downloads) or a local state_dict file.")
+              help="torchvision weights name (DEFAULT, IMAGENET1K_V2, ...; downloads), 'pretrained' (a timm model's own "
+                   "weights, of its tag), or a local state_dict file.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None,
-              help="Classes the model predicts (torchvision constructor argument; detection: background included).")
+              help="Classes the model predicts (constructor argument; detection: background included).")
 @click.option("--weights-backbone", default=None,
               help="Detection/segmentation: backbone weights name (IMAGENET1K_V1, ...; downloads) [default: none, random].")
 @click.option("--kwarg", "kwargs", multiple=True, callback=_kwarg, metavar="KEY=VALUE",
-              help="Another torchvision constructor argument (repeatable): aux_loss=True, min_size=320, quantize=False ...")
+              help="Another constructor argument (repeatable): aux_loss=True, min_size=320, drop_rate=0.1 (timm) ...")
 @click.option("--list", "list_models", is_flag=True, help="List every torchvision model gfgp can name, by task, and exit.")
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
               help="Input size of the example used for shapes and MACs [default: 224; inception_v3 299; "
@@ -56,7 +57,13 @@ def _kwarg(ctx, param, values):
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 def convert_cmd(model, out, pool, placement, activation, weights, num_classes, weights_backbone, kwargs, list_models,
                 image_size, frames, comparison, include_patch_embed, seed, dry_run, as_json, force):
-    """Convert MODEL (a torchvision model name, any task) to GFGP pooling and write a checkpoint.
+    """Convert MODEL to GFGP pooling and write a checkpoint.
+
+    MODEL is a torchvision model name (any task), timm:NAME (a timm model; a pretrained tag such
+    as timm:resnet50.a1_in1k names the weights --weights pretrained loads), or
+    package.module:function (your own function or nn.Module class, called with --num-classes and
+    the --kwarg arguments; the folder gfgp runs in is on the import path). The checkpoint records
+    the source, so train, eval, export and bench rebuild the model from it.
 
     Finds the strided convolutions and pooling layers, splits each strided conv into a stride-1
     conv plus skip pooling, moves those pools where the paper puts them, and replaces them with
@@ -73,6 +80,9 @@ def convert_cmd(model, out, pool, placement, activation, weights, num_classes, w
       gfgp convert vgg16_bn --module se --out vgg-se.pt
       gfgp convert fcn_resnet50 --num-classes 11 --kwarg aux_loss=True --out fcn.pt
       gfgp convert fasterrcnn_resnet50_fpn --kwarg min_size=512 --kwarg max_size=512 --out frcnn.pt
+      gfgp convert timm:convnext_atto --num-classes 10 --out convnext.pt
+      gfgp convert timm:resnet50.a1_in1k --weights pretrained --out r50.pt
+      gfgp convert mymodels:small_net --kwarg width=32 --out mine.pt
       gfgp convert --list
     """
     from ..checkpoint import convert_to_file
@@ -82,7 +92,8 @@ def convert_cmd(model, out, pool, placement, activation, weights, num_classes, w
         render_model_list(as_json=as_json)
         return
     if model is None:
-        raise click.UsageError("give a MODEL (a torchvision model name; gfgp convert --list shows them)")
+        raise click.UsageError("give a MODEL (a torchvision model name, timm:NAME or package.module:function; "
+                               "gfgp convert --list shows torchvision's)")
     if num_classes is not None:
         if "num_classes" in kwargs:
             raise click.BadParameter("give num_classes once: --num-classes or --kwarg num_classes=...", param_hint="--kwarg")
