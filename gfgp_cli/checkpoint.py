@@ -30,8 +30,7 @@ from torch import nn
 from ._io import atomic_open, check_output_file
 from .conversion import ConversionReport, PoolFactory, convert_with_report
 from .errors import BadInputError
-from .spec import (ConversionSpec, FactorySource, ModuleSource, SpecError, TimmSource, TorchvisionSource, attach_spec,
-                   spec_error, spec_of)
+from .spec import ConversionSpec, FactorySource, ModuleSource, SpecError, TimmSource, TorchvisionSource, attach_spec, spec_error, spec_of
 
 __all__ = ["FORMAT", "VERSION", "save", "load", "rebuild", "read_checkpoint", "write_checkpoint", "convert_to_file"]
 

@@ -47,7 +47,7 @@ from .layout import cast_example, layout_check
 from .nn import COMPARISON_MODULES, GFGPPool2d, GFGPPool3d, MaxEntPool2d, MaxEntPool3d
 from .spec import CUSTOM_POOL, ConversionSpec, FactorySource, ModuleSource, Source, TimmSource, TorchvisionSource, attach_spec
 
-__all__ = ["convert", "convert_with_report", "register_pool", "POOLS", "ConversionReport",
+__all__ = ["convert", "convert_with_report", "build_model", "register_pool", "POOLS", "ConversionReport",
            "list_model_names", "default_image_size", "EXACT_TOLERANCE", "check_fits_in_memory", "available_memory"]
 
 PoolFactory = Callable[[graph_passes.Site], Optional[nn.Module]]
@@ -312,6 +312,13 @@ def _resolve(model: Union[str, nn.Module, Source], model_kwargs: Dict[str, Any],
         return copy.deepcopy(model), None, ModuleSource.of(model), task or "classification"
     raise BadInputError(f"model must be a torchvision model name, timm:NAME, package.module:function or an nn.Module, "
                         f"got {type(model).__name__}")
+
+
+def build_model(model: Union[str, Source], **model_kwargs: Any) -> Tuple[nn.Module, str]:
+    """``(the model a torchvision name, timm:NAME or package.module:function builds, its task)``,
+    unconverted and with its builder's initial weights (what benchmarks compare against)."""
+    built, _, _, task = _resolve(model, dict(model_kwargs), None, None)
+    return built, task
 
 
 def convert_with_report(

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional
 from torch import nn
 
 from .errors import BadInputError
-from .spec import FactorySource, Source, TimmSource, TIMM_PREFIX, is_factory_target, is_timm_name
+from .spec import TIMM_PREFIX, FactorySource, Source, TimmSource, is_factory_target, is_timm_name
 
 __all__ = ["parse", "build", "is_external", "default_image_size", "PRETRAINED"]
 

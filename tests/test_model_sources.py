@@ -17,8 +17,7 @@ from torch import nn
 import gfgp_cli
 from gfgp_cli import sources
 from gfgp_cli.errors import BadInputError
-from gfgp_cli.spec import (SPEC_VERSION, ConversionSpec, FactorySource, SpecError, TimmSource, is_factory_target,
-                           is_timm_name, spec_of)
+from gfgp_cli.spec import SPEC_VERSION, ConversionSpec, FactorySource, SpecError, TimmSource, is_factory_target, is_timm_name, spec_of
 
 FACTORY_CODE = textwrap.dedent('''
     import torch.nn as nn

@@ -57,10 +57,7 @@ def bench_model(
     the median step time; ratios are converted / original. ``channels_last`` puts both models and
     the batch in channels_last memory format (as ``gfgp train --channels-last``).
     """
-    import torchvision
-
-    from .. import zoo
-    from ..conversion import _macs, convert_with_report, default_image_size
+    from ..conversion import _macs, build_model, convert_with_report
     from ..errors import BadInputError
     from ..train.memory import step_growth
     from ..train.recompute import checkpoint_full_resolution
@@ -69,15 +66,14 @@ def bench_model(
         raise ValueError(f"batch-size must be >= 2 (BatchNorm in training mode needs more than one sample), got {batch_size}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    task = zoo.task_of(model)
+    original, task = build_model(model)
     if task not in ("classification", "quantization"):
         raise BadInputError(f"gfgp bench model times classification models (a training step on class labels); "
                             f"{model} is a {task.replace('_', ' ')} model")
     dev = resolve_device(device)
-    size = image_size or default_image_size(model)
     torch.manual_seed(seed)
-    converted, report = convert_with_report(model, pool, image_size=size)
-    original = torchvision.models.get_model(model, weights=None)
+    converted, report = convert_with_report(model, pool, image_size=image_size)
+    size = report.image_size  # the model's own default when not given (224; inception_v3 299; timm's config)
     models = {model: original, f"{model} ({report.pool})": converted}
 
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))

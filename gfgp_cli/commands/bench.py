@@ -73,7 +73,7 @@ def bench_pool_command(device, repeats, dtype, dims, cases, channels_last, refer
 @click.option("--channels-last", is_flag=True, help="Both models and the batch in channels_last memory format.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench_model_command(model, batch_size, image_size, device, repeats, channels_last, as_json) -> None:
-    """Time a training step of MODEL converted to GFGP against the original torchvision MODEL.
+    """Time a training step of MODEL converted to GFGP against the original MODEL (torchvision, timm:NAME, ...).
 
     Step = forward + backward + SGD step on one random batch; medians of interleaved runs. Also
     prints the MACs ratio (torch.utils.flop_counter) and time ratio / MACs ratio.
