@@ -11,7 +11,10 @@ to bottom::
 
 or ``gm, report = pipeline(model, example_input, "paper", factory)``. A model torch.fx cannot
 trace whole (detection, optical flow) converts part by part: ``pipeline(..., partial=True)``
-runs the passes on each largest traceable submodule (:func:`convert_parts`) in a copy. The package knows nothing
+runs the passes on each largest traceable submodule (:func:`convert_parts`) in a copy, keeping an
+untraceable block whole (one leaf node) where the model around it traces. A strided conv inside a
+Conv2d subclass's forward is decomposed too: traced through, its ``F.conv2d`` call runs at stride 1;
+kept whole, the module runs its own forward with that call at stride 1 (:func:`at_stride1`). The package knows nothing
 of any particular pooling layer: callers pass a factory and register their layer types as trace
 leaves with :func:`register_leaf_module`.
 """
@@ -23,8 +26,9 @@ from .move import PLACEMENTS, Moved, PlacedPool, move_pools
 from .partial import Converted, Part, Plan, Untraced, capture_inputs, convert_parts, find_parts
 from .pipeline import Report, pipeline
 from .replace import PoolFactory, Replaced, replace_pools
-from .sites import Site, find_sites, is_strided_conv, pool_kind
+from .sites import Site, find_sites, is_strided_conv, is_strided_functional_conv, pool_kind
 from .skip_pool import SkipPool, SkipPool2d, SkipPool3d, skip_pool
+from .stride1 import AtStride1, at_stride1, conv_at_own_stride
 from .trace import LeafTracer, TraceError, register_leaf_module, trace, untraced_state_keys
 
 __all__ = [
@@ -39,6 +43,7 @@ __all__ = [
     "Site",
     "find_sites",
     "is_strided_conv",
+    "is_strided_functional_conv",
     "pool_kind",
     "SkipPool",
     "SkipPool2d",
@@ -46,6 +51,9 @@ __all__ = [
     "skip_pool",
     "decompose",
     "stride1_conv",
+    "at_stride1",
+    "conv_at_own_stride",
+    "AtStride1",
     "move_pools",
     "Moved",
     "PlacedPool",

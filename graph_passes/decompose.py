@@ -8,10 +8,12 @@ from typing import Union
 
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.nn.modules.utils import _ntuple
 
 from ._util import finish, free_name, owner_of, reroute_uses, set_submodule
-from .sites import Site
+from .sites import _FUNCTIONAL_CONVS, Site, _has_plain_conv_forward
 from .skip_pool import skip_pool
+from .stride1 import at_stride1
 
 __all__ = ["decompose", "stride1_conv"]
 
@@ -24,7 +26,12 @@ def stride1_conv(conv: _Conv) -> _Conv:
     ``conv`` itself is not modified (a traced GraphModule shares its leaves with the model it was
     traced from). Weights, bias, padding, padding_mode, dilation, groups, hooks and any extra
     attributes of a subclass carry over; the new module's ``state_dict`` has the same keys.
+    A subclass that overrides the conv's forward (input-dependent padding, a standardized
+    weight) gets :func:`~graph_passes.stride1.at_stride1` instead: its own forward, whose one
+    conv call runs at stride 1 while the padding is computed for its stride as before.
     """
+    if not _has_plain_conv_forward(conv):
+        return at_stride1(conv)  # type: ignore[return-value]
     new = copy.copy(conv)
     # copy.copy shares the instance's dicts; give the new module its own (same Parameter objects).
     for key, value in vars(conv).items():
@@ -55,6 +62,11 @@ def decompose(gm: GraphModule, sites: Iterable[Site]) -> GraphModule:
     ``pool2``, ... when taken), ``<owner>`` being the module that contains the conv. Sites with
     ``kind != "conv"`` or ``convert=False`` are ignored.
 
+    A functional conv site (``F.conv2d`` / ``F.conv3d``, e.g. inside a Conv2d subclass's forward
+    that was traced through) is decomposed in the graph: the call's ``stride`` argument becomes
+    1 and a skip pool follows it (named ``<owner>.pool`` as above). Its padding is applied to
+    the call's input whatever the stride, so the invariant holds as for a module.
+
     Raises:
         ValueError: a site does not match the graph, or a conv module is called from several
             places and only some of them are listed.
@@ -63,10 +75,14 @@ def decompose(gm: GraphModule, sites: Iterable[Site]) -> GraphModule:
     # Mapping from conv module qualname to the call sites to decompose.
     calls: dict[str, list[Node]] = {}
     convs: dict[str, _Conv] = {}
+    functional: list[Node] = []
     for site in sites:
         if site.kind != "conv" or not site.convert:
             continue
         node = nodes.get(site.node)
+        if node is not None and node.op == "call_function" and node.target in _FUNCTIONAL_CONVS:
+            functional.append(node)
+            continue
         if node is None or node.op != "call_module" or node.target != site.qualname:
             raise ValueError(f"site {site.qualname!r} (node {site.node!r}) is not a call of that module in this graph")
         conv = gm.get_submodule(site.qualname)
@@ -93,4 +109,25 @@ def decompose(gm: GraphModule, sites: Iterable[Site]) -> GraphModule:
             with gm.graph.inserting_after(node):
                 pool = gm.graph.call_module(pool_name, (node,))
             reroute_uses(node, pool)
+    for node in functional:
+        _decompose_call(gm, node)
     return finish(gm)
+
+
+def _decompose_call(gm: GraphModule, node: Node) -> None:
+    """``F.conv2d(x, w, b, s, ...)`` -> ``F.conv2d(x, w, b, 1, ...)`` followed by a skip pool of stride ``s``."""
+    dims = _FUNCTIONAL_CONVS[node.target]  # type: ignore[index]
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if len(args) > _STRIDE_ARG:
+        stride, args[_STRIDE_ARG] = args[_STRIDE_ARG], (1,) * dims
+    else:
+        stride, kwargs["stride"] = kwargs.get("stride", 1), (1,) * dims
+    node.args, node.kwargs = tuple(args), kwargs
+    pool_name = free_name(gm, owner_of(node), "pool")
+    set_submodule(gm, pool_name, skip_pool(_ntuple(dims)(stride)))
+    with gm.graph.inserting_after(node):
+        pool = gm.graph.call_module(pool_name, (node,))
+    reroute_uses(node, pool)
+
+
+_STRIDE_ARG = 3  # F.conv2d(input, weight, bias, stride, padding, dilation, groups)

@@ -3,9 +3,12 @@
 Detection models, optical-flow models and many research models have a ``forward`` with
 data-dependent Python (loops over a list of images, ``if`` on a tensor, an iterative update),
 so :func:`~graph_passes.trace` fails on the root. Their downsampling, though, lives in plain
-submodules (a backbone, an encoder) that do trace. This pass, read top to bottom::
+submodules (a backbone, an encoder) that do trace. Often only one kind of block fails (an
+attention block with an ``if`` on a shape, a conv with input-dependent padding): that block
+is kept whole, as one leaf node, and the model around it traces. This pass, read top to bottom::
 
-    plan   = find_parts(model)                       # largest traceable submodules with pool/conv nodes
+    plan   = find_parts(model)                       # largest traceable submodules with pool/conv nodes,
+                                                     # untraceable blocks kept whole (their parts inside too)
     inputs = capture_inputs(model, example, plan)    # each part's arguments in one eval forward
     for part in plan.parts: part.graph_module = transform(part, inputs[part])   # e.g. the pipeline
     install the transformed parts into a deep copy of the model, at their qualified names
@@ -27,8 +30,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ._util import ExampleInput, example_args, parent_path
-from .sites import is_strided_conv, pool_kind
-from .trace import trace
+from .sites import is_strided_conv, is_strided_functional_conv, pool_kind
+from .trace import TraceError, trace
 
 __all__ = ["Untraced", "Part", "Plan", "Converted", "find_parts", "capture_inputs", "convert_parts", "first_line"]
 
@@ -74,7 +77,8 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 def _has_candidates(gm: GraphModule) -> bool:
     """Whether the graph calls a strided conv or a pool (the sites decide the rest)."""
     modules = dict(gm.named_modules())
-    return any(is_strided_conv(n, modules) or pool_kind(n, modules) is not None for n in gm.graph.nodes)
+    return any(is_strided_conv(n, modules) or is_strided_functional_conv(n) or pool_kind(n, modules) is not None
+               for n in gm.graph.nodes)
 
 
 def _has_forward(m: nn.Module) -> bool:
@@ -86,33 +90,61 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _trace_keeping_whole(m: nn.Module, leaves: tuple[type[nn.Module], ...]) -> tuple[GraphModule | None, dict[str, str]]:
+    """Trace ``m``, keeping whole each submodule whose forward fails: ``(graph or None, kept)``.
+
+    Each failure names the innermost module whose forward failed (:class:`TraceError`); that
+    module becomes a leaf and ``m`` is traced again, until it traces. ``kept`` maps the leaves'
+    qualified names (relative to ``m``), in the order found, to the first line of their error.
+    When ``m``'s own forward fails the graph is None and ``kept`` is ``{"": reason}``.
+    """
+    kept: dict[str, str] = {}
+    while True:
+        try:
+            return trace(m, leaves, kept), kept
+        except TraceError as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            if e.qualname == "<root>" or e.qualname in kept:
+                return None, {"": first_line(cause)}
+            kept[e.qualname] = first_line(cause)
+
+
 def find_parts(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = ()) -> Plan:
     """The largest submodules of ``model`` that trace and call a strided conv or a pool.
 
-    Starting at the root: a module that traces is a part when its graph has candidate nodes
-    (else there is nothing to convert in it, and it is left alone); a module that does not
-    trace is recorded as :class:`Untraced` (with the first line of the tracer's error) and its
-    children are tried in turn. Modules without a ``forward`` of their own (``ModuleList``,
-    ``ModuleDict``, helpers called through methods) are not reported: their children are tried.
-    The model is not modified.
+    Starting at the root: a module is traced, keeping whole (as one leaf node) each submodule
+    whose own forward fails to trace (:func:`_trace_keeping_whole`); it is a part when its graph
+    has candidate nodes (else there is nothing to convert in it, and it is left alone). Each
+    block kept whole is recorded as :class:`Untraced` (reason ``"kept whole: ..."``) and its
+    children are tried in turn, so a strided conv inside it is still converted. A module whose
+    own forward does not trace is recorded as :class:`Untraced` (with the first line of the
+    tracer's error) and its children are tried in turn. Modules without a ``forward`` of their
+    own (``ModuleList``, ``ModuleDict``, helpers called through methods) are not reported:
+    their children are tried. The model is not modified.
     """
     leaves = tuple(leaf_modules)
     parts: list[Part] = []
     untraced: list[Untraced] = []
 
-    def visit(m: nn.Module, qualname: str) -> None:
-        if _has_forward(m):
-            try:
-                gm = trace(m, leaves)  # leaves m as it was, even when it fails
-            except Exception as e:  # noqa: BLE001 - any tracer failure: leave it as Python, try the children
-                cause = e.__cause__ if e.__cause__ is not None else e
-                untraced.append(Untraced(qualname, type(m).__name__, first_line(cause)))
-            else:
-                if _has_candidates(gm):
-                    parts.append(Part(qualname, gm))
-                return
+    def children(m: nn.Module, qualname: str) -> None:
         for name, child in m.named_children():
             visit(child, _join(qualname, name))
+
+    def visit(m: nn.Module, qualname: str) -> None:
+        if not _has_forward(m):
+            children(m, qualname)
+            return
+        gm, kept = _trace_keeping_whole(m, leaves)  # leaves m as it was, even when it fails
+        if gm is None:
+            untraced.append(Untraced(qualname, type(m).__name__, kept[""]))
+            children(m, qualname)
+            return
+        if _has_candidates(gm):
+            parts.append(Part(qualname, gm))
+        for name, why in kept.items():
+            block = m.get_submodule(name)
+            untraced.append(Untraced(_join(qualname, name), type(block).__name__, f"kept whole: {why}"))
+            children(block, _join(qualname, name))
 
     visit(model, "")
     return Plan(parts, untraced)

@@ -14,8 +14,9 @@ from torch.nn.modules.utils import _ntuple, _pair, _triple
 
 from ._util import ExampleInput, free_name, owner_of, propagate_shapes
 from .skip_pool import SkipPool
+from .stride1 import conv_at_own_stride, effective_stride
 
-__all__ = ["Site", "find_sites", "is_strided_conv", "pool_kind", "PATCH_EMBED_MIN_STRIDE"]
+__all__ = ["Site", "find_sites", "is_strided_conv", "is_strided_functional_conv", "pool_kind", "PATCH_EMBED_MIN_STRIDE"]
 
 #: A conv with kernel == stride and stride >= this in both spatial dims (H and W; a 3-D conv's
 #: temporal stride may be smaller) is a patch embedding (ViT, Swin, ConvNeXt stems, Swin3D): it
@@ -31,7 +32,8 @@ class Site:
         node: name of the fx node (stable across the passes, which never rename nodes).
         qualname: module qualified name; for a functional call, the name ``replace_pools``
             gives the module that replaces it (``<owner>.max_pool2d``, see ``find_sites``).
-        kind: ``"conv"`` (strided ``nn.Conv2d`` / ``nn.Conv3d``), ``"max_pool"``, ``"avg_pool"``
+        kind: ``"conv"`` (strided ``nn.Conv2d`` / ``nn.Conv3d``, or ``F.conv2d`` / ``F.conv3d``
+            call), ``"max_pool"``, ``"avg_pool"``
             or ``"skip"`` (a :class:`SkipPool2d` / ``SkipPool3d``).
         channels: channels of the downsampled output, from ShapeProp (``Tensor[N, C, H, W]``).
         kernel, stride, padding, dilation: pairs ``(h, w)``, or triples ``(t, h, w)`` for a 3-D
@@ -95,12 +97,34 @@ def _has_plain_conv_forward(conv: nn.Module) -> bool:
     return base is not None and cls.forward is base.forward and getattr(cls, "_conv_forward", None) is base._conv_forward
 
 
+def _has_plain_pool_forward(pool: nn.Module) -> bool:
+    """False for max/avg pool subclasses that compute something else (e.g. input-dependent padding)."""
+    base = next((b for b in _MAX_POOLS + _AVG_POOLS if isinstance(pool, b)), None)
+    return base is not None and type(pool).forward is base.forward
+
+
 def is_strided_conv(node: Node, modules: dict[str, nn.Module]) -> bool:
     """A ``call_module`` of an ``nn.Conv2d`` or ``nn.Conv3d`` (any groups) with stride > 1 in some dim."""
     if node.op != "call_module":
         return False
     m = modules.get(str(node.target))
-    return isinstance(m, _CONVS) and max(m.stride) > 1
+    return isinstance(m, _CONVS) and max(effective_stride(m)) > 1
+
+
+def _functional_stride(node: Node) -> tuple[int, ...] | None:
+    """The constant stride of an ``F.conv2d`` / ``F.conv3d`` node; None for other nodes and a stride computed in the graph."""
+    if node.op != "call_function" or node.target not in _FUNCTIONAL_CONVS:
+        return None
+    stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
+    if isinstance(stride, Node) or (isinstance(stride, (list, tuple)) and any(isinstance(s, Node) for s in stride)):
+        return None
+    return tuple(_ntuple(_FUNCTIONAL_CONVS[node.target])(stride))
+
+
+def is_strided_functional_conv(node: Node) -> bool:
+    """A ``call_function`` of ``F.conv2d`` / ``F.conv3d`` with a constant stride > 1 in some dim."""
+    stride = _functional_stride(node)
+    return stride is not None and max(stride) > 1
 
 
 def pool_kind(node: Node, modules: dict[str, nn.Module]) -> str | None:
@@ -133,7 +157,9 @@ def find_sites(
 ) -> list[Site]:
     """Every downsampling site of ``gm``, in graph order; the graph is not modified.
 
-    Sites: ``nn.Conv2d`` with stride > 1 (grouped and depthwise included); ``nn.MaxPool2d``,
+    Sites: ``nn.Conv2d`` with stride > 1 (grouped and depthwise included), and ``F.conv2d``
+    calls with a constant stride > 1 (the forward of a Conv2d subclass traced through, a blur
+    pool's fixed filter: :func:`~graph_passes.decompose` runs the call at stride 1); ``nn.MaxPool2d``,
     ``nn.AvgPool2d`` and ``F.max_pool2d`` / ``F.avg_pool2d`` / ``torch.max_pool2d`` calls with
     stride > 1; every skip pool; and the same in 3-D (``nn.Conv3d``, ``nn.MaxPool3d``,
     ``nn.AvgPool3d``, ``F.max_pool3d``, ...), whose geometry is ``(t, h, w)`` triples. Stride-1 and
@@ -141,15 +167,18 @@ def find_sites(
 
     Reported but not converted (``convert=False`` and a ``reason``): patch embeddings
     (kernel == stride >= 4 in H and W) unless ``include_patch_embed``; pools with dilation > 1,
-    ``return_indices`` or ``divisor_override``; convs whose input is not 4-D (3-D convs: 5-D) or
-    whose class overrides the conv's forward; functional calls with non-constant geometry;
-    strided ``F.conv2d`` / ``F.conv3d`` calls (no module to decompose).
+    ``return_indices`` or ``divisor_override``; convs whose input is not 4-D (3-D convs: 5-D);
+    a conv module whose class overrides the conv's forward, unless that forward makes one conv
+    call at the module's stride and returns its output (:func:`~graph_passes.stride1.conv_at_own_stride`:
+    e.g. a conv with input-dependent "SAME" padding, kept whole as a leaf); pool modules whose
+    class overrides the pool's forward; functional pools with non-constant geometry.
 
     Channels and shapes come from ``torch.fx`` ShapeProp run once on ``example_input``
     (``node.meta['tensor_meta']``); with ``example_input=None`` the metadata already on the
     graph is used.
 
-    A functional pool's qualname is the module name ``replace_pools`` will give it:
+    A functional conv's qualname is the module whose forward makes the call (the node's name for
+    a call in the root's forward). A functional pool's qualname is the module name ``replace_pools`` will give it:
     ``<owner>.max_pool2d`` / ``<owner>.avg_pool2d`` (3-D: ``max_pool3d``, ...; ``_1``, ``_2``, ... when taken), where
     ``<owner>`` is the module whose forward makes the call (``Mixed_6a.max_pool2d``).
     """
@@ -165,7 +194,7 @@ def find_sites(
         elif node.op == "call_function" and node.target in _FUNCTIONAL_POOLS:
             site = _functional_pool_site(node, gm, taken)
         elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS:
-            site = _functional_conv_site(node, _FUNCTIONAL_CONVS[node.target])
+            site = _functional_conv_site(node, _FUNCTIONAL_CONVS[node.target], include_patch_embed)
         if site is not None:
             sites.append(site)
     return sites
@@ -174,18 +203,15 @@ def find_sites(
 def _module_site(node: Node, m: nn.Module, include_patch_embed: bool) -> Site | None:
     name, qualname = node.name, str(node.target)
     if isinstance(m, _CONVS):
-        if max(m.stride) == 1:
+        if max(effective_stride(m)) == 1:
             return None
         dims = len(m.stride)
         stride, kernel, dilation = tuple(m.stride), tuple(m.kernel_size), tuple(m.dilation)
-        padding = (0,) * dims if m.padding == "valid" else _ntuple(dims)(m.padding)
-        reason = ""
-        if kernel == stride and min(stride[-2:]) >= PATCH_EMBED_MIN_STRIDE and not include_patch_embed:
-            reason = f"patch embedding (kernel == stride == {kernel}); pass include_patch_embed to convert"
-        elif not _has_plain_conv_forward(m):
-            reason = f"{type(m).__name__} overrides Conv{dims}d.forward"
-        elif len(_shape(node.args[0])) != dims + 2:
-            reason = "input is not 4-D (N, C, H, W)" if dims == 2 else "input is not 5-D (N, C, T, H, W)"
+        padding = (0,) * dims if isinstance(m.padding, str) else _ntuple(dims)(m.padding)
+        reason = _conv_reason(kernel, stride, _shape(node.args[0]), include_patch_embed)
+        if not reason and not _has_plain_conv_forward(m):
+            why = conv_at_own_stride(m, _shape(node.args[0]))
+            reason = f"{type(m).__name__} overrides Conv{dims}d.forward and {why}" if why else ""
         out = _shape(node)
         return Site(name, qualname, "conv", out[1], kernel, stride, padding, False, not reason, reason,
                     dilation, True, _shape(node.args[0]), out)
@@ -204,8 +230,13 @@ def _module_site(node: Node, m: nn.Module, include_patch_embed: bool) -> Site | 
         else:
             geometry = dict(dilation=ntuple(1), count_include_pad=m.count_include_pad,
                             divisor_override=m.divisor_override)
-        return _pool_site(node, qualname, "max_pool" if isinstance(m, _MAX_POOLS) else "avg_pool",
-                          kernel, stride, ntuple(m.padding), bool(m.ceil_mode), **geometry)
+        kind = "max_pool" if isinstance(m, _MAX_POOLS) else "avg_pool"
+        site = _pool_site(node, qualname, kind, kernel, stride, ntuple(m.padding), bool(m.ceil_mode), **geometry)
+        if site.convert and not _has_plain_pool_forward(m):
+            # Its geometry attributes do not describe what it computes (a padding made from the input size).
+            base = next(b for b in _MAX_POOLS + _AVG_POOLS if isinstance(m, b)).__name__
+            site = dataclasses.replace(site, convert=False, reason=f"{type(m).__name__} overrides {base}.forward")
+        return site
     return None
 
 
@@ -264,18 +295,37 @@ def _functional_pool_site(node: Node, gm: GraphModule, taken: set[str]) -> Site 
                       bool(bound.get("ceil_mode", False)), **extra)
 
 
-def _functional_conv_site(node: Node, dims: int) -> Site | None:
+def _conv_reason(kernel: tuple[int, ...], stride: tuple[int, ...], in_shape: tuple[int, ...],
+                 include_patch_embed: bool) -> str:
+    """Why a strided conv (module or call) is not converted, or ``""``."""
+    dims = len(stride)
+    if kernel == stride and min(stride[-2:]) >= PATCH_EMBED_MIN_STRIDE and not include_patch_embed:
+        return f"patch embedding (kernel == stride == {kernel}); pass include_patch_embed to convert"
+    if len(in_shape) != dims + 2:
+        return "input is not 4-D (N, C, H, W)" if dims == 2 else "input is not 5-D (N, C, T, H, W)"
+    return ""
+
+
+def _functional_conv_site(node: Node, dims: int, include_patch_embed: bool) -> Site | None:
+    """``F.conv2d(x, w, b, stride, padding, dilation, groups)`` with a constant stride > 1.
+
+    Its padding is applied to the input whatever the stride, so the call at stride 1 followed
+    by a skip pool computes it exactly (for a computed padding or weight too): converted.
+    """
+    stride = _functional_stride(node)
+    if stride is None or max(stride) == 1:
+        return None
     ntuple = _ntuple(dims)
     params = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     bound = dict(zip(params, node.args))
     bound.update(node.kwargs)
-    stride = bound.get("stride", 1)
-    if isinstance(stride, Node) or max(ntuple(stride)) == 1:
-        return None
     out = _shape(node)
     weight = _shape(bound["weight"]) if isinstance(bound.get("weight"), Node) else (0,) * (dims + 2)
+    kernel = tuple(weight[-dims:])
     padding = bound.get("padding", 0)
-    padding = (0,) * dims if padding == "valid" or isinstance(padding, Node) else ntuple(padding)
-    return Site(node.name, node.name, "conv", out[1], tuple(weight[-dims:]), ntuple(stride), padding,
-                convert=False, reason=f"functional conv{dims}d: no module to decompose", dilation=(1,) * dims,
-                in_shape=_shape(node.args[0]), out_shape=out)
+    padding = (0,) * dims if isinstance(padding, (str, Node)) else ntuple(padding)
+    dilation = bound.get("dilation", 1)
+    dilation = (1,) * dims if isinstance(dilation, Node) else ntuple(dilation)
+    reason = _conv_reason(kernel, stride, _shape(node.args[0]), include_patch_embed)
+    return Site(node.name, owner_of(node) or node.name, "conv", out[1], kernel, stride, padding,
+                convert=not reason, reason=reason, dilation=dilation, in_shape=_shape(node.args[0]), out_shape=out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["SkipPool", "SkipPool2d", "SkipPool3d", "skip_pool"]
@@ -18,7 +19,11 @@ class SkipPool(nn.Module):
     height ``H'`` (per dim). Use :class:`SkipPool2d` or :class:`SkipPool3d` (or
     :func:`skip_pool`, which picks one by the stride's length); the passes match this base class.
 
-    The output is a view of the input (no copy), like ``x[..., ::2, ::2]``.
+    The output is a contiguous tensor in the input's memory format (channels-last stays
+    channels-last), not the strided view ``x[..., ::2, ::2]`` is: what follows may call
+    ``.view()`` on it (timm's EVA reshapes its patch embedding's output so), and kernels that
+    take a different code path for a non-contiguous input (BatchNorm's, attention's) round as
+    they did on the strided conv's output, which keeps a decomposition exact in float32.
     """
 
     dims = 0  # spatial dims; set by the subclasses
@@ -41,10 +46,22 @@ class SkipPool(nn.Module):
             layout = "(N, C, H, W)" if self.dims == 2 else "(N, C, T, H, W)"
             raise ValueError(f"{type(self).__name__} expects a {self.dims + 2}-D input {layout}, "
                              f"got shape {tuple(x.shape)}")
-        return x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
+        kept = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.stride))]
+        return kept.contiguous(memory_format=_memory_format(x, self.dims))
 
     def extra_repr(self) -> str:
         return f"stride={self.stride[0]}" if len(set(self.stride)) == 1 else f"stride={self.stride}"
+
+
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+def _memory_format(x: Tensor, dims: int) -> torch.memory_format:
+    """Channels-last for an input stored channels-last (and not also plain contiguous), else contiguous."""
+    channels_last = _CHANNELS_LAST[dims]
+    if x.is_contiguous(memory_format=channels_last) and not x.is_contiguous():
+        return channels_last
+    return torch.contiguous_format
 
 
 class SkipPool2d(SkipPool):

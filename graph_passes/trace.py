@@ -10,6 +10,7 @@ from torch.fx import GraphModule, Tracer
 
 from .sites import _has_plain_conv_forward
 from .skip_pool import SkipPool
+from .stride1 import AtStride1
 
 __all__ = ["TraceError", "LeafTracer", "register_leaf_module", "trace", "untraced_state_keys"]
 
@@ -39,8 +40,9 @@ class LeafTracer(Tracer):
 
     ``LeafTracer.leaf_types`` (extend it with :func:`register_leaf_module`) holds the types every
     trace keeps whole: pooling layers that a conversion inserts must stay one node per pool when
-    a converted model is traced again. ``leaf_modules`` adds types for one tracer only. Modules
-    of ``torch.nn`` other than ``Sequential`` are leaves too (the ``torch.fx`` default), and so
+    a converted model is traced again. ``leaf_modules`` adds types for one tracer only, and
+    ``leaf_names`` the modules at those qualified names (the partial-tracing pass keeps an
+    untraceable block whole so). Modules of ``torch.nn`` other than ``Sequential`` are leaves too (the ``torch.fx`` default), and so
     are subclasses of ``nn.Conv2d`` / ``nn.Conv3d`` that keep the conv's forward (torchvision's
     video ResNets build their convs as such subclasses): they compute exactly a conv, so they
     stay the one ``call_module`` node that a site is.
@@ -52,16 +54,19 @@ class LeafTracer(Tracer):
     #: Module types every LeafTracer keeps as one node (skip pools and pool layers register here).
     leaf_types: ClassVar[list[type[nn.Module]]] = _default_leaf_types()
 
-    def __init__(self, leaf_modules: Iterable[type[nn.Module]] = ()) -> None:
+    def __init__(self, leaf_modules: Iterable[type[nn.Module]] = (), leaf_names: Iterable[str] = ()) -> None:
         super().__init__()
         self.extra_leaf_types = tuple(leaf_modules)
+        self.leaf_names = frozenset(leaf_names)
         # Qualified names of the modules whose forward is running, outermost first.
         self.scope_stack: list[str] = []
         # The stack as it was where the first exception was raised.
         self.failed_scope: list[str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, tuple(self.leaf_types) + self.extra_leaf_types) or _has_plain_conv_forward(m):
+        # AtStride1: decompose's stride-1 copy of a conv subclass (tracing it would enter its mode).
+        if (isinstance(m, (*self.leaf_types, *self.extra_leaf_types, AtStride1)) or _has_plain_conv_forward(m)
+                or module_qualified_name in self.leaf_names):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -105,7 +110,7 @@ def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = ()) -> GraphModule:
+def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = (), leaf_names: Iterable[str] = ()) -> GraphModule:
     """Trace ``model`` into a ``GraphModule`` that computes the same function in eval mode.
 
     Invariant: ``trace(model)(x) == model(x)`` in eval mode, and every leaf module keeps its
@@ -119,6 +124,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = ()) -> Gra
     - Leaf modules are shared with ``model`` (the ``torch.fx`` convention); the passes never
       modify them in place, they install new modules instead.
     - A ``GraphModule`` is traced again, which is harmless and makes registered leaves whole.
+    - ``leaf_modules`` (types) and ``leaf_names`` (qualified names) are kept as one node each.
     - The model is left as it was, even when tracing fails: attributes a forward writes while
       being traced (values cached on the first call, which would be Proxies) are put back.
 
@@ -128,7 +134,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = ()) -> Gra
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace expects an nn.Module, got {type(model).__name__}")
-    tracer = LeafTracer(leaf_modules)
+    tracer = LeafTracer(leaf_modules, leaf_names)
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:

@@ -58,9 +58,16 @@ def test_sites_of_3d_ops_have_t_h_w_geometry():
     functional = gp.find_sites(gp.trace(Functional3d()), _clip((5, 9, 9)))
     assert [(s.qualname, s.kind, s.stride, s.convert) for s in functional] == [
         ("conv", "conv", (1, 2, 2), True), ("max_pool3d", "max_pool", (1, 2, 2), True),
-        ("avg_pool3d", "avg_pool", (2, 2, 2), True), ("conv3d", "conv", (2, 2, 2), False),
+        ("avg_pool3d", "avg_pool", (2, 2, 2), True), ("conv3d", "conv", (2, 2, 2), True),
     ]
-    assert "functional conv3d" in functional[-1].reason
+    # The functional conv3d runs at stride 1 and a SkipPool3d follows it: the same output.
+    model = Functional3d().eval()
+    gm = gp.decompose(gp.trace(model), functional)
+    assert [n.kwargs["stride"] for n in gm.graph.nodes if n.target is F.conv3d] == [(1, 1, 1)]
+    assert [type(m).__name__ for m in gm.modules() if isinstance(m, gp.SkipPool)] == ["SkipPool3d", "SkipPool3d"]
+    for shape in ((5, 9, 9), (4, 8, 10)):
+        x = _clip(shape)
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-6)
 
 
 def test_conv3d_subclass_with_the_plain_forward_is_one_node():

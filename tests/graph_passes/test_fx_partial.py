@@ -469,3 +469,77 @@ def test_torchvision_detection_model_converts_its_backbone():
         assert torch.equal(a["labels"], e["labels"])
         assert max_relative_error(a["boxes"], e["boxes"]) <= 1e-10
         assert max_relative_error(a["scores"], e["scores"]) <= 1e-10
+
+
+class ShapeIf(nn.Module):
+    """An attention-like block: an ``if`` on a value, ``len()`` and ``int()`` of traced sizes; no sites."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        if x.mean() > 10:  # data-dependent control flow
+            x = x * 0
+        n = len(x)  # len() of a proxy
+        h = int(x.shape[-2])  # int() of a proxy
+        return self.proj(x).reshape(n, -1, h, x.shape[-1])
+
+
+class WithStridedInside(nn.Module):
+    """An untraceable block whose own child downsamples."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(c, c, 3, 2, 1), nn.BatchNorm2d(c), nn.ReLU())
+
+    def forward(self, x):
+        return self.down(x) if x.shape[-1] > 0 and bool(x.abs().sum() >= 0) else x
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = ShapeIf()
+        self.inner = WithStridedInside()
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.pool(self.inner(self.block(self.stem(x)))))
+
+
+def test_untraceable_blocks_are_kept_whole_and_the_model_around_them_converts():
+    model = randomize_norms(Stack()).eval()
+    plan = gp.find_parts(model)
+    # One graph for the whole model, the two blocks as leaf nodes; the strided conv inside the
+    # second block is a part of its own.
+    assert [p.qualname for p in plan.parts] == ["", "inner.down"]
+    calls = [n.target for n in plan.parts[0].graph_module.graph.nodes if n.op == "call_module"]
+    assert calls == ["stem.0", "stem.1", "stem.2", "block", "inner", "pool", "head"]
+    assert [(u.qualname, u.type) for u in plan.untraced] == [("block", "ShapeIf"), ("inner", "WithStridedInside")]
+    assert all(u.reason.startswith("kept whole: ") for u in plan.untraced)
+
+    out, report = gp.pipeline(model, torch.randn(2, 3, 16, 16), "exact", None, partial=True)
+    assert report.parts == ["", "inner.down"]
+    assert [(s.qualname, s.convert) for s in report.sites] == [("stem.0", True), ("pool", True), ("inner.down.0", True)]
+    assert isinstance(out, GraphModule) and isinstance(out.get_submodule("inner.down"), GraphModule)
+    assert type(out.get_submodule("block")) is ShapeIf
+    assert out.get_submodule("stem.0").stride == (1, 1) and out.get_submodule("inner.down.0").stride == (1, 1)
+    _assert_same(model, out, _inputs((16, 16), (17, 15)))
+    assert model.inner.down[0].stride == (2, 2)  # the model is left as it was
+
+
+def test_blocks_kept_whole_are_found_one_by_one():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.conv = ShapeIf(3), ShapeIf(3), nn.Conv2d(3, 4, 3, 2)
+
+        def forward(self, x):
+            return self.conv(self.b(self.a(x)))
+
+    plan = gp.find_parts(Two())
+    assert [p.qualname for p in plan.parts] == [""]
+    assert [u.qualname for u in plan.untraced] == ["a", "b"]

@@ -51,3 +51,38 @@ def test_is_one_node_when_traced():
     gm = gp.trace(model)
     ops = [(n.op, n.target) for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     assert ops == [("call_module", "0"), ("call_module", "1")]
+
+
+@pytest.mark.parametrize("pool, shape, memory_format", [
+    (gp.SkipPool2d(2), (2, 6, 9, 8), torch.contiguous_format),
+    (gp.SkipPool2d((2, 3)), (2, 6, 9, 8), torch.channels_last),
+    (gp.SkipPool3d((1, 2, 2)), (2, 6, 3, 9, 8), torch.channels_last_3d),
+])
+def test_output_is_contiguous_in_the_input_memory_format(pool, shape, memory_format):
+    x = torch.randn(shape).contiguous(memory_format=memory_format)
+    y = pool(x)
+    assert y.is_contiguous(memory_format=memory_format)
+    kept = x[(slice(None), slice(None), *(slice(None, None, s) for s in pool.stride))]
+    assert torch.equal(y, kept) and y.data_ptr() != x.data_ptr()  # a copy: in-place ops on it leave x alone
+
+
+def test_decomposed_model_whose_forward_views_the_pooled_map():
+    """A ``.view()`` after a strided conv (timm's EVA flattens its patch embedding so) works after
+    decomposition: the skip pool's output is contiguous, as the conv's was."""
+
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(3, 8, 4, stride=4)
+
+        def forward(self, x):
+            y = self.proj(x)
+            n, c = y.shape[:2]
+            return y.view(n, c, -1).transpose(1, 2)
+
+    model = Embed().eval()
+    gm, report = gp.pipeline(model, torch.randn(2, 3, 16, 16), include_patch_embed=True)
+    assert [s.convert for s in report.sites] == [True]
+    for size in (16, 20):
+        x = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(gm(x), model(x))
