@@ -4,29 +4,48 @@ from __future__ import annotations
 
 import click
 
+from .. import choices
+
 __all__ = ["COMMANDS", "export_cmd", "bench_export_command"]
 
 
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (its folder is created).")
-@click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's]; 18 up to what onnxruntime loads.")
+@click.option("--opset", type=int, default=None,
+              help="ONNX opset [default: the exporter's]; 17 up to what onnxruntime loads (17: converted from 18).")
 @click.option("--inline", is_flag=True, help="Inline the gfgp::MaxEntPool2d/3d functions into standard ops (no custom-domain node).")
 @click.option("--static", is_flag=True, help="Fix the batch dimension to 1 instead of leaving it dynamic.")
 @click.option("--image-size", type=int, default=None, help="Height = width of the traced input [default: the checkpoint's, else 224].")
+@click.option("--dynamic-size", is_flag=True,
+              help="Leave height and width dynamic (for a model that takes other sizes); verified at two sizes.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare onnxruntime with PyTorch at two batch sizes; exit 1 on a mismatch.")
+@click.option("--verify-with", "verify_with", default=None, metavar="RUNTIMES",
+              help="Comma-separated runtimes to verify in, each reported: onnxruntime, openvino "
+                   "[default: onnxruntime; with --target openvino: onnxruntime,openvino].")
+@click.option("--target", type=click.Choice(choices.EXPORT_TARGETS), default="onnxruntime", show_default=True,
+              help="The runtime the file is for: openvino writes the inline form (OpenVINO reads no model-local functions).")
+@click.option("--fp16", is_flag=True,
+              help="Weights and computation in float16 (input and outputs float32); verified at 1e-2 of the output scale.")
+@click.option("--int8", is_flag=True,
+              help="Static INT8 (onnxruntime.quantization, QDQ around convs and matmuls; the pools stay float); "
+                   "needs --calibration.")
+@click.option("--calibration", default=None, metavar="SPEC",
+              help="--data SPEC whose training images calibrate --int8 and whose validation images compare top-1.")
 @click.option("--part", default=None,
               help="Export this converted submodule (e.g. a detection model's backbone) instead of the whole model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing ONNX file.")
-def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, verify, part, as_json, force):
+def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, dynamic_size, verify, verify_with, target, fp16,
+               int8, calibration, part, as_json, force):
     """Export CHECKPOINT (made by gfgp convert or train) to ONNX and verify it.
 
     Every max-entropy pool becomes one gfgp::MaxEntPool2d (3-D: MaxEntPool3d) node whose body, made of standard ONNX
     ops, ships inside the file as a model-local function: a stock onnxruntime runs it with no
-    plugin. Verification runs onnxruntime against PyTorch on random inputs and exits 1 if the
-    max abs difference exceeds 1e-4 times the output scale.
+    plugin. Verification runs onnxruntime against PyTorch float64 on random inputs and exits 1 if the
+    max abs difference exceeds the larger of 1e-4 times the output scale and 4 times PyTorch
+    float32's own error (max |float32 - float64|).
 
     \b
     Examples:
@@ -34,12 +53,21 @@ def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, verify,
       gfgp export m.pt --onnx m.onnx --opset 20 --static --image-size 128
       gfgp export m.pt --onnx m-inline.onnx --inline --json
       gfgp export frcnn.pt --onnx backbone.onnx --part backbone
+      gfgp export m.pt --onnx m-ov.onnx --target openvino
+      gfgp export m.pt --onnx m.onnx --inline --verify-with onnxruntime,openvino
+      gfgp export m.pt --onnx m-any-size.onnx --dynamic-size
     """
+    from ..errors import BadInputError
     from ..export import export_checkpoint
     from ..export.render import render_export
 
-    report = export_checkpoint(checkpoint, onnx_path, part=part, image_size=image_size, opset=opset,
-                               dynamic_batch=not static, inline=inline, verify=verify, force=force)
+    if int8 != (calibration is not None):
+        raise BadInputError("--int8 needs --calibration SPEC (e.g. --calibration digits), and --calibration needs --int8")
+
+    report = export_checkpoint(checkpoint, onnx_path, part=part, int8=calibration, image_size=image_size, opset=opset,
+                               dynamic_batch=not static, inline=inline, verify=verify, force=force,
+                               verify_with=verify_with.split(",") if verify_with is not None else None,
+                               target=target, dynamic_size=dynamic_size, fp16=fp16)
     render_export(report, as_json)
 
 

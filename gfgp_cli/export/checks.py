@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .._io import check_output_file
 from ..errors import BadInputError
-from .maxent_function import MIN_OPSET
+from .maxent_function import MIN_OPSET, OLDEST_OPSET
 
 if TYPE_CHECKING:
     from torch import nn
@@ -37,6 +37,7 @@ __all__ = [
     "check_model_takes",
     "resolve_inputs",
     "check_exportable",
+    "model_spec",
     "first_line",
 ]
 
@@ -73,7 +74,9 @@ def check_opset(opset: Optional[int], supported: Callable[[], range]) -> Optiona
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in opsets:
         raise BadInputError(
             f"opset {opset!r} is not supported: choose one of {opsets.start}..{opsets.stop - 1} "
-            f"(the dynamo exporter starts at {MIN_OPSET}; the installed onnxruntime loads up to {opsets.stop - 1})"
+            f"(the dynamo exporter starts at {MIN_OPSET} and gfgp converts its graphs down to {OLDEST_OPSET}, the oldest "
+            f"opset whose ReduceMean/ReduceMax adapters it is tested through; the installed onnxruntime loads up to "
+            f"{opsets.stop - 1})"
         )
     return opset
 
@@ -96,6 +99,12 @@ def _spec(model: "nn.Module") -> Optional["ConversionSpec"]:
         return spec_of(model)
     except BadInputError:
         return None
+
+
+def model_spec(model: "nn.Module") -> Optional["ConversionSpec"]:
+    """The model's conversion spec, or None for a model gfgp_cli.convert did not make (for the
+    file's metadata)."""
+    return _spec(model)
 
 
 def resolve_image_size(model: "nn.Module", image_size: Optional[int]) -> int:
@@ -168,14 +177,15 @@ def check_exportable(model: "nn.Module") -> None:
         )
 
 
-def check_model_takes(model: "nn.Module", example: "tuple") -> None:
+def check_model_takes(model: "nn.Module", example: "tuple") -> Any:
     """Run the model once on ``example`` (its positional inputs) so that a size it cannot take
-    is the user's error (exit 2, naming --image-size), not an exporter failure deep in a trace."""
+    is the user's error (exit 2, naming --image-size), not an exporter failure deep in a trace.
+    Returns the model's output (what the file's outputs are named after)."""
     import torch
 
     try:
         with torch.no_grad():
-            model(*example)
+            return model(*example)
     except (ValueError, RuntimeError, IndexError, TypeError) as e:
         shape = "x".join(str(d) for d in example[0].shape[1:])
         choose = "--image-size" if example[0].dim() <= 4 else "--image-size or number of frames"

@@ -57,7 +57,8 @@ the lengths of run-time ``Range``/``Slice`` results; onnx's shape inference (eve
 data) does not evaluate those, so a tool that drops the exporter's value_info and re-infers the
 shapes sees them as unknown. The ops
 are those of opset 15 (``CastLike``, ``Shape`` with ``start``) except ``ReduceMax``, whose axes are
-an input from opset 18 on: the inline form converts to opset 17 with onnx.version_converter.
+an input from opset 18 on and an attribute before: the body is built at 17 too (``gfgp export
+--opset 17``, :data:`OLDEST_OPSET`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ __all__ = [
     "OP_TYPES",
     "DOMAIN_VERSION",
     "MIN_OPSET",
+    "OLDEST_OPSET",
     "op_type",
     "maxent_pool_function",
     "maxent_pool2d_function",
@@ -89,8 +91,13 @@ OP_TYPE_3D = "MaxEntPool3d"
 OP_TYPES: Dict[int, str] = {2: OP_TYPE, 3: OP_TYPE_3D}
 # version of the gfgp domain: 1 = the ops as described above.
 DOMAIN_VERSION = 1
-# ReduceMax takes its axes as an input from opset 18; the dynamo exporter starts at 18 too.
+# The dynamo exporter starts at opset 18; so does ReduceMax with its axes as an input.
 MIN_OPSET = 18
+# The oldest opset the body is built at (and gfgp writes: the exporter's 18, converted down by
+# onnx.version_converter): below 18 its ReduceMax takes the axes as an attribute. Older opsets
+# lack nothing the body needs back to 15 (CastLike), but onnx's 18 -> 17 adapters are the ones
+# the converted graphs are tested through.
+OLDEST_OPSET = 17
 
 _LAYOUTS = {2: ("[N,C,H,W]", "[N,C,out_h,out_w]", "avg_pool2d"), 3: ("[N,C,T,H,W]", "[N,C,out_t,out_h,out_w]", "avg_pool3d")}
 
@@ -162,8 +169,8 @@ def maxent_pool_function(opset: int, dims: int = 2) -> FunctionProto:
     ``dims`` is the number of spatial dims: 2 (X Tensor[N, C, H, W]) or 3 (Tensor[N, C, T, H, W]).
     """
     name = op_type(dims)
-    if opset < MIN_OPSET:
-        raise ValueError(f"the {name} function needs opset >= {MIN_OPSET}, got {opset}")
+    if opset < OLDEST_OPSET:
+        raise ValueError(f"the {name} function needs opset >= {OLDEST_OPSET}, got {opset}")
     b = _Body()
     # --- the attributes as int64 tensors (the only Constants that are not plain tensors)
     k = b.ref("value_ints", "kernel_shape", AttributeProto.INTS)  # [k_0, ..., k_{D-1}]
@@ -228,7 +235,8 @@ def maxent_pool_function(opset: int, dims: int = 2) -> FunctionProto:
     mask_bias = b("Reshape", b("Slice", b("Reshape", mask_bias, b.ints(-1)), b.ints(0),
                                b("ReduceProd", bias_shape, keepdims=1)), bias_shape)
     z = b("Add", b("Mul", xw, lam), b("Unsqueeze", mask_bias, b.ints(dims + 1, dims + 2)))
-    m = b("ReduceMax", z, taps_axis, keepdims=1)  # each window has a valid tap: m is finite
+    # each window has a valid tap: m is finite
+    m = b("ReduceMax", z, taps_axis, keepdims=1) if opset >= 18 else b("ReduceMax", z, axes=[dims], keepdims=1)
     e = b("Exp", b("Sub", z, m))  # padded taps: exp(-inf) = 0
     num = b("ReduceSum", b("Mul", e, xw), taps_axis, keepdims=0)
     den = b("ReduceSum", e, taps_axis, keepdims=0)  # >= 1

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SINGLE_FILE_LIMIT",
     "complete",
+    "downgrade",
     "inline_functions",
     "write",
     "check_file",
@@ -108,6 +109,37 @@ def complete(proto: "onnx.ModelProto") -> "onnx.ModelProto":
     if proto.ir_version > ort_limits()[1]:  # pragma: no cover - excluded by supported_opsets()
         raise BadInputError(f"opset {opset} needs IR version {proto.ir_version}, newer than onnxruntime loads")
     return proto
+
+
+def downgrade(proto: "onnx.ModelProto", opset: int) -> "onnx.ModelProto":
+    """The exporter's graph (no functions attached yet) at the older default-domain ``opset``, by
+    ``onnx.version_converter``; :func:`complete` then builds the bodies at that opset.
+
+    The converter's ReduceMean 18 -> 17 adapter keeps the ``noop_with_empty_axes`` attribute
+    (an exported global average pool has it), which ReduceMean-13 lacks; with its default value 0
+    it means what ReduceMean-13 does without it, so it is dropped.
+
+    Raises:
+        WorkFailedError: the converter fails, or leaves a graph onnx.checker refuses.
+    """
+    import onnx
+    import onnx.version_converter
+
+    try:
+        converted = onnx.version_converter.convert_version(proto, opset)
+    except Exception as e:  # the converter raises RuntimeError / ConvertError / its C++ types
+        raise WorkFailedError(f"onnx.version_converter cannot convert the graph to opset {opset}: {first_line(e)}") from e
+    for node in all_nodes(converted):
+        if node.domain in ("", "ai.onnx") and node.op_type.startswith("Reduce"):
+            kept = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+            if len(kept) != len(node.attribute):
+                del node.attribute[:]
+                node.attribute.extend(kept)
+    try:
+        onnx.checker.check_model(converted)
+    except onnx.checker.ValidationError as e:
+        raise WorkFailedError(f"the graph converted to opset {opset} fails onnx.checker: {first_line(e)}") from e
+    return converted
 
 
 def _strip_debug_metadata(proto: "onnx.ModelProto") -> None:

@@ -23,7 +23,16 @@ def render_export(report: ExportReport, as_json: bool = False) -> None:
     rows += [
         ("file", report.path + (f" + {report.data_path}" if report.data_path else "")),
         ("input", shape if report.inputs == 1 else f"{report.inputs} x {shape}"),
+    ]
+    if report.input_names:
+        rows.append(("names", f"{', '.join(report.input_names)} -> {', '.join(report.output_names)}"))
+    if report.metadata:
+        rows.append(("metadata", ", ".join(report.metadata)))
+    if report.form_note:
+        rows.append((f"form (--target {report.target})", report.form_note))
+    rows += [
         ("opset / IR", f"{report.opset} / {report.ir_version}"),
+        *([("precision", f"{report.precision} (input and outputs float32)")] if report.precision != "float32" else []),
     ]
     # one row per node type in the file (gfgp::MaxEntPool2d, gfgp::MaxEntPool3d)
     inlined = " (inlined)" if report.inline else ""
@@ -38,10 +47,29 @@ def render_export(report: ExportReport, as_json: bool = False) -> None:
     if report.passed is None:
         rows.append(("verification", "skipped (--no-verify)"))
     else:
-        for batch, diff in report.max_abs_diffs.items():
-            rows.append((f"max abs diff, batch {batch}", f"{diff:.3g}"))
+        checks = report.checks or [{"runtime": "onnxruntime", "provider": report.provider, "passed": report.passed,
+                                    "max_abs_diffs": report.max_abs_diffs}]
+        if report.reference:
+            own = f", {report.float32_error:.3g} from PyTorch float32" if report.float32_error is not None else ""
+            rows.append(("reference", f"PyTorch {report.reference}{own}"))
+        for check in checks:
+            who = f" {check['runtime']}" if len(checks) > 1 else ""
+            for batch, diff in check["max_abs_diffs"].items():
+                rows.append((f"max abs diff{who}, batch {batch}", f"{diff:.3g}"))
         rows.append(("tolerance", f"{report.tolerance:.3g}"))
-        rows.append(("verdict", f"{'PASS' if report.passed else 'FAIL'} ({report.provider})"))
+        of = " (float file)" if report.int8 else ""
+        for check in checks:
+            rows.append(((f"verdict {check['runtime']}" if len(checks) > 1 else "verdict") + of,
+                         f"{'PASS' if check['passed'] else 'FAIL'} ({check['provider']})"))
+    if report.int8:
+        q = report.int8
+        rows += [
+            ("INT8 calibration", f"{q['calibration_images']} training images of {q['calibration']}"),
+            ("top-1 float / int8", f"{q['top1_float']:.2f}% / {q['top1_int8']:.2f}% ({q['images']} validation images, "
+                                   f"drop {q['drop']:.2f} points)"),
+            (f"latency float / int8, batch {q['latency_batch']}", f"{q['float_ms']:.1f} / {q['int8_ms']:.1f} ms"),
+            ("file size float / int8", f"{_mb(q['float_bytes'])} / {_mb(q['int8_bytes'])}"),
+        ]
     print_table("ONNX export", ["", "value"], rows)
 
 

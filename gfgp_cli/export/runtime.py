@@ -1,4 +1,5 @@
-"""onnxruntime helpers: what the installed runtime loads, which providers to use, running a model."""
+"""Runtime helpers: what the installed onnxruntime loads, which providers to use, running a
+model; and the other runtimes ``gfgp export --verify-with`` runs (OpenVINO)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["ort_limits", "verification_providers", "make_session", "run_session"]
+from .. import choices
+
+__all__ = ["ort_limits", "verification_providers", "make_session", "run_session", "RUNTIMES", "TARGETS",
+           "check_runtimes", "openvino_runner"]
+
+#: The runtimes verification can run the file in (``--verify-with``), and what ``--target`` may name.
+RUNTIMES = choices.EXPORT_RUNTIMES
+TARGETS = choices.EXPORT_TARGETS
+_INSTALL = "pip install 'gfgp[export-check]'"
 
 
 def _loads(opset: int, ir_version: int) -> bool:
@@ -74,3 +83,48 @@ def run_session(session, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
     """Run a session on positional inputs; returns every output."""
     feeds: Dict[str, np.ndarray] = {arg.name: value for arg, value in zip(session.get_inputs(), inputs)}
     return session.run(None, feeds)
+
+
+def check_runtimes(names: Sequence[str], inline: bool) -> List[str]:
+    """The runtimes of ``--verify-with`` (names, in order, duplicates dropped), checked before any
+    work: each known and installed, and able to read the form being written.
+
+    Raises:
+        BadInputError: an unknown name, OpenVINO not installed, or OpenVINO asked to check the
+            default form (it reads no model-local functions: ``--target openvino`` writes the
+            inline form it reads).
+    """
+    import importlib.util
+
+    from ..errors import BadInputError
+
+    chosen = list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
+    if not chosen:
+        raise BadInputError(f"--verify-with names no runtime; choose from {', '.join(RUNTIMES)}")
+    unknown = [n for n in chosen if n not in RUNTIMES]
+    if unknown:
+        raise BadInputError(f"--verify-with {unknown[0]!r} is not a runtime gfgp verifies with; choose from "
+                            f"{', '.join(RUNTIMES)} (comma-separated)")
+    if "openvino" in chosen:
+        if importlib.util.find_spec("openvino") is None:
+            raise BadInputError(f"--verify-with openvino needs OpenVINO, which is not installed: {_INSTALL}")
+        if not inline:
+            raise BadInputError("OpenVINO cannot read the default file (it reads no model-local functions, and each pool "
+                                "is one gfgp node with one): add --target openvino, which writes the inline form, or --inline")
+    return chosen
+
+
+def openvino_runner(path: str):
+    """``(run, device)``: OpenVINO's ``read_model`` + ``compile_model`` of the file on the CPU in
+    float32 (the CPU plugin otherwise may compute in bf16 or f16 where the CPU has them), and a
+    function from positional inputs to the outputs in the file's order."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+    def run(inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        result = compiled(list(inputs))
+        return [np.asarray(result[out]) for out in compiled.outputs]
+
+    return run, "CPU"

@@ -1,4 +1,4 @@
-"""Small networks shared by the export tests (test_export_sizes.py, test_consumers.py).
+"""Small networks shared by the export tests (test_export_sizes.py, test_consumers.py, test_verify.py).
 
 Test modules load this file by its path, as ``_one_node.py`` (pytest's importlib mode puts no
 test directory on ``sys.path``).
@@ -11,7 +11,7 @@ from torch import nn
 
 from gfgp_cli import GFGPPool2d, MaxEntPool2d
 
-__all__ = ["ToOnePixel"]
+__all__ = ["ToOnePixel", "LargeActivations"]
 
 
 class ToOnePixel(nn.Module):
@@ -33,3 +33,28 @@ class ToOnePixel(nn.Module):
         for pool in self.pools:
             x = pool(x)
         return self.fc(torch.flatten(self.padded(self.at_one(x)), 1))
+
+
+class LargeActivations(nn.Module):
+    """Outputs small next to the activations, as in a trained network whose BatchNorm statistics
+    are realistic (issue 18: mobilenet_v3_small, efficientnet_b0): a convolution whose outputs sit
+    near ``offset``, a GFGP 2x2/2 pool, and a BatchNorm whose running mean takes them back to O(1).
+    float32 rounds the activations to ``offset`` x 6e-8, so PyTorch float32 is itself about 1e-3 of
+    the output from float64. Seeded: the same weights every time."""
+
+    def __init__(self, offset: float = 3e4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = GFGPPool2d(8, 2, 2)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.conv.bias.add_(offset)
+            assert self.bn.running_mean is not None and self.bn.running_var is not None
+            self.bn.running_mean.copy_(self.conv.bias)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        x = self.bn(self.pool(self.conv(x)))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
