@@ -88,7 +88,14 @@ _IN_OUT = "\0--out"
 def train(checkpoint, data, out, config_file, recipe, resume, force, as_json, compile_, memory_limit, **flags):
     """Train or fine-tune the converted model in CHECKPOINT on --data, or continue a run (--resume RUN_DIR).
 
-    Writes RUN_DIR/last.pt (every epoch, and every --save-every-steps), best.pt (best val top-1),
+    The checkpoint's task picks the losses and metrics: classifiers (video ones included) train on
+    cross-entropy and report top-1/top-5; segmentation models on cross-entropy of out (+ 0.5 x aux,
+    pixels labelled 255 ignored) and report mIoU and pixel accuracy; detection models on their own
+    loss dict and report COCO mAP@[.5:.95] and mAP@.5 (pycocotools: pip install 'gfgp[detection]').
+    Their data: --data scenes[:SEED] (digit scenes, both tasks), voc:DIR or coco:DIR.
+
+    Writes RUN_DIR/last.pt (every epoch, and every --save-every-steps), best.pt (best val top-1,
+    mIoU or mAP),
     metrics.csv, metrics.jsonl and config.json; with --ema-decay also ema.pt (the EMA weights,
     after every epoch; best.pt still follows the trained weights). Ctrl-C saves last.pt and exits (code 130);
     --resume continues exactly. A NaN/Inf loss stops the run (exit 1) keeping the last good
@@ -110,6 +117,7 @@ def train(checkpoint, data, out, config_file, recipe, resume, force, as_json, co
     \b
     Examples:
       gfgp train m.pt --data digits --out runs/digits --epochs 5 --batch-size 64
+      gfgp train lraspp.pt --data scenes --out runs/lraspp --epochs 3 --batch-size 16 --opt adamw --lr 1e-3
       gfgp train m.pt --data ~/imagenet --out runs/r50 --recipe paper-resnet --amp
       gfgp train m.pt --data cifar10:data --download --out runs/c10 --recipe paper-vgg
       gfgp train m.pt --data ~/imagenet --out runs/r50 --opt adamw --lr 1e-3 --sched cosine --warmup-epochs 5
@@ -188,7 +196,8 @@ def _arguments(checkpoint, data, out, config_file, recipe, resume, force, flags)
               help="Leave out image files that cannot be read (counted on stderr) instead of stopping.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(checkpoint, data, batch_size, image_size, device, workers, amp, download, skip_bad_images, as_json):
-    """Loss, top-1 and top-5 accuracy of CHECKPOINT on the validation set of --data.
+    """Loss, top-1 and top-5 accuracy of CHECKPOINT on the validation set of --data (a
+    segmentation model: loss, mIoU and pixel accuracy; a detector: COCO mAP@[.5:.95] and mAP@.5).
 
     A model whose outputs are not finite (NaN/Inf) fails (exit 1), naming the weights that hold them.
 
@@ -196,6 +205,7 @@ def eval_(checkpoint, data, batch_size, image_size, device, workers, amp, downlo
     Examples:
       gfgp eval runs/digits/best.pt --data digits
       gfgp eval runs/r50/best.pt --data ~/imagenet --batch-size 128 --json
+      gfgp eval runs/lraspp/best.pt --data scenes
     """
     from ..train import evaluate_checkpoint
     from ..train.render import render_eval

@@ -18,6 +18,15 @@ SPEC is one of:
   spec's ``frames``, else 16), 2,000 train and 500 val clips from disjoint source digits,
   generated from SEED (default 0), every frame resized bilinearly to the model's input size;
   samples are ``Tensor[3, T, S, S]``.
+- ``scenes`` or ``scenes:SEED``, optionally followed by ``:train=N`` and ``:val=N``: *digit
+  scenes* for segmentation and detection models (:mod:`gfgp_cli.datasets.scenes`, no download):
+  2-4 of scikit-learn's real digits on a 64x64 canvas, 2,000 train and 500 val scenes from
+  disjoint source digits, generated from SEED (default 0), resized to the model's input size.
+  One SPEC serves both tasks: a segmentation model gets ``(Tensor[3, S, S], mask Tensor[S, S])``
+  (background 0, digit d is d + 1, 255 ignored), a detection model ``(Tensor[3, S, S] in [0, 1],
+  {"boxes", "labels"})`` (labels d + 1).
+- ``voc:DIR`` (segmentation) and ``coco:DIR`` (detection): the user's own data in the PASCAL VOC
+  and COCO layouts (:mod:`.formats`).
 - ``fake`` or ``fake:N``: torchvision FakeData (256 train, 64 val images) with N classes (default:
   the model's number of outputs), for smoke runs.
 
@@ -54,7 +63,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sized, Tuple, cast
+from typing import Any, Dict, Iterator, List, Optional, Sized, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +75,8 @@ from ..errors import BadInputError
 __all__ = [
     "DataBundle", "load_data", "parse_data_spec", "DigitsDataset", "ResumableSampler", "ShardSampler",
     "SeededSamples", "DIGITS_VAL_FRACTION", "MOVING_DIGITS", "MOVING_DIGITS_FORM", "moving_digits_options",
-    "data_frames", "ImageFiles", "UnreadableImageError", "skip_bad_images", "skipped_note", "collate_readable",
+    "data_frames", "data_tasks", "SCENES", "SCENES_FORM", "scenes_options", "ImageFiles", "UnreadableImageError",
+    "skip_bad_images", "skipped_note", "collate_readable",
     "loader_batches",
 ]
 
@@ -89,6 +99,15 @@ MOVING_DIGITS_FORM = "moving-digits[:SEED][:frames=T][:train=N][:val=N]"
 # Option name in the SPEC -> make_moving_digits keyword.
 _MOVING_OPTIONS = {"frames": "frames", "train": "n_train", "val": "n_val"}
 
+#: Users' own segmentation and detection data (:mod:`.formats`): kind -> the task it serves.
+USER_TASK_DATA = {"voc": "segmentation", "coco": "detection"}
+
+#: The scene data set's kind (segmentation and detection), and its full form.
+SCENES = "scenes"
+SCENES_FORM = "scenes[:SEED][:train=N][:val=N]"
+# Option name in the SPEC -> make_digit_scenes keyword.
+_SCENES_OPTIONS = {"train": "n_train", "val": "n_val"}
+
 
 @dataclass
 class DataBundle:
@@ -99,10 +118,14 @@ class DataBundle:
     val: Dataset
     num_classes: int
     frames: Optional[int] = None  # frames per clip of a video set (samples Tensor[3, T, S, S]); None: images
+    # What the samples' targets are: "classification" (a class index), "segmentation" (a mask
+    # Tensor[S, S] int64, 255 ignored) or "detection" (a dict of boxes Tensor[K, 4] and labels Tensor[K]).
+    task: str = "classification"
 
 
 def parse_data_spec(spec: str) -> Tuple[str, Optional[str]]:
-    """``(kind, argument)``: kind in {folder, cifar10, cifar100, digits, cluttered, moving-digits, fake}."""
+    """``(kind, argument)``: kind in {folder, cifar10, cifar100, digits, cluttered, moving-digits, scenes, voc, coco,
+    fake}."""
     if not isinstance(spec, str) or not spec.strip():
         raise BadInputError(f"--data is empty; {_SPEC_HELP}")
     spec = spec.strip()
@@ -117,12 +140,16 @@ def parse_data_spec(spec: str) -> Tuple[str, Optional[str]]:
         arg = spec[len(MOVING_DIGITS) + 1:] or None
         moving_digits_options(arg, spec)  # bad input now, not when the data is loaded
         return MOVING_DIGITS, arg
+    if spec == SCENES or spec.startswith(SCENES + ":"):
+        arg = spec[len(SCENES) + 1:] or None
+        scenes_options(arg, spec)
+        return SCENES, arg
     if spec == "fake" or spec.startswith("fake:"):
         arg = spec[5:] or None
         if arg is not None and not (arg.isdigit() and int(arg) >= 1):
             raise BadInputError(f"--data {spec}: fake:N needs a positive number of classes N")
         return "fake", arg
-    for kind in ("cifar10", "cifar100"):
+    for kind in ("cifar10", "cifar100", "voc", "coco"):
         if spec.startswith(kind + ":"):
             root = spec[len(kind) + 1:]
             if not root:
@@ -132,15 +159,28 @@ def parse_data_spec(spec: str) -> Tuple[str, Optional[str]]:
 
 
 def load_data(spec: str, image_size: int, num_classes: Optional[int] = None, download: bool = False,
-              frames: Optional[int] = None, skip_bad_images: bool = False) -> DataBundle:
+              frames: Optional[int] = None, skip_bad_images: bool = False, task: Optional[str] = None) -> DataBundle:
     """The train and validation sets named by ``spec`` at ``image_size`` x ``image_size``.
 
     ``num_classes`` is the model's number of outputs; only ``fake`` uses it (as its class count).
     ``frames`` is the model's clip length (its spec's ``frames``); clip data whose SPEC has no
     ``frames=T`` uses it (else 16); image data ignores it. ``skip_bad_images``: an ImageFolder's
     unreadable files are skipped instead of stopping the work (the module docstring says how).
+    ``task`` is the model's (its spec's ``task``): data that serves several tasks (``scenes``:
+    segmentation and detection) gives that task's samples (default: the first it serves).
     """
     kind, arg = parse_data_spec(spec)
+    if kind == SCENES:
+        return _scenes(arg, image_size, task if task in data_tasks(spec) else data_tasks(spec)[0])
+    if kind in ("voc", "coco"):
+        from .formats import load_coco, load_voc
+
+        assert arg is not None
+        if kind == "coco":
+            return load_coco(arg, num_classes)
+        if num_classes is None:
+            raise ValueError("voc data needs the model's num_classes")
+        return load_voc(arg, image_size, num_classes)
     if kind == "digits":
         return _digits(image_size)
     if kind == "cluttered":
@@ -170,6 +210,20 @@ def data_frames(spec: str, frames: Optional[int] = None) -> Optional[int]:
     return moving_digits_options(arg, frames=frames)["frames"] if kind == MOVING_DIGITS else None
 
 
+def data_tasks(spec: str) -> Tuple[str, ...]:
+    """The tasks whose targets the data ``spec`` names has, from the SPEC alone (nothing is
+    loaded): ``("segmentation", "detection")`` for scenes, ``("video",)`` for clips, else
+    ``("classification",)``. Bad input for a malformed SPEC."""
+    kind, _ = parse_data_spec(spec)
+    if kind == SCENES:
+        from ..datasets.scenes import SCENE_TASKS
+
+        return SCENE_TASKS
+    if kind in USER_TASK_DATA:
+        return (USER_TASK_DATA[kind],)
+    return ("video",) if kind == MOVING_DIGITS else ("classification",)
+
+
 # --- moving digits (clips) -----------------------------------------------------------------------
 
 
@@ -180,10 +234,25 @@ def moving_digits_options(arg: Optional[str], spec: Optional[str] = None,
     ARG does not give are the standard set's, but ``frames`` when given (the model's clip length)."""
     from ..datasets.moving import DEFAULTS
 
-    shown = spec or (MOVING_DIGITS if arg is None else f"{MOVING_DIGITS}:{arg}")
-    options: Dict[str, int] = {"seed": 0, **{key: int(DEFAULTS[key]) for key in _MOVING_OPTIONS.values()}}
-    if frames is not None:
-        options["frames"] = frames
+    given = {} if frames is None else {"frames": frames}
+    return _generated_options(MOVING_DIGITS, MOVING_DIGITS_FORM, _MOVING_OPTIONS, DEFAULTS, arg, spec, given)
+
+
+def scenes_options(arg: Optional[str], spec: Optional[str] = None) -> Dict[str, int]:
+    """The ``seed``, ``n_train`` and ``n_val`` of ``scenes[:ARG]``: ARG is ``SEED`` and/or
+    ``train=N``, ``val=N``, joined by ``:`` (SEED first); the others are the standard set's."""
+    from ..datasets.scenes import DEFAULTS
+
+    return _generated_options(SCENES, SCENES_FORM, _SCENES_OPTIONS, DEFAULTS, arg, spec, {})
+
+
+def _generated_options(kind: str, form: str, names: Dict[str, str], defaults: Dict[str, Any], arg: Optional[str],
+                       spec: Optional[str], preset: Dict[str, int]) -> Dict[str, int]:
+    """The options of a generated set's ``KIND[:ARG]`` (``SEED`` first, then ``KEY=N`` fields in any
+    order): ``seed`` and the generator's keyword of every ``names`` key, from ARG, else ``preset``,
+    else ``defaults``. Bad input, in one line naming ``form``, for anything else."""
+    shown = spec or (kind if arg is None else f"{kind}:{arg}")
+    options: Dict[str, int] = {"seed": 0, **{key: int(defaults[key]) for key in names.values()}, **preset}
     if arg is None:
         return options
     given = set()
@@ -194,18 +263,18 @@ def moving_digits_options(arg: Optional[str], spec: Optional[str] = None,
                 options["seed"] = int(field)
                 continue
             what = "a seed that is an integer >= 0" if i == 0 else "KEY=VALUE options after the seed"
-            raise BadInputError(f"--data {shown}: {MOVING_DIGITS_FORM} needs {what}, got {field!r}")
-        if key not in _MOVING_OPTIONS:
+            raise BadInputError(f"--data {shown}: {form} needs {what}, got {field!r}")
+        if key not in names:
             raise BadInputError(
-                f"--data {shown}: unknown moving-digits option {key!r}; the options are "
-                f"{', '.join(k + '=N' for k in _MOVING_OPTIONS)} ({MOVING_DIGITS_FORM})"
+                f"--data {shown}: unknown {kind} option {key!r}; the options are "
+                f"{', '.join(k + '=N' for k in names)} ({form})"
             )
         if key in given:
             raise BadInputError(f"--data {shown}: {key}= is given twice")
         if not (value.isdigit() and int(value) >= 1):
             raise BadInputError(f"--data {shown}: {key}= needs a positive integer, got {value!r}")
         given.add(key)
-        options[_MOVING_OPTIONS[key]] = int(value)
+        options[names[key]] = int(value)
     return options
 
 
@@ -219,6 +288,19 @@ def _moving_digits(arg: Optional[str], image_size: int, frames: Optional[int]) -
     # The name: the seed always, then the options that differ from the standard set's.
     extra = "".join(f":{key}={options[name]}" for key, name in _MOVING_OPTIONS.items() if options[name] != DEFAULTS[name])
     return DataBundle(f"{MOVING_DIGITS}:{seed}{extra}", train, val, len(train.classes), frames=options["frames"])
+
+
+# --- digit scenes (segmentation, detection) ------------------------------------------------------
+
+
+def _scenes(arg: Optional[str], image_size: int, task: str) -> DataBundle:
+    from ..datasets.scenes import DEFAULTS, NUM_CLASSES, cached_digit_scenes
+
+    options = scenes_options(arg)
+    seed = options.pop("seed")
+    train, val = cached_digit_scenes(seed, **options).datasets(task, image_size)
+    extra = "".join(f":{key}={options[name]}" for key, name in _SCENES_OPTIONS.items() if options[name] != DEFAULTS[name])
+    return DataBundle(f"{SCENES}:{seed}{extra}", train, val, NUM_CLASSES, task=task)
 
 
 # --- digits --------------------------------------------------------------------------------------
@@ -503,11 +585,11 @@ def loader_batches(loader) -> Iterator:
         raise
 
 
-def collate_readable(batch):
-    """default_collate over the samples that are not None (left out by --skip-bad-images); None
-    when none is left."""
+def collate_readable(batch, collate=default_collate):
+    """``collate`` (default_collate, or a task's) over the samples that are not None (left out by
+    --skip-bad-images); None when none is left."""
     kept = [sample for sample in batch if sample is not None]
-    return default_collate(kept) if kept else None
+    return collate(kept) if kept else None
 
 
 # --- sampling ------------------------------------------------------------------------------------

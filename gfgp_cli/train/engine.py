@@ -49,7 +49,8 @@ from .distributed import SINGLE_PROCESS, DistInfo, all_reduce_max, all_reduce_su
 from .evaluation import evaluate, nonfinite_message
 from .metrics import Meters, Progress
 from .optim import Mix
-from .runtime import StopControl, autocast, collective_device, to_device
+from .runtime import StopControl, autocast, collective_device
+from .tasks import Task
 
 __all__ = ["NonFiniteLoss", "train_one_epoch", "Trainer", "EpochEnd", "EpochHooks", "InMemoryEpochs", "run_epochs",
            "unwrapped"]
@@ -67,9 +68,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     info: DistInfo = SINGLE_PROCESS, no_sync: Optional[Callable] = None, control: Optional[StopControl] = None,
                     on_step: Optional[Callable[[int], None]] = None, progress: Optional[Progress] = None,
                     ema: Optional[torch.optim.swa_utils.AveragedModel] = None,
-                    mix: Optional[Mix] = None) -> Tuple[int, bool]:
+                    mix: Optional[Mix] = None, task: Optional[Task] = None) -> Tuple[int, bool]:
     """Run optimizer steps ``start_step .. steps - 1`` of ``epoch``; each step accumulates
-    ``config.accum_steps`` micro-batches from ``data_loader``.
+    ``config.accum_steps`` micro-batches from ``data_loader``. ``task`` (default: classification)
+    moves the batches to the device and computes the loss (:mod:`.tasks`; ``criterion`` is its).
 
     ``mix`` mixes each micro-batch (soft targets for the loss; the meters count their argmax);
     ``config.clip_grad_norm`` caps the total gradient norm before the step; ``ema`` is updated
@@ -83,7 +85,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     finished step left them.
     """
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    meters = meters if meters is not None else Meters()
+    task = task if task is not None else Task()
+    meters = meters if meters is not None else task.meters()
     control = control or StopControl()
     model.train()
     amp = autocast(device, config)
@@ -96,7 +99,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             optimizer.zero_grad(set_to_none=True)
             stop = False
             for j, (images, target) in enumerate(micro_batches):
-                images, target = to_device(images, device, config), target.to(device, non_blocking=True)
+                images, target = task.to_device(images, target, device, config)
                 labels = target
                 if mix is not None:
                     images, target = mix(images, target)
@@ -105,8 +108,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                 sync = no_sync() if (no_sync is not None and j < accum - 1) else contextlib.nullcontext()
                 with sync:
                     with amp:
-                        output = model(images)
-                        loss = criterion(output, target)
+                        loss, output = task.forward(model, images, target, criterion)
                     value = loss.item()
                     flags = all_reduce_max(torch.tensor([float(not math.isfinite(value)), float(control.stop)],
                                                         device=collective_device(device, info)), info).tolist()
@@ -123,8 +125,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             if ema is not None:
                 ema.update_parameters(unwrapped(model))
             if progress is not None:
-                progress.update(step + 1, images.shape[0] * accum * info.world_size,
-                                {"loss": meters.loss_sum / max(meters.count, 1), "top1": 100.0 * meters.correct1 / max(meters.count, 1)})
+                progress.update(step + 1, task.batch_len(images) * accum * info.world_size, meters.running())
             if on_step is not None:
                 on_step(step + 1)
             if stop:
@@ -154,6 +155,7 @@ class Trainer:
     ema: Optional[torch.optim.swa_utils.AveragedModel] = None  # optim.build_ema: updated every step, evaluated every epoch
     mix: Optional[Mix] = None  # optim.build_mix: MixUp/CutMix of the training micro-batches
     val_criterion: Optional[nn.Module] = None  # None: plain cross-entropy, what gfgp eval measures
+    task: Optional[Task] = None  # None: classification (.tasks)
 
 
 @dataclass
@@ -204,6 +206,7 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
     step ``start_step`` with its partial sums ``meters``. Returns None when every epoch ran, else
     the (epoch, step) a stop request saved the run at. :class:`NonFiniteLoss` propagates."""
     t, config = trainer, trainer.config
+    task = t.task if t.task is not None else Task()
     steps = t.sampler.steps_per_epoch
     every = config.save_every_steps
     loaders = [loader for loader in (t.train_loader, t.val_loader) if loader is not None]
@@ -215,7 +218,7 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
         t.sampler.set_epoch(epoch)
         t.sampler.set_start(start_step if epoch == start_epoch else 0)
         if epoch != start_epoch or meters is None:
-            meters = Meters()
+            meters = task.meters()
         title = f"epoch {epoch + 1}/{config.epochs}"
         t.progress.start(f"{t.label} {title}" if t.label else title, steps, t.sampler.start_step, epoch=epoch,
                          epochs=config.epochs)
@@ -235,7 +238,7 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
             done, stop = train_one_epoch(
                 t.model, t.criterion, t.optimizer, t.train_loader, t.device, epoch, config, steps=steps,
                 start_step=t.sampler.start_step, scaler=t.scaler, meters=meters, info=t.info, no_sync=t.no_sync,
-                control=control, on_step=on_step, progress=t.progress, ema=t.ema, mix=t.mix)
+                control=control, on_step=on_step, progress=t.progress, ema=t.ema, mix=t.mix, task=task)
         except UnreadableImageError as e:
             t.progress.stop()
             if not _save_before_stopping(hooks, t.info, epoch, finished[0], meters):
@@ -249,7 +252,7 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
             hooks.save(epoch, done, meters)
             return epoch, done
         images_per_s = t.progress.images_per_s()
-        train_m = Meters.summary(all_reduce_sum(meters.totals(), t.info))
+        train_m = meters.summary(all_reduce_sum(meters.totals(), t.info))
         val_m = ema_m = None
         if t.val_loader is not None:
             val_criterion = t.val_criterion if t.val_criterion is not None else nn.CrossEntropyLoss()
@@ -279,7 +282,7 @@ def run_epochs(trainer: Trainer, hooks: EpochHooks, *, start_epoch: int = 0, sta
         # The epoch's record goes into its checkpoint; what points at the checkpoint (best.pt, the
         # metrics files) follows it, so a crash in between never leaves them ahead of last.pt.
         hooks.finished(end)
-        hooks.save(epoch + 1, 0, Meters())
+        hooks.save(epoch + 1, 0, task.meters())
         saved = True
         hooks.saved(end)
         for k, loader in enumerate(loaders):
@@ -295,7 +298,7 @@ def _validate(t: Trainer, model: nn.Module, criterion: nn.Module, name: str) -> 
     """:func:`evaluate` of ``model`` on the trainer's validation data, shown as the phase ``name``."""
     t.progress.start_validation(len(t.val_loader), name)
     try:
-        return evaluate(model, criterion, t.val_loader, t.device, t.config, t.info, progress=t.progress)
+        return evaluate(model, criterion, t.val_loader, t.device, t.config, t.info, progress=t.progress, task=t.task)
     finally:
         t.progress.stop()
 

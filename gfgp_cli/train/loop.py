@@ -31,8 +31,8 @@ from .distributed import DistInfo, all_gather_object, cleanup_distributed, init_
 from .engine import NonFiniteLoss, Trainer, run_epochs, train_one_epoch
 from .evaluation import eval_loader, evaluate, evaluate_checkpoint, prepare_data
 from .memory import MEASURE_BATCH, available_memory, measure_step, plan_micro_batches
-from .metrics import EMA_COLUMNS, METRIC_COLUMNS, MetricsLog, Progress
-from .optim import build_criterion, build_ema, build_mix, build_optimizer
+from .metrics import MetricsLog, Progress
+from .optim import build_ema, build_mix, build_optimizer
 from .recompute import checkpoint_full_resolution
 from .rundir import RUN_FILES, RunRecorder, TrainResult, check_checkpoint_space, hold_run_dir, prepare_run_dir
 from .runtime import (
@@ -50,6 +50,7 @@ from .runtime import (
     wrap_model,
 )
 from .state import LAST, read_run_checkpoint, rebuild_model, resume_training, saved_config, saved_rng
+from .tasks import Task, task_for
 
 # train_one_epoch, evaluate, evaluate_checkpoint, TrainResult and RUN_FILES live in the modules
 # above; they stay importable from here, where the commands and older code look for them.
@@ -160,44 +161,48 @@ def _main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, state: Op
     bundle, image_size = prepare_data(model, spec, config.data, config.image_size, device, config.download,
                                        config.skip_bad_images)
     config = dataclasses.replace(config, image_size=image_size)
+    task = task_for(spec.task, bundle.num_classes)
 
     # -- checks that need the model and the data (before anything is written)
+    task.check(config)
     dtype = amp_dtype(device, config, notes)
     model = sync_batchnorm(model, config, device, info, notes)
     trainable = _recomputing(model, bundle, config, device, notes)  # shares model's parameters
-    config = _fit_memory(trainable, bundle, config, device, info, memory_limit, auto_accum, notes)
+    config = _fit_memory(trainable, bundle, config, device, info, memory_limit, auto_accum, notes, task)
     sampler = _train_sampler(bundle, model, config, info)
 
-    criterion = build_criterion(config)
+    criterion = task.criterion(config)
     optimizer, scheduler = build_optimizer(model, config, spec, notes)
     ema = build_ema(model, config)  # None unless --ema-decay
     scaler = grad_scaler(device, dtype)
-    start_epoch, start_step, meters, history, best = resume_training(state, optimizer, scheduler, scaler, info, ema)
+    start_epoch, start_step, meters, history, best = resume_training(state, optimizer, scheduler, scaler, info, ema,
+                                                                     meters=task.meters(), primary=task.primary)
 
     # -- the run directory (rank 0), then the model wrappers
     run_on_main(lambda: check_checkpoint_space(run_dir, model, config, "the run's checkpoints"), info)
     run_on_main(lambda: prepare_run_dir(run_dir, config, notes, force=force and state is None), info)
-    columns = METRIC_COLUMNS + (EMA_COLUMNS if ema is not None else ())
+    columns = task.columns(ema is not None)
     log = MetricsLog(run_dir, history, columns=columns) if info.is_main else None
     progress = Progress(enabled=info.is_main)
     for note in notes:
         progress.log(f"note: {note}")
     running, ddp = wrap_model(trainable, config, device, info)
-    trainer = Trainer(running, criterion, optimizer, scheduler, _train_loader(bundle, sampler, config, device), sampler,
-                      device, config, progress, scaler=scaler, info=info,
+    trainer = Trainer(running, criterion, optimizer, scheduler, _train_loader(bundle, sampler, config, device, task),
+                      sampler, device, config, progress, scaler=scaler, info=info,
                       val_loader=eval_loader(bundle.val, max(1, config.batch_size // info.world_size), config.workers,
-                                             device, info),
+                                             device, info, collate=task.collate),
                       no_sync=ddp.no_sync if ddp is not None else None, ema=ema,
-                      mix=build_mix(config, bundle.num_classes))
+                      mix=build_mix(config, bundle.num_classes), task=task)
 
     reseeded = seed_process(config.seed, info, saved_rng(state), start_epoch * sampler.steps_per_epoch + start_step)
     if reseeded:
         progress.log(reseeded)
     control = StopControl()
     result = TrainResult(str(run_dir), start_epoch, config.epochs, notes=notes,
-                         final=history[-1] if history else None, best_top1=best["top1"], best_epoch=best["epoch"])
+                         final=history[-1] if history else None, best_top1=best.get("top1"), best_epoch=best["epoch"],
+                         task=task.name, best_metric=task.primary, best_value=best.get(task.primary))
     recorder = RunRecorder(run_dir, spec, model, config, optimizer, scheduler, scaler, info, progress, log, history,
-                           best, result, ema=ema)
+                           best, result, ema=ema, task=task)
     try:
         with stop_on_signals(control):
             stopped_at = run_epochs(trainer, recorder, start_epoch=start_epoch, start_step=start_step, meters=meters,
@@ -285,7 +290,7 @@ def _recomputing(model: nn.Module, bundle: DataBundle, config: TrainConfig, devi
 
 
 def _fit_memory(model: nn.Module, bundle: DataBundle, config: TrainConfig, device: torch.device, info: DistInfo,
-                memory_limit: Optional[int], auto_accum: bool, notes: List[str]) -> TrainConfig:
+                memory_limit: Optional[int], auto_accum: bool, notes: List[str], task: Optional[Task] = None) -> TrainConfig:
     """The config with the accumulation steps that make one micro-batch fit in memory (chosen
     when ``auto_accum``, else checked): every rank measures, the largest choice wins."""
     if config.batch_size % (info.world_size * (1 if auto_accum else config.accum_steps)):
@@ -296,11 +301,11 @@ def _fit_memory(model: nn.Module, bundle: DataBundle, config: TrainConfig, devic
         return config  # _train_sampler says what is wrong
     batch = max(min_micro, min(MEASURE_BATCH, per_process // (1 if auto_accum else config.accum_steps)))
     try:
-        samples = [bundle.train[i % len(bundle.train)] for i in range(batch)]
-        images, labels = torch.stack([s[0] for s in samples]), torch.as_tensor([int(s[1]) for s in samples])
+        task = task if task is not None else Task()
+        images, labels = task.collate([bundle.train[i % len(bundle.train)] for i in range(batch)])
         factor = (2 if getattr(config, "opt", "sgd") == "adamw" else int(config.momentum > 0))
         factor += int(bool(getattr(config, "ema_decay", 0)))
-        memory = measure_step(model, images, labels, device, config, factor)
+        memory = measure_step(model, images, labels, device, config, factor, task=task)
         available, where = available_memory(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), memory_limit)
         choice: Tuple[Optional[int], Optional[str]] = plan_micro_batches(
             memory, available, where, config.batch_size, info.world_size, None if auto_accum else config.accum_steps,
@@ -337,12 +342,13 @@ def _train_sampler(bundle: DataBundle, model: nn.Module, config: TrainConfig, in
     return sampler
 
 
-def _train_loader(bundle: DataBundle, sampler: ResumableSampler, config: TrainConfig, device: torch.device) -> DataLoader:
+def _train_loader(bundle: DataBundle, sampler: ResumableSampler, config: TrainConfig, device: torch.device,
+                  task: Task) -> DataLoader:
     # Its own generator: iterating it draws nothing from the global RNG, which dropout uses and
     # resume restores.
     return DataLoader(SeededSamples(bundle.train), batch_size=sampler.micro_batch, sampler=sampler,
                       num_workers=config.workers, pin_memory=device.type == "cuda", drop_last=True,
-                      generator=torch.Generator(), worker_init_fn=ignore_sigint)
+                      generator=torch.Generator(), worker_init_fn=ignore_sigint, collate_fn=task.collate)
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

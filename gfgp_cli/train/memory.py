@@ -37,7 +37,7 @@ import ctypes
 import math
 import platform
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -46,7 +46,10 @@ from .._io import format_bytes
 from ..cpu_memory import memory_limits
 from ..errors import BadInputError
 from .config import TrainConfig
-from .runtime import autocast, to_channels_last, to_device
+from .runtime import autocast, to_channels_last
+
+if TYPE_CHECKING:
+    from .tasks import Task
 
 __all__ = ["StepMemory", "USABLE", "available_memory", "measure_step", "step_growth", "plan_micro_batches",
            "parse_size"]
@@ -160,7 +163,7 @@ def _cpu_peak_reset() -> Optional[Callable[[], int]]:
 
 
 def measure_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                 config: TrainConfig, state_factor: int) -> StepMemory:
+                 config: TrainConfig, state_factor: int, task: Optional["Task"] = None) -> StepMemory:
     """Memory of a forward+backward of ``model`` (train mode) on ``images``; ``state_factor`` is
     the optimizer's state per parameter byte (SGD with momentum 1, AdamW 2, plus 1 for an EMA
     copy). The step leaves no trace (see the module docstring).
@@ -168,16 +171,18 @@ def measure_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, d
     With 4 or more images, steps on the first half and on all of them are measured, and the
     larger of two per-sample figures is kept: the growth between the two steps per added sample
     (memory the process already holds and reuses drops out of it) and the whole step's growth
-    over the gradients per sample (which charges fixed costs to the samples)."""
-    images, labels = to_device(images, device, config), labels.to(device)
+    over the gradients per sample (which charges fixed costs to the samples). ``task`` (default:
+    classification) moves the batch and computes the loss; ``images`` and ``labels`` are its batch."""
+    task = task if task is not None else _classification()
+    images, labels = task.to_device(images, labels, device, config)
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    batch = images.shape[0]
+    batch = len(images)
     sizes = [batch // 2, batch] if batch >= 4 else [batch]
     model = copy.deepcopy(model).train()  # the steps run on a copy: the model keeps no trace of them
     if config.channels_last:
         to_channels_last(model)
     with _rng_kept(device):
-        measured = [step_growth(model, images[:n], labels[:n], device, config, grads) for n in sizes]
+        measured = [step_growth(model, images[:n], labels[:n], device, config, grads, task) for n in sizes]
     del model
     how = measured[-1][1]
     per_sample = max(0, measured[-1][0] - grads) / batch
@@ -188,11 +193,15 @@ def measure_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, d
 
 
 def step_growth(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                config: Optional[TrainConfig] = None, grads: int = 0) -> Tuple[int, str]:
+                config: Optional[TrainConfig] = None, grads: int = 0, task: Optional["Task"] = None) -> Tuple[int, str]:
     """``(bytes one forward+backward of ``model`` adds at its peak, how it was measured)``;
     gradients are cleared first, so their memory is part of it. ``grads``: their bytes, for the
-    estimate where the peak cannot be read."""
-    criterion = nn.CrossEntropyLoss()
+    estimate where the peak cannot be read. ``task``: whose loss (default: cross-entropy on logits)."""
+    task = task if task is not None else _classification()
+    step_criterion = task.criterion(None)
+
+    def criterion_of(images, labels):
+        return task.forward(model, images, labels, step_criterion)[0]
     for p in model.parameters():
         p.grad = None
     if device.type == "cuda":
@@ -200,14 +209,14 @@ def step_growth(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, de
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         with autocast(device, config):
-            loss = criterion(model(images), labels)
+            loss = criterion_of(images, labels)
         loss.backward()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base, f"peak allocated on {device}"
     growth = _cpu_peak_reset()
     if growth is not None:
         with autocast(device, config):
-            loss = criterion(model(images), labels)
+            loss = criterion_of(images, labels)
         loss.backward()
         return growth(), "peak resident memory"
     saved: Dict[int, int] = {}
@@ -218,9 +227,15 @@ def step_growth(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, de
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, config):
-        loss = criterion(model(images), labels)
+        loss = criterion_of(images, labels)
     loss.backward()
     return 2 * sum(saved.values()) + grads, "estimated from the tensors autograd saves"
+
+
+def _classification() -> "Task":
+    from .tasks import Task
+
+    return Task()
 
 
 # --- the plan ------------------------------------------------------------------------------------------

@@ -64,6 +64,19 @@ class Meters:
     def state(self) -> Dict[str, Any]:
         return asdict(self)
 
+    def running(self) -> Dict[str, float]:
+        """The running metrics the progress shows."""
+        n = max(self.count, 1)
+        return {"loss": self.loss_sum / n, "top1": 100.0 * self.correct1 / n}
+
+    def restored(self, states: List[Dict[str, Any]]) -> "Meters":
+        """Meters holding the sum of saved :meth:`state` s (one per rank of a saved run)."""
+        total = type(self)()
+        for m in states:
+            for key, value in m.items():
+                setattr(total, key, getattr(total, key) + value)
+        return total
+
 
 class MetricsLog:
     """metrics.csv + metrics.jsonl (+ TensorBoard when installed), one row per finished epoch."""

@@ -1,7 +1,9 @@
 """``gfgp plot``: PNG curves of a run, and where each GFGP layer sits between average and max pooling.
 
 Curves come from RUN_DIR/metrics.jsonl: ``loss.png`` (train and val loss), ``accuracy.png``
-(train top-1, val top-1 and top-5) and ``lr.png`` (log scale). Given data, ``lam.png`` shows the
+(the task's metrics: train top-1, val top-1 and top-5 of a classifier; train and val mIoU and val
+pixel accuracy of a segmentation model; val mAP@[.5:.95] and mAP@.5 of a detector) and ``lr.png``
+(log scale). Given data, ``lam.png`` shows the
 distribution of lam (docs/method.md section 2: lam = 0 is average pooling, large lam approaches max
 pooling) of every max-entropy pooling layer over one batch of validation images. matplotlib is
 used through its object API (no pyplot, no global backend state), rendering with Agg.
@@ -74,13 +76,29 @@ def _figure(title: str, ylabel: str):
     return fig, ax
 
 
+#: The metrics panel of each task's runs: (ylabel, [(row key, label)]).
+_METRIC_PANELS = {
+    "classification": ("accuracy (%)", [("train_top1", "train top-1"), ("val_top1", "val top-1"),
+                                        ("val_top5", "val top-5")]),
+    "segmentation": ("mIoU, pixel accuracy (%)", [("train_miou", "train mIoU"), ("val_miou", "val mIoU"),
+                                                  ("val_pixel_acc", "val pixel acc")]),
+    "detection": ("COCO box mAP (%)", [("val_map", "val mAP@[.5:.95]"), ("val_map50", "val mAP@.5")]),
+}
+
+
 def plot_curves(history: List[dict], out: Path, title: str = "") -> List[Path]:
-    """loss.png, accuracy.png and lr.png from per-epoch metrics rows."""
+    """loss.png, accuracy.png and lr.png from per-epoch metrics rows; accuracy.png shows the
+    metrics of the run's task (top-1/top-5, mIoU and pixel accuracy, or mAP), and loss.png the
+    losses the rows hold (a detector has no validation loss)."""
+    from .tasks import task_of_row
+
     epochs = [r["epoch"] for r in history]
+    task = task_of_row(history[0]).name
+    ylabel, metrics = _METRIC_PANELS[task]
+    losses = [(key, label) for key, label in (("train_loss", "train"), ("val_loss", "val")) if key in history[0]]
     panels = [
-        ("loss.png", "loss", "cross-entropy loss", [("train_loss", "train"), ("val_loss", "val")], False),
-        ("accuracy.png", "accuracy", "accuracy (%)",
-         [("train_top1", "train top-1"), ("val_top1", "val top-1"), ("val_top5", "val top-5")], False),
+        ("loss.png", "loss", "training loss" if task == "detection" else "cross-entropy loss", losses, False),
+        ("accuracy.png", "accuracy" if task == "classification" else "metrics", ylabel, metrics, False),
         ("lr.png", "learning rate", "learning rate", [("lr", "lr")], True),
     ]
     written = []

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Dict, List
 
 from ..console import err, out, print_json, print_table
+from .tasks import task_for
 
 __all__ = ["render_train_result", "render_eval", "render_plots"]
 
@@ -18,13 +19,12 @@ def render_train_result(result, as_json: bool = False) -> None:
     if as_json:
         print_json(dataclasses.asdict(result))
     else:
+        task = task_for(result.task)
         rows = [("run directory", result.run_dir), ("epochs", f"{result.epochs}/{result.total_epochs}")]
         if result.final:
-            f = result.final
-            rows += [("final val loss", f"{f['val_loss']:.4f}"), ("final val top-1 (%)", _pct(f["val_top1"])),
-                     ("final val top-5 (%)", _pct(f["val_top5"]))]
-        if result.best_top1 is not None:
-            rows.append(("best val top-1 (%)", f"{result.best_top1:.2f} (epoch {result.best_epoch})"))
+            rows += task.summary_rows(result.final)
+        if result.best_value is not None:
+            rows.append((f"best val {task.primary_label}", f"{result.best_value:.2f} (epoch {result.best_epoch})"))
         print_table("gfgp train", ["", "value"], rows)
     if result.interrupted:
         epoch, step = result.stopped_at
@@ -40,10 +40,11 @@ def render_eval(metrics: Dict[str, Any], as_json: bool = False) -> None:
     frames = metrics.get("frames")
     size = f"{metrics['image_size']}px" if frames is None else f"{frames}-frame {metrics['image_size']}px clips"
     samples = "images" if frames is None else "clips"
-    print_table(f"gfgp eval: {metrics['checkpoint']} on {metrics['data']} (validation, {size})",
-                [samples, "loss", "top-1 (%)", "top-5 (%)"],
-                [(metrics["images"], f"{metrics['loss']:.4f}", _pct(metrics["top1"]), _pct(metrics["top5"]))],
-                justify_right=[samples, "loss", "top-1 (%)", "top-5 (%)"])
+    columns = task_for(metrics.get("task", "classification")).eval_columns
+    headers = [samples, *(header for _, header in columns)]
+    values = [f"{metrics[key]:.4f}" if key == "loss" else _pct(metrics[key]) for key, _ in columns]
+    print_table(f"gfgp eval: {metrics['checkpoint']} on {metrics['data']} (validation, {size})", headers,
+                [(metrics["images"], *values)], justify_right=headers)
 
 
 def render_plots(paths: List, as_json: bool = False) -> None:

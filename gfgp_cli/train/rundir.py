@@ -36,6 +36,7 @@ from .distributed import DistInfo, all_gather_object, run_on_main
 from .engine import EpochEnd, EpochHooks
 from .metrics import Meters, MetricsLog, Progress
 from .state import BEST, LAST, process_state, promote_to_best, save_ema_checkpoint, save_run_checkpoint
+from .tasks import Task
 
 __all__ = ["RUN_FILES", "LOCK", "TrainResult", "hold_run_dir", "prepare_run_dir", "RunRecorder",
            "check_checkpoint_space", "checkpoint_size_estimate"]
@@ -168,6 +169,9 @@ class TrainResult:
     best_top1: Optional[float] = None
     best_epoch: Optional[int] = None
     notes: List[str] = field(default_factory=list)
+    task: str = "classification"  # the task's losses and metrics (.tasks)
+    best_metric: str = "top1"  # the validation metric best.pt follows
+    best_value: Optional[float] = None  # its best value (best_top1 for a classifier)
 
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig, notes: List[str], force: bool) -> None:
@@ -192,8 +196,9 @@ class RunRecorder(EpochHooks):
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  scaler: torch.amp.GradScaler, info: DistInfo, progress: Progress, log: Optional[MetricsLog],
                  history: List[Dict[str, Any]], best: Dict[str, Any], result: TrainResult,
-                 ema: Optional[AveragedModel] = None) -> None:
+                 ema: Optional[AveragedModel] = None, task: Optional[Task] = None) -> None:
         self.run_dir, self.spec, self.model, self.config = run_dir, spec, model, config
+        self.task = task if task is not None else Task()
         self.ema = ema  # the EMA model (optim.build_ema): saved in last.pt and as ema.pt, its metrics in the rows
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.info, self.progress, self.log = info, progress, log
@@ -217,22 +222,21 @@ class RunRecorder(EpochHooks):
     def finished(self, end: EpochEnd) -> None:
         # The row and the best epoch go into the epoch-end checkpoint, so they are recorded first.
         train_m, val_m = end.train, end.val
-        self._row = {"epoch": end.epoch + 1, "lr": max(end.lrs), "lrs": end.lrs,
-                     "train_loss": train_m["loss"], "train_top1": train_m["top1"], "train_top5": train_m["top5"],
-                     "val_loss": val_m["loss"], "val_top1": val_m["top1"], "val_top5": val_m["top5"],
+        self._row = {"epoch": end.epoch + 1, "lr": max(end.lrs), "lrs": end.lrs, **self.task.row(train_m, val_m),
                      "images_per_s": round(end.images_per_s, 1),
                      "epoch_time_s": round(time.perf_counter() - end.started, 3)}
         if end.ema_val is not None:
-            self._row.update({"ema_val_loss": end.ema_val["loss"], "ema_val_top1": end.ema_val["top1"],
-                              "ema_val_top5": end.ema_val["top5"]})
+            self._row.update(self.task.ema_row(end.ema_val))
         self.history.append(self._row)
-        self._improved = self.best["top1"] is None or val_m["top1"] > self.best["top1"]
+        key = self.task.primary
+        value = val_m[key]
+        self._improved = self.best.get(key) is None or value > self.best[key]
         if self._improved:
-            self.best = {"epoch": end.epoch + 1, "top1": val_m["top1"]}
+            self.best = {"epoch": end.epoch + 1, key: value}
 
     def saved(self, end: EpochEnd) -> None:
         # best.pt and the metrics files only ever point at a checkpoint already on disk.
-        row, train_m, val_m = self._row, end.train, end.val
+        row = self._row
         if self.info.is_main:
             if self._improved:
                 promote_to_best(self.run_dir)
@@ -243,14 +247,13 @@ class RunRecorder(EpochHooks):
                 except DiskFullError as e:
                     raise DiskFullError(f"no space left on device writing {e.path}; {self._kept()}", path=e.path) from e
             self.log.append(row)
-        ema = f"  ema top1 {row['ema_val_top1']:.2f}%" if "ema_val_top1" in row else ""
         self.progress.log(
-            f"epoch {end.epoch + 1}/{self.config.epochs}  lr {row['lr']:.4g}  train loss {train_m['loss']:.4f} "
-            f"top1 {train_m['top1']:.2f}%  val loss {val_m['loss']:.4f} top1 {val_m['top1']:.2f}% "
-            f"top5 {val_m['top5']:.2f}%{ema}  {end.images_per_s:.0f} img/s  {row['epoch_time_s']:.1f} s"
+            f"epoch {end.epoch + 1}/{self.config.epochs}  lr {row['lr']:.4g}  {self.task.epoch_text(row)}  "
+            f"{end.images_per_s:.0f} img/s  {row['epoch_time_s']:.1f} s"
         )
         self.result.epochs, self.result.final = end.epoch + 1, row
-        self.result.best_top1, self.result.best_epoch = self.best["top1"], self.best["epoch"]
+        self.result.best_top1, self.result.best_epoch = self.best.get("top1"), self.best["epoch"]
+        self.result.best_value = self.best.get(self.task.primary)
         if end.epoch + 1 < self.config.epochs:
             run_on_main(lambda: self.check_space(f"the checkpoint of epoch {end.epoch + 2}"), self.info)
 

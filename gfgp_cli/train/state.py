@@ -156,13 +156,16 @@ def rebuild_model(state: Dict[str, Any], module: Optional[nn.Module]) -> nn.Modu
 
 def resume_training(state: Optional[Dict[str, Any]], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                    info: DistInfo, ema: Optional[AveragedModel] = None
-                    ) -> Tuple[int, int, Meters, List[Dict[str, Any]], Dict[str, Any]]:
+                    info: DistInfo, ema: Optional[AveragedModel] = None, meters: Any = None,
+                    primary: str = "top1") -> Tuple[int, int, Any, List[Dict[str, Any]], Dict[str, Any]]:
     """``(start_epoch, start_step, meters, history, best)``: those of a new run for ``state``
     None; else the saved ones, with the optimizer, scheduler, scaler and ``ema`` (the
-    AveragedModel of --ema-decay, None without one) restored in place."""
+    AveragedModel of --ema-decay, None without one) restored in place. ``meters``: empty meters
+    of the run's task (default: classification's :class:`Meters`), ``primary`` the metric best.pt
+    follows (``best`` holds its value under that name)."""
+    meters = meters if meters is not None else Meters()
     if state is None:
-        return 0, 0, Meters(), [], {"epoch": None, "top1": None}
+        return 0, 0, meters, [], {"epoch": None, primary: None}
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -170,7 +173,7 @@ def resume_training(state: Optional[Dict[str, Any]], optimizer: torch.optim.Opti
         if "ema_state_dict" not in state:
             raise BadInputError("the run's last.pt holds no EMA weights; it was started without --ema-decay")
         ema.module.load_state_dict(state["ema_state_dict"], strict=True)
-    meters = _restore_meters(state["meters"], info)
+    meters = _restore_meters(state["meters"], info, meters)
     return int(state["epoch"]), int(state["step"]), meters, list(state["history"]), dict(state["best"])
 
 
@@ -185,15 +188,11 @@ def trained_image_size(data: Dict[str, Any]) -> Optional[int]:
     return config.get("image_size") if isinstance(config, dict) else None
 
 
-def _restore_meters(saved: List[Dict[str, Any]], info: DistInfo) -> Meters:
-    """This rank's partial sums; on another world size rank 0 carries the total (the sums are
-    only ever reduced)."""
+def _restore_meters(saved: List[Dict[str, Any]], info: DistInfo, empty: Any) -> Any:
+    """This rank's partial sums (``empty``: the task's meters, whose ``restored`` sums saved
+    states); on another world size rank 0 carries the total (the sums are only ever reduced)."""
     if len(saved) == info.world_size:
-        return Meters(**saved[info.rank])
+        return empty.restored([saved[info.rank]])
     if not info.is_main:
-        return Meters()
-    total = Meters()
-    for m in saved:
-        for key, value in m.items():
-            setattr(total, key, getattr(total, key) + value)
-    return total
+        return empty
+    return empty.restored(saved)
