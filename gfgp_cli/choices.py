@@ -18,7 +18,7 @@ from .errors import BadInputError
 __all__ = [
     "TASKS", "POOLS", "DEFAULT_POOL", "PLACEMENTS", "DEFAULT_PLACEMENT", "ACTIVATIONS", "DEFAULT_ACTIVATION",
     "COMPARISON_MODULES", "RECIPES", "STUDY_FAMILIES", "STUDY_VARIANTS", "DATA_SPEC_KINDS", "DATA_SPEC_FORMS", "DATA_SPEC_HELP",
-    "AMP_DTYPES", "DTYPES", "unknown",
+    "AMP_DTYPES", "DTYPES", "EXPORT_RUNTIMES", "EXPORT_TARGETS", "unknown",
 ]
 
 #: torchvision's task families (``gfgp_cli.zoo`` maps each to its builders' module).
@@ -58,11 +58,20 @@ STUDY_VARIANTS = ("skip", "max", "avg", "maxent", "gfgp", "gfgp-softplus", "nin"
 #: how each is written: every kind holds images but the last, moving-digits, which holds video
 #: clips (for video models; it also takes ``:frames=T``, ``:train=N``, ``:val=N``, see
 #: ``gfgp_cli.train.data``).
-DATA_SPEC_KINDS = ("cifar10", "cifar100", "digits", "cluttered", "fake", "moving-digits")
-DATA_SPEC_FORMS = ("cifar10:DIR", "cifar100:DIR", "digits", "cluttered[:SEED]", "fake[:N]", "moving-digits[:SEED]")
+DATA_SPEC_KINDS = ("cifar10", "cifar100", "digits", "cluttered", "fake", "scenes", "voc", "coco", "moving-digits")
+DATA_SPEC_FORMS = ("cifar10:DIR", "cifar100:DIR", "digits", "cluttered[:SEED]", "fake[:N]", "scenes[:SEED]", "voc:DIR",
+                   "coco:DIR", "moving-digits[:SEED]")
 #: The sentence every --data help and data error uses.
-DATA_SPEC_HELP = (f"an ImageFolder DIR (train/ and val/), {', '.join(DATA_SPEC_FORMS[:-2])} or {DATA_SPEC_FORMS[-2]} "
-                  f"(images), or {DATA_SPEC_FORMS[-1]} (video clips, for video models)")
+DATA_SPEC_HELP = (f"an ImageFolder DIR (train/ and val/), {', '.join(DATA_SPEC_FORMS[:4])} or {DATA_SPEC_FORMS[4]} "
+                  f"(images), {', '.join(DATA_SPEC_FORMS[5:7])} or {DATA_SPEC_FORMS[7]} (masks and boxes, for "
+                  f"segmentation and detection models), or {DATA_SPEC_FORMS[-1]} (video clips, for video models)")
+
+#: The runtimes `gfgp export --verify-with` can run the file in.
+EXPORT_RUNTIMES = ("onnxruntime", "openvino")
+#: What `gfgp export --target` may name: the runtime the file is written for (onnxruntime: the
+#: default form, one gfgp node per pool; openvino: the inline form, as OpenVINO reads no
+#: model-local functions).
+EXPORT_TARGETS = ("onnxruntime", "openvino")
 
 #: ``gfgp train --amp-dtype`` values.
 AMP_DTYPES = ("bf16", "fp16")

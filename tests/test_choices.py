@@ -93,6 +93,7 @@ EXPECTED = {
     ("train", "amp_dtype"): choices.AMP_DTYPES,
     ("study", "family"): choices.STUDY_FAMILIES,
     ("bench pool", "dtype"): choices.DTYPES,
+    ("export", "target"): choices.EXPORT_TARGETS,
 }
 
 
