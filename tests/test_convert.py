@@ -211,7 +211,7 @@ class _Branchy(nn.Module):
 
 
 def test_untraceable_module_without_convertible_parts_names_the_module():
-    with pytest.raises(ValueError, match=r"nothing to convert in .*_Untraceable: .*body \(_Branchy\): TraceError"):
+    with pytest.raises(ValueError, match=r"nothing to convert in .*_Untraceable: .*body \(_Branchy\): kept whole: TraceError"):
         convert(_Untraceable())
 
 

@@ -104,13 +104,13 @@ def test_export_refuses_a_whole_detector_and_names_its_part(detector, tmp_path):
     assert "'rpn' is not a converted part" in line and "choose one of: backbone" in line
 
 
-def test_train_and_eval_refuse_other_tasks_before_writing(detector, tmp_path):
+def test_train_and_eval_refuse_class_label_data_for_a_detector_before_writing(detector, tmp_path):
     out = tmp_path / "run"
     line = _one_line_error(_run("train", detector, "--data", "fake:8", "--out", out, "--epochs", 1))
-    assert "is a detection model; gfgp train and eval handle classification models" in line
+    assert "is a detection model but --data fake:8 holds class labels, not boxes" in line and "--data scenes" in line
     assert not out.exists()
     line = _one_line_error(_run("eval", detector, "--data", "fake:8"))
-    assert "is a detection model" in line
+    assert "is a detection model but --data fake:8 holds class labels" in line
 
 
 def test_quantizable_float_model_trains_like_a_classifier(tmp_path):
