@@ -124,18 +124,22 @@ class DigitScenes:
         return cls(self.train, size), cls(self.val, size)
 
 
-class SceneSegmentation(Dataset):
-    """Scenes as ``(Tensor[3, S, S], Tensor[S, S] int64)``: the canvas mapped to [-1, 1] and repeated
-    over three channels (as the other digit sets), resized bilinearly to S = ``image_size``; the
-    class mask resized with nearest neighbours (classes 0..10, 255 ignored)."""
-
-    classes = ["background"] + [str(d) for d in range(NUM_DIGITS)]
+class _SceneView(Dataset):
+    """One split of the scenes at S = ``image_size``, as one task's samples."""
 
     def __init__(self, split: SceneSplit, image_size: int) -> None:
         self.split, self.image_size = split, image_size
 
     def __len__(self) -> int:
         return len(self.split)
+
+
+class SceneSegmentation(_SceneView):
+    """Scenes as ``(Tensor[3, S, S], Tensor[S, S] int64)``: the canvas mapped to [-1, 1] and repeated
+    over three channels (as the other digit sets), resized bilinearly to S = ``image_size``; the
+    class mask resized with nearest neighbours (classes 0..10, 255 ignored)."""
+
+    classes = ["background"] + [str(d) for d in range(NUM_DIGITS)]
 
     def __getitem__(self, index: int):
         x = _resized(self.split.images[index][None], self.image_size, "bilinear")
@@ -143,19 +147,13 @@ class SceneSegmentation(Dataset):
         return ((x - 0.5) / 0.5).expand(3, -1, -1).contiguous(), mask[0].long()
 
 
-class SceneDetection(Dataset):
+class SceneDetection(_SceneView):
     """Scenes as ``(Tensor[3, S, S] in [0, 1], {"boxes": Tensor[K, 4], "labels": Tensor[K]})``, what
     torchvision's detection models take (they normalise the image themselves): the canvas
     resized bilinearly to S = ``image_size``, the boxes (x1, y1, x2, y2) scaled with it, the
     labels 1..10 (digit + 1); empty slots are left out."""
 
     classes = SceneSegmentation.classes
-
-    def __init__(self, split: SceneSplit, image_size: int) -> None:
-        self.split, self.image_size = split, image_size
-
-    def __len__(self) -> int:
-        return len(self.split)
 
     def __getitem__(self, index: int):
         x = _resized(self.split.images[index][None], self.image_size, "bilinear")
