@@ -86,6 +86,18 @@ class Task:
     def batch_len(images) -> int:
         return len(images)
 
+    def eval_batches(self, data_loader, device, config, info, progress):
+        """The validation batches ``(images, target)`` on ``device`` (unreadable ones skipped),
+        ``progress`` advanced after each one is used."""
+        with loader_batches(data_loader) as batches:
+            for i, batch in enumerate(batches):
+                if batch is None:
+                    continue
+                images, target = self.to_device(*batch, device, config)
+                yield images, target
+                if progress is not None:
+                    progress.update(i + 1, self.batch_len(images) * info.world_size, {})
+
     # -- training -----------------------------------------------------------------------------
 
     def criterion(self, config: Optional[TrainConfig]) -> nn.Module:
@@ -260,20 +272,14 @@ class Segmentation(Task):
         meters = SegmentationMeters(self.num_classes)
         nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         amp = autocast(device, config)
-        with loader_batches(data_loader) as batches:
-            for i, batch in enumerate(batches):
-                if batch is None:
-                    continue
-                images, target = self.to_device(*batch, device, config)
-                with amp:
-                    out = _segmentation_output(model(images))["out"]
-                out = out.float()
-                labelled = (target != IGNORE_INDEX).flatten(1).sum(1).clamp(min=1)
-                loss = (ce(out, target).flatten(1).sum(1) / labelled).mean()  # per image, then over the batch
-                nonfinite += (~torch.isfinite(out).flatten(1).all(dim=1)).sum()
-                meters.update(loss.item() if torch.isfinite(loss) else math.inf, out, target)
-                if progress is not None:
-                    progress.update(i + 1, images.shape[0] * info.world_size, {})
+        for images, target in self.eval_batches(data_loader, device, config, info, progress):
+            with amp:
+                out = _segmentation_output(model(images))["out"]
+            out = out.float()
+            labelled = (target != IGNORE_INDEX).flatten(1).sum(1).clamp(min=1)
+            loss = (ce(out, target).flatten(1).sum(1) / labelled).mean()  # per image, then over the batch
+            nonfinite += (~torch.isfinite(out).flatten(1).all(dim=1)).sum()
+            meters.update(loss.item() if torch.isfinite(loss) else math.inf, out, target)
         totals = all_reduce_sum(torch.cat([meters.totals(), nonfinite.cpu().double().reshape(1)]), info)
         return {**meters.summary(totals[:-1]), "nonfinite": int(totals[-1])}
 
@@ -425,20 +431,14 @@ class Detection(Task):
         predictions: List[Dict[str, torch.Tensor]] = []
         targets: List[Dict[str, torch.Tensor]] = []
         nonfinite = 0
-        with loader_batches(data_loader) as batches:
-            for i, batch in enumerate(batches):
-                if batch is None:
-                    continue
-                images, target = self.to_device(*batch, device, config)
-                with amp:
-                    output = model(images)
-                for pred, t in zip(output, target):
-                    pred = {k: pred[k].detach().float().cpu() for k in ("boxes", "scores", "labels")}
-                    nonfinite += int(not (torch.isfinite(pred["boxes"]).all() and torch.isfinite(pred["scores"]).all()))
-                    predictions.append(pred)
-                    targets.append({k: t[k].cpu() for k in ("boxes", "labels")})
-                if progress is not None:
-                    progress.update(i + 1, len(images) * info.world_size, {})
+        for images, target in self.eval_batches(data_loader, device, config, info, progress):
+            with amp:
+                output = model(images)
+            for pred, t in zip(output, target):
+                pred = {k: pred[k].detach().float().cpu() for k in ("boxes", "scores", "labels")}
+                nonfinite += int(not (torch.isfinite(pred["boxes"]).all() and torch.isfinite(pred["scores"]).all()))
+                predictions.append(pred)
+                targets.append({k: t[k].cpu() for k in ("boxes", "labels")})
         gathered = all_gather_object((predictions, targets, nonfinite), info)
         predictions = [p for part in gathered for p in part[0]]
         targets = [t for part in gathered for t in part[1]]
