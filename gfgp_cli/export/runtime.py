@@ -106,11 +106,11 @@ def check_runtimes(names: Sequence[str], inline: bool) -> List[str]:
         raise BadInputError(f"--verify-with {unknown[0]!r} is not a runtime gfgp verifies with; choose from "
                             f"{', '.join(RUNTIMES)} (comma-separated)")
     if "openvino" in chosen:
-        if importlib.util.find_spec("openvino") is None:
-            raise BadInputError(f"--verify-with openvino needs OpenVINO, which is not installed: {_INSTALL}")
-        if not inline:
+        if not inline:  # judged first: the form is wrong whether or not OpenVINO is installed
             raise BadInputError("OpenVINO cannot read the default file (it reads no model-local functions, and each pool "
                                 "is one gfgp node with one): add --target openvino, which writes the inline form, or --inline")
+        if importlib.util.find_spec("openvino") is None:
+            raise BadInputError(f"--verify-with openvino needs OpenVINO, which is not installed: {_INSTALL}")
     return chosen
 
 
