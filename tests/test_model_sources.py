@@ -253,3 +253,21 @@ def test_timm_weights_from_a_state_dict_file_are_loaded_and_new_parameters_recor
 def test_weights_pretrained_is_for_timm_only(factory_module):
     with pytest.raises(BadInputError, match="--weights pretrained is for timm models"):
         gfgp_cli.convert(f"{factory_module}:small_net", weights="pretrained")
+
+
+def test_finetune_of_a_random_timm_model_is_refused_naming_its_pretrained_weights(tmp_path):
+    """The finetune recipe's slower reused layers are refused on a timm model converted without
+    weights, as on a torchvision one; the fix names timm's own ``--weights pretrained``."""
+    gfgp_cli.save(gfgp_cli.convert("timm:resnet18", num_classes=10, image_size=16), tmp_path / "t.pt")
+    result = _gfgp("train", tmp_path / "t.pt", "--data", "digits", "--out", tmp_path / "run", "--recipe", "finetune",
+                   "--epochs", "1")
+    assert result.exit_code == 2, result.output
+    assert "gfgp convert timm:resnet18 --weights pretrained" in result.output and "random" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_timm_vgg_trains_from_scratch_with_the_vgg_recipe():
+    from gfgp_cli.train.loop import _default_recipe
+
+    assert _default_recipe(spec_of(gfgp_cli.convert("timm:vgg11", num_classes=3, image_size=32))) == "paper-vgg"
+    assert _default_recipe(spec_of(gfgp_cli.convert("timm:resnet18", num_classes=3, image_size=32))) == "paper-resnet"

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import load, read_checkpoint
 from ..errors import BadInputError, WorkFailedError
-from ..spec import ConversionSpec, TorchvisionSource, spec_of
+from ..spec import ConversionSpec, TimmSource, TorchvisionSource, spec_of
 from .config import FILE_ONLY, FLAGS, RECIPES, RESUME_MUTABLE, TrainConfig, check_config, resolve_config
 from .data import DataBundle, ResumableSampler, SeededSamples
 from .distributed import DistInfo, all_gather_object, cleanup_distributed, init_distributed, run_on_main
@@ -253,7 +253,7 @@ def _check_reused_layers(config: TrainConfig, spec: ConversionSpec, checkpoint: 
     --weights whose checkpoint is no trained run's (best.pt, last.pt and ema.pt hold the run's
     ``config``). A user's module may hold trained weights the spec does not know of: not refused."""
     scale = config.backbone_lr_scale
-    if scale >= 1 or spec.weights or not isinstance(spec.source, TorchvisionSource):
+    if scale >= 1 or spec.weights or not isinstance(spec.source, (TorchvisionSource, TimmSource)):
         return
     saved = read_checkpoint(checkpoint)
     if "config" in saved or "history" in saved:
@@ -263,8 +263,8 @@ def _check_reused_layers(config: TrainConfig, spec: ConversionSpec, checkpoint: 
     raise BadInputError(
         f"{what} trains the reused layers at {scale:g}x the learning rate, but {checkpoint} was converted without "
         "--weights and never trained, so they are random and would barely learn; convert with "
-        f"`gfgp convert {spec.source.name} --weights DEFAULT ...` to fine-tune, or train from scratch with "
-        "--recipe paper-resnet (or paper-vgg)"
+        f"`gfgp convert {spec.source.describe()} --weights {_pretrained_weights(spec)} ...` to fine-tune, or train "
+        "from scratch with --recipe paper-resnet (or paper-vgg)"
     )
 
 
@@ -273,8 +273,15 @@ def _default_recipe(spec: ConversionSpec) -> str:
     paper-resnet for the rest (docs/method.md section 5)."""
     if spec.weights:
         return "finetune"
-    name = spec.source.name if isinstance(spec.source, TorchvisionSource) else ""
+    name = spec.source.name if isinstance(spec.source, (TorchvisionSource, TimmSource)) else ""
     return "paper-vgg" if name.lower().startswith("vgg") else "paper-resnet"
+
+
+def _pretrained_weights(spec: ConversionSpec) -> str:
+    """The ``--weights`` value that loads the source's own pretrained weights."""
+    from ..sources import PRETRAINED
+
+    return PRETRAINED if isinstance(spec.source, TimmSource) else "DEFAULT"
 
 
 def _recomputing(model: nn.Module, bundle: DataBundle, config: TrainConfig, device: torch.device,
