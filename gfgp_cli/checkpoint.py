@@ -137,6 +137,7 @@ def rebuild(spec: ConversionSpec, module: Optional[nn.Module] = None, pool: Opti
     options: Dict[str, Any] = dict(
         pool=pool_arg, placement=spec.placement, activation=spec.activation, include_patch_embed=spec.include_patch_embed,
         image_size=spec.image_size, in_channels=spec.in_channels, frames=spec.frames, comparison=spec.comparison,
+        task=spec.task,  # a torchvision name's must agree; a timm, factory or module source's is only recorded here
         weights=None,  # the checkpoint's state_dict holds the weights
     )
     if isinstance(source, (TorchvisionSource, TimmSource, FactorySource)):

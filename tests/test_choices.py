@@ -89,6 +89,7 @@ EXPECTED = {
     ("convert", "placement"): choices.PLACEMENTS,
     ("convert", "activation"): choices.ACTIVATIONS,
     ("convert", "comparison"): choices.COMPARISON_MODULES,
+    ("convert", "task"): choices.TASKS,
     ("train", "recipe"): choices.RECIPES,
     ("train", "amp_dtype"): choices.AMP_DTYPES,
     ("study", "family"): choices.STUDY_FAMILIES,

@@ -37,6 +37,19 @@ FACTORY_CODE = textwrap.dedent('''
         def forward(self, x):
             return self.head(self.conv(x).mean((2, 3)))
 
+    class Segmenter(nn.Module):
+        """torchvision's segmentation contract: a dict with the per-pixel logits under "out"."""
+
+        def __init__(self, num_classes=11):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU())
+            self.head = nn.Conv2d(8, num_classes, 1)
+
+        def forward(self, x):
+            out = nn.functional.interpolate(self.head(self.body(x)), size=x.shape[-2:], mode="bilinear")
+            return {"out": out}
+
     not_a_factory = 3
 
     def returns_a_tensor():
@@ -176,6 +189,23 @@ def test_cli_converts_a_factory_and_train_rebuilds_it(factory_module, tmp_path):
     result = _gfgp("train", out, "--data", "digits", "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "256")
     assert result.exit_code == 0, result.output
     assert isinstance(gfgp_cli.load(tmp_path / "run" / "last.pt"), nn.Module)
+
+
+def test_cli_task_makes_a_factory_a_segmentation_model_that_trains_on_scenes(factory_module, tmp_path):
+    out = tmp_path / "seg.pt"
+    result = _gfgp("convert", f"{factory_module}:Segmenter", "--task", "segmentation", "--num-classes", "11",
+                   "--image-size", "64", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert gfgp_cli.checkpoint.read_checkpoint(out)["spec"].task == "segmentation"
+    result = _gfgp("train", out, "--data", "scenes:0:train=8:val=4", "--out", tmp_path / "run", "--epochs", "1",
+                   "--batch-size", "4", "--json")
+    assert result.exit_code == 0, result.output
+    assert "miou" in result.output.lower()
+
+
+def test_cli_task_of_a_torchvision_name_must_be_its_own(tmp_path):
+    result = _gfgp("convert", "resnet18", "--task", "segmentation", "--dry-run")
+    assert result.exit_code == 2 and "resnet18 is a classification model, not segmentation" in result.output
 
 
 def test_cli_bad_factory_is_one_line_exit_2(factory_module, tmp_path):

@@ -42,6 +42,9 @@ def _kwarg(ctx, param, values):
               help="Detection/segmentation: backbone weights name (IMAGENET1K_V1, ...; downloads) [default: none, random].")
 @click.option("--kwarg", "kwargs", multiple=True, callback=_kwarg, metavar="KEY=VALUE",
               help="Another constructor argument (repeatable): aux_loss=True, min_size=320, drop_rate=0.1 (timm) ...")
+@click.option("--task", type=click.Choice(choices.TASKS), default=None,
+              help="What a timm:NAME or package.module:function model is (its inputs, outputs, training loss and "
+                   "metrics) [default: classification]. A torchvision name knows its own task.")
 @click.option("--list", "list_models", is_flag=True, help="List every torchvision model gfgp can name, by task, and exit.")
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
               help="Input size of the example used for shapes and MACs [default: 224; inception_v3 299; "
@@ -55,7 +58,7 @@ def _kwarg(ctx, param, values):
 @click.option("--dry-run", is_flag=True, help="Convert and report, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
-def convert_cmd(model, out, pool, placement, activation, weights, num_classes, weights_backbone, kwargs, list_models,
+def convert_cmd(model, out, pool, placement, activation, weights, num_classes, weights_backbone, kwargs, task, list_models,
                 image_size, frames, comparison, include_patch_embed, seed, dry_run, as_json, force):
     """Convert MODEL to GFGP pooling and write a checkpoint.
 
@@ -83,6 +86,7 @@ def convert_cmd(model, out, pool, placement, activation, weights, num_classes, w
       gfgp convert timm:convnext_atto --num-classes 10 --out convnext.pt
       gfgp convert timm:resnet50.a1_in1k --weights pretrained --out r50.pt
       gfgp convert mymodels:small_net --kwarg width=32 --out mine.pt
+      gfgp convert mymodels:segmenter --task segmentation --num-classes 11 --out seg.pt
       gfgp convert --list
     """
     from ..checkpoint import convert_to_file
@@ -101,7 +105,7 @@ def convert_cmd(model, out, pool, placement, activation, weights, num_classes, w
     pool = pool or ("skip" if comparison else choices.DEFAULT_POOL)
     report = convert_to_file(
         model, out, force=force, dry_run=dry_run, pool=pool, placement=placement, activation=activation,
-        weights=weights, weights_backbone=weights_backbone, image_size=image_size, frames=frames, comparison=comparison,
+        weights=weights, weights_backbone=weights_backbone, task=task, image_size=image_size, frames=frames, comparison=comparison,
         seed=seed, include_patch_embed=include_patch_embed, **kwargs,
     )
     render_conversion(report, out=None if dry_run else out, as_json=as_json)
