@@ -106,24 +106,28 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
-def _second_example(model: Any, size: tuple, dtype: Any) -> Optional[Any]:
-    """The first other input size the original model accepts (eval, no grad), or None."""
+def _second_example(model: Any, size: tuple, dtype: Any) -> tuple:
+    """``(input, "")``: the first other input size the original model accepts (eval, no grad);
+    ``(None, why)`` when it accepts none of them (the first size's error)."""
     import torch
 
     h, w = size
+    refused = []
     for shape in (((h * 3 // 4) | 1, w), (h + 32, w + 32), (h // 2, w // 2), (h * 2, w * 2)):
         x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
         try:
             with torch.no_grad():
                 model(x)
-        except Exception:  # noqa: BLE001 - the model refuses this size (a fixed-size ViT)
+        except Exception as e:  # noqa: BLE001 - the model refuses this size (a fixed-size ViT)
+            refused.append(f"{shape[0]}x{shape[1]}: {_reason(e)}")
             continue
-        return x
-    return None
+        return x, ""
+    return None, refused[0]
 
 
 def _layout(reference: Any, size: tuple, dtype: Any) -> tuple:
-    """``(max error, examples)`` of the skip-pool exact layout against ``reference`` (eval)."""
+    """``(max error, examples, why only one size)`` of the skip-pool exact layout against
+    ``reference`` (eval); the last is ``""`` when a second size was checked."""
     import torch
 
     import graph_passes
@@ -131,10 +135,10 @@ def _layout(reference: Any, size: tuple, dtype: Any) -> tuple:
 
     reference = reference.to(dtype).eval()
     first = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0), dtype=dtype)
-    second = _second_example(reference, size, dtype)
+    second, refused = _second_example(reference, size, dtype)
     skip, report = graph_passes.pipeline(reference, first, placement="exact", partial=True)
     check = layout_check(reference, skip, [first] + ([second] if second is not None else []), report.parts)
-    return check.max_error, check.examples
+    return check.max_error, check.examples, refused
 
 
 def _own_rounding(model: Any, size: tuple) -> float:
@@ -198,12 +202,14 @@ def check_family(family: str, name: Optional[str] = None) -> Dict[str, Any]:
             row["patch_embed_only"] = bool(report.sites) and all("patch embedding" in s["reason"] for s in report.sites)
 
             reference = randomize_norms(copy.deepcopy(model), seed=0)
-            error, examples = _layout(reference, size, torch.float32)
+            error, examples, refused = _layout(reference, size, torch.float32)
             row.update(exact_error=error, exact_inputs=examples, exact_dtype="float32")
+            if refused:  # checked at its default size only: why the other sizes could not be
+                row["second_size_refused"] = refused[:200]
             if error > EXACT_TOLERANCE:
                 row["own_rounding"] = _own_rounding(reference, size)
                 if row["own_rounding"] > EXACT_TOLERANCE:  # float32 cannot decide: the model's own rounding grows
-                    error, examples = _layout(reference, size, torch.float64)
+                    error, examples, _ = _layout(reference, size, torch.float64)
                     row.update(exact_error=error, exact_inputs=examples, exact_dtype="float64")
             row["exact"] = error <= EXACT_TOLERANCE
             del reference
@@ -264,6 +270,8 @@ def render(rows: List[Dict[str, Any]]) -> str:
             notes.append("only a patch embedding")
         if r.get("converts") and r.get("parts") != [""]:
             notes.append(f"parts: {', '.join(p or '<root>' for p in r['parts'])[:80]}")
+        if r.get("exact") is not None and len(r.get("exact_inputs", [])) == 1:
+            notes.append("default size only: " + r.get("second_size_refused", "the other sizes are refused")[:120])
         if r.get("kept_whole"):
             notes.append(f"{r['kept_whole']} blocks kept whole")
         skipped = [s for s in r.get("skipped", []) if "patch embedding" not in s]

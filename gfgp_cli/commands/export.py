@@ -77,12 +77,16 @@ def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, dynamic
 @click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True, help="Height = width of the timed input.")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs of each runtime (interleaved).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for both runtimes [default: torch.get_num_threads()].")
+@click.option("--original/--no-original", default=True, show_default=True,
+              help="Also time onnxruntime on the original model the checkpoint's spec rebuilds (its MACs next to it).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def bench_export_command(checkpoint, batch, image_size, repeats, threads, as_json):
+def bench_export_command(checkpoint, batch, image_size, repeats, threads, original, as_json):
     """Time onnxruntime (CPU) on the exported CHECKPOINT next to PyTorch eager, same process.
 
-    Prints the median latency of one batch for each and their ratio (below 1: onnxruntime is
-    faster).
+    Also times onnxruntime on the original, unconverted model the checkpoint's spec rebuilds
+    (torchvision, timm or factory models), exported the same way, all interleaved. Prints the
+    median latency of one batch for each, onnxruntime over eager (below 1: onnxruntime is
+    faster), and converted over original: the time ratio next to the MACs ratio.
 
     \b
     Examples:
@@ -92,7 +96,8 @@ def bench_export_command(checkpoint, batch, image_size, repeats, threads, as_jso
     from ..export import bench_export
     from ..export.render import render_bench_export
 
-    render_bench_export(bench_export(checkpoint, batch=batch, image_size=image_size, repeats=repeats, threads=threads), as_json)
+    result = bench_export(checkpoint, batch=batch, image_size=image_size, repeats=repeats, threads=threads, original=original)
+    render_bench_export(result, as_json)
 
 
 COMMANDS = [export_cmd]

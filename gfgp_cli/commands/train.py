@@ -58,6 +58,9 @@ _IN_OUT = "\0--out"
 @click.option("--ema-decay", type=float, default=None,
               help="Keep an exponential moving average of the weights (e.g. 0.999, updated every step), evaluated every "
                    "epoch and written to RUN_DIR/ema.pt [default: 0, off].")
+@click.option("--bn-momentum", type=float, default=None,
+              help="Momentum of every BatchNorm layer's running statistics, e.g. 0.1 (MobileNetV3's 0.01 leaves them "
+                   "unsettled after a short run from random weights) [default: the model's own].")
 @click.option("--image-size", type=int, default=None, help="Input height = width [default: the checkpoint's, else 224].")
 @click.option("--amp/--no-amp", default=None, help="Autocast: bf16 (or fp16 with a grad scaler) on CUDA; bf16 on CPU [default: off].")
 @click.option("--amp-dtype", type=click.Choice(choices.AMP_DTYPES), default=None, help="Autocast dtype [default: bf16].")

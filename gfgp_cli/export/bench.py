@@ -1,8 +1,15 @@
-"""``gfgp bench export``: onnxruntime CPU latency of the exported model next to PyTorch eager.
+"""``gfgp bench export``: onnxruntime CPU latency of the exported model next to PyTorch eager, and
+next to onnxruntime on the original model.
 
-Both run in this process on the CPU with the same number of threads, on the same input; the
-timed calls alternate (torch, onnxruntime, torch, ...) so that load from other processes hits both
-alike. Medians are reported side by side with their ratio; nothing here asserts a speed.
+Every contender runs in this process on the CPU with the same number of threads, on the same
+input: PyTorch eager on the converted model, onnxruntime on its export, and (when the model's
+conversion spec can rebuild it: a torchvision, timm or factory source) onnxruntime on the
+ORIGINAL, unconverted architecture exported the same way. The timed calls are interleaved, the
+order rotating from round to round as in :func:`gfgp_cli.bench.timing.interleaved_medians`, so
+that load from other processes hits every contender alike. Medians are reported side by side
+with their ratios; the converted model's time over the original's is shown next to its MACs
+over the original's (``torch.utils.flop_counter``, one image; the pooling op itself is not
+counted), as ``gfgp bench model`` does for training. Nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -14,16 +21,18 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..errors import BadInputError
 
-__all__ = ["BenchExportResult", "bench_export"]
+__all__ = ["BenchExportResult", "bench_export", "original_model"]
 
 
 @dataclasses.dataclass
 class BenchExportResult:
-    """Median latencies (ms) of one forward pass of a batch, PyTorch eager vs onnxruntime CPU."""
+    """Median latencies (ms) of one forward pass of a batch: PyTorch eager and onnxruntime CPU on
+    the converted model, onnxruntime CPU on the original one (None when it cannot be rebuilt:
+    ``original_note`` says why)."""
 
     model: str
     batch: int
@@ -37,14 +46,77 @@ class BenchExportResult:
     max_abs_diff: float  # between the two outputs on the benchmark input
     onnx_bytes: int
     maxent_layers: int
+    macs: Optional[int] = None  # of the converted model, one image
+    original: Optional[str] = None  # the original model, described
+    original_ort_ms: Optional[float] = None
+    original_ort_times_ms: Optional[List[float]] = None
+    original_macs: Optional[int] = None
+    original_onnx_bytes: Optional[int] = None
+    original_note: Optional[str] = None  # why there is no original row
 
     @property
     def ratio(self) -> float:
         """onnxruntime median / PyTorch median: below 1 means onnxruntime is faster."""
         return self.ort_ms / self.torch_ms
 
+    @property
+    def time_ratio(self) -> Optional[float]:
+        """onnxruntime on the converted model / onnxruntime on the original (medians)."""
+        return None if self.original_ort_ms is None else self.ort_ms / self.original_ort_ms
+
+    @property
+    def macs_ratio(self) -> Optional[float]:
+        """MACs of the converted model / MACs of the original."""
+        return None if not self.original_macs or self.macs is None else self.macs / self.original_macs
+
+    @property
+    def time_per_macs_ratio(self) -> Optional[float]:
+        """time ratio / MACs ratio: what the converted model costs beyond the MACs it adds (1: nothing)."""
+        time_ratio, macs_ratio = self.time_ratio, self.macs_ratio
+        return None if time_ratio is None or not macs_ratio else time_ratio / macs_ratio
+
     def to_dict(self) -> Dict[str, Any]:
-        return {**dataclasses.asdict(self), "ratio": self.ratio}
+        return {**dataclasses.asdict(self), "ratio": self.ratio, "time_ratio": self.time_ratio,
+                "macs_ratio": self.macs_ratio, "time_per_macs_ratio": self.time_per_macs_ratio}
+
+
+def original_model(model: "object") -> Tuple[Optional["object"], str]:
+    """``(the original, unconverted model the conversion spec of ``model`` records, its description)``,
+    built with its builder's initial weights (what a speed comparison needs), or ``(None, why not)``:
+    no spec, or a spec converted from the user's own module instance (pass ``original=``)."""
+    from ..conversion import build_model
+    from ..spec import ModuleSource, TorchvisionSource, spec_of
+
+    try:
+        spec = spec_of(model)
+    except BadInputError:
+        return None, "the model has no gfgp conversion spec; pass original= to compare with it"
+    source = spec.source
+    if isinstance(source, ModuleSource):
+        return None, f"converted from your own module {source.qualname}; pass original= to compare with it"
+    if isinstance(source, TorchvisionSource):
+        built, _ = build_model(source.name, **source.kwargs)
+    else:
+        built, _ = build_model(source)
+    return built, f"{source.describe()} (original)"
+
+
+def _interleaved_times(contenders: Mapping[str, Callable[[], Any]], repeats: int, warmup: int) -> Dict[str, List[float]]:
+    """Wall times (ms) of each contender over ``repeats`` rounds; round r starts at contender
+    ``r % len(contenders)`` (the order of :func:`gfgp_cli.bench.timing.interleaved_medians`, which
+    keeps only the medians; the result here keeps every time)."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def bench_export(
@@ -56,18 +128,23 @@ def bench_export(
     threads: Optional[int] = None,
     opset: Optional[int] = None,
     frames: Optional[int] = None,
+    original: Union[bool, "object"] = True,
 ) -> BenchExportResult:
     """Export ``checkpoint_or_model`` (a gfgp checkpoint path or an nn.Module) to a temporary ONNX
     file and time PyTorch eager and onnxruntime (CPU provider) on the same Tensor[batch, C, S, S]
-    (a video model: Tensor[batch, C, frames, S, S], ``frames`` as in :func:`.export_onnx`).
+    (a video model: Tensor[batch, C, frames, S, S], ``frames`` as in :func:`.export_onnx`), and
+    onnxruntime on the original model exported the same way.
 
-    ``threads`` defaults to ``torch.get_num_threads()`` and is used by both.
+    ``threads`` defaults to ``torch.get_num_threads()`` and is used by all. ``original``: True
+    (default) rebuilds the original from the model's conversion spec (:func:`original_model`), an
+    nn.Module is the original to compare with, False times no original.
     """
     import numpy as np
     import torch
     from torch import nn
 
     from ..checkpoint import load
+    from ..conversion import _macs
     from .checks import resolve_frames, resolve_in_channels
     from .onnx_export import export_onnx
     from .runtime import make_session, run_session
@@ -82,57 +159,83 @@ def bench_export(
     elif isinstance(checkpoint_or_model, nn.Module):
         label = type(checkpoint_or_model).__name__
         model = checkpoint_or_model
-        if any(p.device.type != "cpu" for p in model.parameters()):
-            model = copy.deepcopy(model).cpu()  # the benchmark is on the CPU; leave the caller's model where it is
     else:
         raise BadInputError(f"bench_export needs a checkpoint path or an nn.Module, got {type(checkpoint_or_model).__name__}")
+    if isinstance(original, nn.Module):
+        base, original_label = original, f"{type(original).__name__} (original)"
+    elif original is True:
+        base, original_label = original_model(model)
+    elif original is False:
+        base, original_label = None, "not asked for"
+    else:
+        raise BadInputError(f"original must be True, False or an nn.Module, got {type(original).__name__}")
+    models = {"converted": model, **({"original": base} if base is not None else {})}
+    for key, m in models.items():
+        if any(p.device.type != "cpu" for p in m.parameters()):
+            models[key] = copy.deepcopy(m).cpu()  # the benchmark is on the CPU; leave the caller's model where it is
+    model = models["converted"]
     threads = int(threads or torch.get_num_threads())
     frames = resolve_frames(model, frames)
 
+    sessions, reports = {}, {}
     with tempfile.TemporaryDirectory(prefix="gfgp-bench-") as folder:
-        path = Path(folder) / "model.onnx"
-        report = export_onnx(model, path, image_size=image_size, opset=opset, verify=False, frames=frames)
-        session = make_session(str(path), providers=["CPUExecutionProvider"], threads=threads)
+        for key, m in models.items():
+            path = Path(folder) / f"{key}.onnx"
+            reports[key] = export_onnx(m, path, image_size=image_size, opset=opset, verify=False, frames=frames)
+            sessions[key] = make_session(str(path), providers=["CPUExecutionProvider"], threads=threads)
 
-    was_training, previous_threads = model.training, torch.get_num_threads()
-    model.eval()
+    modes = {key: m.training for key, m in models.items()}
+    previous_threads = torch.get_num_threads()
+    for m in models.values():
+        m.eval()
     torch.set_num_threads(threads)
     try:
-        x = random_input(batch, resolve_in_channels(model, frames), image_size, 0, torch.device("cpu"), frames)
+        channels = resolve_in_channels(model, frames)
+        x = random_input(batch, channels, image_size, 0, torch.device("cpu"), frames)
+        one = random_input(1, channels, image_size, 0, torch.device("cpu"), frames)
+        macs = {key: _macs(m, one) for key, m in models.items()}
         feed = [x.numpy()]
+        outputs: Dict[str, Any] = {}
 
         def run_torch():
             with torch.no_grad():
-                return model(x)
+                outputs["torch"] = model(x)
 
-        for _ in range(warmup):
-            run_torch()
-            run_session(session, feed)
-        torch_times, ort_times = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            expected = run_torch()
-            t1 = time.perf_counter()
-            got = run_session(session, feed)
-            t2 = time.perf_counter()
-            torch_times.append((t1 - t0) * 1e3)
-            ort_times.append((t2 - t1) * 1e3)
+        def run_ort(key):
+            def run():
+                outputs[key] = run_session(sessions[key], feed)
+            return run
+
+        contenders = {"torch": run_torch, "ort": run_ort("converted")}
+        if "original" in sessions:
+            contenders["original"] = run_ort("original")
+        times = _interleaved_times(contenders, repeats, warmup)
+        expected = outputs["torch"]
         expected_np = (expected if isinstance(expected, torch.Tensor) else expected[0]).numpy()
-        diff = float(np.abs(got[0].astype(np.float64) - expected_np).max())
+        diff = float(np.abs(outputs["converted"][0].astype(np.float64) - expected_np).max())
     finally:
         torch.set_num_threads(previous_threads)
-        model.train(was_training)
+        for key, m in models.items():
+            m.train(modes[key])
+    has_original = "original" in times
     return BenchExportResult(
         model=label,
         batch=batch,
         image_size=image_size,
         threads=threads,
         repeats=repeats,
-        torch_ms=statistics.median(torch_times),
-        ort_ms=statistics.median(ort_times),
-        torch_times_ms=[round(t, 3) for t in torch_times],
-        ort_times_ms=[round(t, 3) for t in ort_times],
+        torch_ms=statistics.median(times["torch"]),
+        ort_ms=statistics.median(times["ort"]),
+        torch_times_ms=[round(t, 3) for t in times["torch"]],
+        ort_times_ms=[round(t, 3) for t in times["ort"]],
         max_abs_diff=diff,
-        onnx_bytes=report.file_bytes,
-        maxent_layers=report.maxent_layers,
+        onnx_bytes=reports["converted"].file_bytes,
+        maxent_layers=reports["converted"].maxent_layers,
+        macs=macs["converted"],
+        original=original_label if has_original else None,
+        original_ort_ms=statistics.median(times["original"]) if has_original else None,
+        original_ort_times_ms=[round(t, 3) for t in times["original"]] if has_original else None,
+        original_macs=macs.get("original"),
+        original_onnx_bytes=reports["original"].file_bytes if has_original else None,
+        original_note=None if has_original else original_label,
     )

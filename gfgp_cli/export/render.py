@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..console import print_json, print_table
+from ..console import out, print_json, print_table
 from .bench import BenchExportResult
 from .maxent_function import DOMAIN, OP_TYPE
 from .onnx_export import ExportReport
@@ -79,10 +79,23 @@ def render_bench_export(result: BenchExportResult, as_json: bool = False) -> Non
         return
     title = (
         f"{result.model}: batch {result.batch} at {result.image_size}x{result.image_size}, CPU, "
-        f"{result.threads} threads, median of {result.repeats}"
+        f"{result.threads} threads, median of {result.repeats}, interleaved"
     )
+
+    def gmacs(macs):
+        return "-" if macs is None else f"{macs / 1e9:.3f}"
+
+    columns = ["runtime", "model", "median ms", "vs eager", "GMACs / image"]
     rows = [
-        ("PyTorch eager", f"{result.torch_ms:.1f}", "1.00"),
-        ("onnxruntime (CPU)", f"{result.ort_ms:.1f}", f"{result.ratio:.2f}"),
+        ("PyTorch eager", "converted", f"{result.torch_ms:.1f}", "1.00", gmacs(result.macs)),
+        ("onnxruntime (CPU)", "converted", f"{result.ort_ms:.1f}", f"{result.ratio:.2f}", gmacs(result.macs)),
     ]
-    print_table(title, ["runtime", "median ms", "vs eager"], rows, justify_right=["median ms", "vs eager"])
+    if result.original_ort_ms is not None:
+        rows.append(("onnxruntime (CPU)", "original", f"{result.original_ort_ms:.1f}",
+                     f"{result.original_ort_ms / result.torch_ms:.2f}", gmacs(result.original_macs)))
+    print_table(title, columns, rows, justify_right=columns[2:])
+    if result.time_ratio is not None and result.macs_ratio is not None and result.time_per_macs_ratio is not None:
+        out.print(f"onnxruntime, converted / original: time ratio {result.time_ratio:.2f}, MACs ratio "
+                  f"{result.macs_ratio:.2f}, time / MACs ratio {result.time_per_macs_ratio:.2f}")
+    elif result.original_note:
+        out.print(f"no original model timed: {result.original_note}")

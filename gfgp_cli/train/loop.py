@@ -165,6 +165,7 @@ def _main(config: TrainConfig, model: nn.Module, spec: ConversionSpec, state: Op
 
     # -- checks that need the model and the data (before anything is written)
     task.check(config)
+    _set_bn_momentum(model, config.bn_momentum, notes)
     dtype = amp_dtype(device, config, notes)
     model = sync_batchnorm(model, config, device, info, notes)
     trainable = _recomputing(model, bundle, config, device, notes)  # shares model's parameters
@@ -360,6 +361,23 @@ def _train_loader(bundle: DataBundle, sampler: ResumableSampler, config: TrainCo
 
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _set_bn_momentum(model: nn.Module, momentum: Optional[float], notes: List[str]) -> None:
+    """--bn-momentum: every BatchNorm layer's running statistics move by ``momentum`` per training
+    batch for this run (an attribute, not in the state_dict: a resumed run sets it again from its
+    config). Says which momenta it replaced."""
+    if momentum is None:
+        return
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        notes.append("--bn-momentum has no effect: the model has no BatchNorm layer")
+        return
+    before = sorted({m.momentum for m in norms}, key=lambda v: (v is None, v or 0.0))
+    for m in norms:
+        m.momentum = momentum
+    notes.append(f"--bn-momentum {momentum:g} in {len(norms)} BatchNorm layers (the model's: "
+                 f"{', '.join('cumulative' if v is None else f'{v:g}' for v in before)})")
 
 
 def _diverged(e: NonFiniteLoss, run_dir: Path, optimizer: torch.optim.Optimizer) -> WorkFailedError:

@@ -1,22 +1,134 @@
-"""``python task_run.py CHECKPOINT DATA OUT FLAGS_JSON [--kill-at N]``: gfgp_cli.train.train of a
-converted checkpoint (any task), in a process of its own; with --kill-at the process SIGKILLs
-itself in its N-th training forward (a forward hook on the model: the state_dict is unchanged).
-Prints the result as JSON."""
+"""What the segmentation and detection tests share, and a script.
+
+As a module (the tests load it by path: ``--import-mode=importlib`` puts no test folder on
+``sys.path``):
+
+- :func:`invoke`, :func:`one_line_error`, :func:`rows`: the command line and a run's metrics;
+- :func:`converted`: a torchvision model converted by ``gfgp_cli.convert`` on one thread, saved;
+- :func:`scored`: ``gfgp_cli.train.evaluate`` of a model on a scenes validation set;
+- :func:`same_run`: two runs' final weights equal and their histories equal (timings aside);
+- :func:`run_script`: this file as a script in a process of its own, under torchrun with ``ddp``.
+
+As a script, ``python task_run.py CHECKPOINT DATA OUT FLAGS_JSON [--kill-at N]``:
+gfgp_cli.train.train of a converted checkpoint (any task), in a process of its own; with
+--kill-at the process SIGKILLs itself in its N-th training forward (a forward hook on the model:
+the state_dict is unchanged). Prints the result as JSON.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+#: Per-run timings, which differ between otherwise identical runs.
+TIMINGS = ("images_per_s", "epoch_time_s")
+
+
+def invoke(*args):
+    """``gfgp ARGS`` through click's test runner (arguments made strings)."""
+    from click.testing import CliRunner
+
+    from gfgp_cli.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    """The one line of a bad-input refusal (exit 2, no traceback)."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def rows(run):
+    """RUN/metrics.jsonl's rows."""
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(history):
+    """The rows without their timings."""
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in history]
+
+
+def converted(tmp_path_factory, name: str, task: str, **kwargs) -> Path:
+    """``name`` converted by gfgp_cli.convert (``kwargs``: its arguments), checked to be a
+    ``task`` model with GFGP pools, saved in a fresh folder. Module-scoped fixtures call it
+    before the autouse one-thread fixture runs, so it sets one thread itself."""
+    import torch
+
+    from gfgp_cli import convert, save
+    from gfgp_cli.spec import spec_of
+
+    torch.set_num_threads(1)
+    model = convert(name, **kwargs)
+    assert spec_of(model).task == task
+    if kwargs.get("pool", "gfgp") == "gfgp":
+        assert any(type(m).__name__ == "GFGPPool2d" for m in model.modules())
+    path = tmp_path_factory.mktemp(task[:3]) / f"{name}.pt"
+    save(model, path)
+    return path
+
+
+def scored(model, data: str, size: int, task: str, batch_size: int = 3):
+    """gfgp_cli.train.evaluate of ``model`` on the validation scenes of ``data`` at ``size``
+    (``task``'s metrics, 11 classes), batched by ``batch_size``."""
+    import torch
+
+    from gfgp_cli.train.data import load_data
+    from gfgp_cli.train.distributed import DistInfo
+    from gfgp_cli.train.evaluation import eval_loader, evaluate
+    from gfgp_cli.train.tasks import task_for
+
+    bundle = load_data(data, size, task=task)
+    task_ = task_for(task, 11)
+    loader = eval_loader(bundle.val, batch_size, 0, torch.device("cpu"), DistInfo(), collate=task_.collate)
+    return evaluate(model, None, loader, torch.device("cpu"), task=task_)
+
+
+def validation(data: str, size: int, task: str):
+    """The validation set of ``data`` at ``size`` as ``task``'s samples."""
+    from gfgp_cli.train.data import load_data
+
+    return load_data(data, size, task=task).val
+
+
+def same_run(a_dir, b_dir) -> None:
+    """Two runs ended with equal weights (bit for bit) and equal histories (timings aside)."""
+    import torch
+
+    from gfgp_cli.checkpoint import read_checkpoint
+
+    a, b = read_checkpoint(Path(a_dir) / "last.pt"), read_checkpoint(Path(b_dir) / "last.pt")
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert untimed(a["history"]) == untimed(b["history"])
+
+
+def run_script(checkpoint, data: str, out, flags, env, *, ddp: bool = False, kill_at=None, timeout: float = 600):
+    """This file as a script: ``gfgp_cli.train.train(checkpoint, data, out, **flags)`` in a process
+    of its own (two gloo processes through torchrun with ``ddp``), SIGKILLed in its ``kill_at``-th
+    training forward when given. Returns the CompletedProcess (text output captured)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if ddp \
+        else [sys.executable]
+    kill = ["--kill-at", str(kill_at)] if kill_at is not None else []
+    return subprocess.run([*launcher, str(HERE / "task_run.py"), str(checkpoint), data, str(out), json.dumps(flags),
+                           *kill], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
 
 if __name__ == "__main__":
-    from gfgp_cli import load
+    from gfgp_cli import load as load_model
     from gfgp_cli.spec import spec_of
     from gfgp_cli.train import train
 
     checkpoint, data, out, flags, rest = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5:]
-    model = load(checkpoint)
+    model = load_model(checkpoint)
     if "--kill-at" in rest:
         at, calls = int(rest[rest.index("--kill-at") + 1]), []
 

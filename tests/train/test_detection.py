@@ -6,43 +6,31 @@ tiny images, eval reproducing its validation mAP, the evaluation path scoring a 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
-from gfgp_cli.cli import cli
+# The tests' shared helpers, loaded by path (--import-mode=importlib: no test folder on sys.path).
+_spec = importlib.util.spec_from_file_location("gfgp_tests_task_run", Path(__file__).parent / "task_run.py")
+task_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(task_run)
+_invoke, _rows = task_run.invoke, task_run.rows
 
 SIZE = 64
 DATA = "scenes:0:train=8:val=4"  # 2 steps of 4 scenes per epoch, 4 validation scenes
-
-
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def det_checkpoint(tmp_path_factory):
     """fasterrcnn_mobilenet_v3_large_320_fpn (11 classes, background included) converted for 64x64
     images (min_size = max_size = 64, so its transform keeps them at 64), saved."""
-    from gfgp_cli import convert, save
-    from gfgp_cli.spec import spec_of
-
-    torch.set_num_threads(1)  # module-scoped: the autouse one_thread fixture has not run yet
-    model = convert("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=11, min_size=SIZE, max_size=SIZE,
-                    image_size=SIZE, seed=0)
-    assert spec_of(model).task == "detection"
-    assert any(type(m).__name__ == "GFGPPool2d" for m in model.modules())
-    path = tmp_path_factory.mktemp("det") / "frcnn.pt"
-    save(model, path)
-    return path
+    return task_run.converted(tmp_path_factory, "fasterrcnn_mobilenet_v3_large_320_fpn", "detection", num_classes=11,
+                              min_size=SIZE, max_size=SIZE, image_size=SIZE, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +82,13 @@ class PerfectDetector(nn.Module):
 
 
 def test_the_evaluation_scores_a_perfect_detector_100_and_a_shifted_one_less():
-    from gfgp_cli.train.data import load_data
-    from gfgp_cli.train.distributed import DistInfo
-    from gfgp_cli.train.evaluation import eval_loader, evaluate
-    from gfgp_cli.train.tasks import task_for
-
-    bundle = load_data("scenes:0:train=8:val=20", SIZE, task="detection")
-    task = task_for("detection", 11)
-    loader = eval_loader(bundle.val, 3, 0, torch.device("cpu"), DistInfo(), collate=task.collate)
-    model = PerfectDetector(bundle.val)
-    metrics = evaluate(model, None, loader, torch.device("cpu"), task=task)
+    data = "scenes:0:train=8:val=20"
+    model = PerfectDetector(task_run.validation(data, SIZE, "detection"))
+    metrics = task_run.scored(model, data, SIZE, "detection")
     assert (metrics["map"], metrics["map50"], metrics["images"], metrics["nonfinite"]) == (100.0, 100.0, 20, 0)
     with torch.no_grad():
         model.weight.fill_(3.0)  # every box moved 3 px right and down: IoU < 1, most still above 0.5
-    shifted = evaluate(model, None, loader, torch.device("cpu"), task=task)
+    shifted = task_run.scored(model, data, SIZE, "detection")
     assert 0 < shifted["map"] < shifted["map50"] <= 100.0
 
 

@@ -6,50 +6,33 @@ stop, exact resume, and the one-line refusals of mismatched data."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
 from gfgp_cli.checkpoint import read_checkpoint
-from gfgp_cli.cli import cli
 from gfgp_cli.errors import WorkFailedError
+
+# The tests' shared helpers, loaded by path (--import-mode=importlib: no test folder on sys.path).
+_spec = importlib.util.spec_from_file_location("gfgp_tests_task_run", Path(__file__).parent / "task_run.py")
+task_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(task_run)
+_invoke, _one_line_error, _rows = task_run.invoke, task_run.one_line_error, task_run.rows
 
 SIZE = 32
 DATA = "scenes:0:train=16:val=8"  # 4 steps of 4 scenes per epoch, 8 validation scenes
 
 
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _one_line_error(result):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
-    return lines[0]
-
-
-def _rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def seg_checkpoint(tmp_path_factory):
     """lraspp_mobilenet_v3_large (11 classes) converted by gfgp_cli.convert at 32x32, saved."""
-    from gfgp_cli import convert, save
-    from gfgp_cli.spec import spec_of
-
-    torch.set_num_threads(1)  # module-scoped: the autouse one_thread fixture has not run yet
-    model = convert("lraspp_mobilenet_v3_large", num_classes=11, image_size=SIZE, seed=0)
-    assert spec_of(model).task == "segmentation"
-    assert any(type(m).__name__ == "GFGPPool2d" for m in model.modules())
-    path = tmp_path_factory.mktemp("seg") / "lraspp.pt"
-    save(model, path)
-    return path
+    return task_run.converted(tmp_path_factory, "lraspp_mobilenet_v3_large", "segmentation", num_classes=11,
+                              image_size=SIZE, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +105,8 @@ class PerfectSegmenter(nn.Module):
 
 
 def test_the_evaluation_scores_a_perfect_segmenter_100():
-    from gfgp_cli.train.data import load_data
-    from gfgp_cli.train.distributed import DistInfo
-    from gfgp_cli.train.evaluation import eval_loader, evaluate
-    from gfgp_cli.train.tasks import task_for
-
-    bundle = load_data(DATA, SIZE, task="segmentation")
-    task = task_for("segmentation", 11)
-    loader = eval_loader(bundle.val, 3, 0, torch.device("cpu"), DistInfo(), collate=task.collate)
-    metrics = evaluate(PerfectSegmenter(bundle.val), None, loader, torch.device("cpu"), task=task)
+    model = PerfectSegmenter(task_run.validation(DATA, SIZE, "segmentation"))
+    metrics = task_run.scored(model, DATA, SIZE, "segmentation")
     assert (metrics["miou"], metrics["pixel_acc"], metrics["images"], metrics["nonfinite"]) == (100.0, 100.0, 8, 0)
     assert metrics["loss"] < 1e-6
 
@@ -173,12 +149,7 @@ def test_resume_continues_exactly(seg_checkpoint, tmp_path):
     train(str(seg_checkpoint), DATA, str(tmp_path / "whole"), epochs=2, **flags)
     train(str(seg_checkpoint), DATA, str(tmp_path / "split"), epochs=1, save_every_steps=2, **flags)
     train(None, None, str(tmp_path / "split"), resume=True, epochs=2)
-    a, b = read_checkpoint(tmp_path / "whole" / "last.pt"), read_checkpoint(tmp_path / "split" / "last.pt")
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    drop = ("images_per_s", "epoch_time_s")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in a["history"]] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in b["history"]]
+    task_run.same_run(tmp_path / "whole", tmp_path / "split")
 
 
 def test_mismatched_data_is_refused_in_one_line(seg_checkpoint, converted, tmp_path):
