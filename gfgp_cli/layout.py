@@ -10,6 +10,7 @@ A structure that differs (another number of boxes, another key) is an error of `
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping
@@ -151,3 +152,13 @@ def layout_check(original: nn.Module, converted: nn.Module, examples: Iterable[A
         check.max_error = max(check.max_error, *errors)
         check.examples.append(describe_example(example))
     return check
+
+
+def own_rounding(model: nn.Module, example: Any) -> float:
+    """How far ``model``'s float32 eval output on ``example`` is from its float64 output, in
+    units of the output scale (:func:`output_error`). Where this exceeds a tolerance, a float32
+    comparison of the model with a rewrite of it cannot decide: compare in float64."""
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double().eval()(*example_args(cast_example(example, torch.float64)))
+        rounded = copy.deepcopy(model).float().eval()(*example_args(cast_example(example, torch.float32)))
+    return output_error(exact, cast_example(rounded, torch.float64))

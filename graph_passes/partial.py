@@ -205,6 +205,23 @@ class Converted(NamedTuple):
     untraced: list[Untraced]
 
 
+# GraphModule.__deepcopy__ rebuilds the module from its graph and sets again only the attributes
+# listed under this key of its ``meta`` (torch.fx's own name for it).
+_PRESERVED = getattr(torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+
+
+def _keep_attributes(original: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the plain attributes of ``original`` that it lacks (a patch embedding's
+    ``grid_size``): the Python around a converted part reads them, and a GraphModule keeps only
+    what its graph uses. Submodules, parameters and buffers are not plain attributes. On a
+    GraphModule they are also recorded where its deepcopy looks for them."""
+    kept = {name: value for name, value in vars(original).items() if not name.startswith("_") and not hasattr(new, name)}
+    for name, value in kept.items():
+        setattr(new, name, value)
+    if kept and isinstance(new, GraphModule):
+        new.meta.setdefault(_PRESERVED, {}).update(kept)
+
+
 def convert_parts(
     model: nn.Module,
     example_input: ExampleInput,
@@ -216,7 +233,8 @@ def convert_parts(
     The parts are those of :func:`find_parts` on a deep copy of ``model`` (``model`` itself is
     never modified and shares nothing with the result); their example arguments come from one
     forward of the copy on ``example_input`` (:func:`capture_inputs`). Each new module replaces
-    its part at the part's qualified name. A part whose transform raises ``ValueError`` (e.g.
+    its part at the part's qualified name, with the part's plain attributes that it lacks (the
+    Python around it may read them). A part whose transform raises ``ValueError`` (e.g.
     shape propagation failed) or that the example forward never calls is left unconverted and
     reported in ``untraced`` with the reason.
     """
@@ -237,6 +255,7 @@ def convert_parts(
             untraced.append(Untraced(part.qualname, type(original).__name__, first_line(e)))
             continue
         if part.qualname:
+            _keep_attributes(original, new)
             parent = work.get_submodule(parent_path(part.qualname))
             setattr(parent, part.qualname.rpartition(".")[2], new)
         else:

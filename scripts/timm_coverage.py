@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/timm_coverage.py --out timm.jsonl              # measure (resumable)
     .venv/bin/python scripts/timm_coverage.py --out timm.jsonl --render     # print the table
+    .venv/bin/python scripts/timm_coverage.py --out timm.jsonl --families vgg   # re-measure one (delete its row first)
     .venv/bin/python scripts/timm_coverage.py --only hiera nest             # some families, printed
     .venv/bin/python scripts/timm_coverage.py --pick                        # recompute FAMILIES
 
@@ -12,13 +13,15 @@ built on the meta device), built with ``pretrained=False``. :func:`check_family`
 columns of the table on it, each step's result or the one-line reason it failed:
 
 - constructs: ``timm.create_model(name)``; traces: ``torch.fx`` traces it whole.
-- converts: ``gfgp_cli.convert_with_report(model, placement="paper")`` (GFGP pools); the
+- converts: ``gfgp_cli.convert_with_report(model, placement="paper")`` (GFGP pools; a model
+  with no conv or pool module, ``conv_or_pool_modules == 0``, has nothing to convert); the
   sites converted (of all sites found), the GFGP layers, the blocks kept whole or parts
   converted when it does not trace whole.
 - exact: the layout check (``gfgp_cli.layout.layout_check``; skip pools, placement exact,
   eval mode, random BatchNorm statistics; one image per size, eval mode being per-sample) at
   the model's default input size and at one other
-  size the original accepts (the first of ``H*3/4|1 x W``, ``(H+32)^2``, ``(H/2)^2``, ``(2H)^2``), within
+  size the original accepts (the first of ``H*3/4|1 x W``, ``(H+32)^2``, ``(H/2)^2``, ``(2H)^2``;
+  when it accepts none, ``second_size_refused`` records its error for the first), within
   ``EXACT_TOLERANCE`` of the output scale in float32; for a model whose own float32 forward
   is further than that from its float64 forward (rounding grows through it: halonet with
   random statistics), the check runs in float64 instead, which the row says.
@@ -142,17 +145,13 @@ def _layout(reference: Any, size: tuple, dtype: Any) -> tuple:
 
 
 def _own_rounding(model: Any, size: tuple) -> float:
-    """How far the model's float32 forward is from its float64 forward, in units of the output scale."""
+    """How far the model's float32 forward is from its float64 forward, in units of the output
+    scale (:func:`gfgp_cli.layout.own_rounding`, the conversion's own rule)."""
     import torch
 
-    from gfgp_cli.layout import output_error
+    from gfgp_cli.layout import own_rounding
 
-    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    with torch.no_grad():
-        exact = copy.deepcopy(model).double().eval()(x)
-        rounded = model.float().eval()(x.float())
-    return output_error(exact, torch.utils._pytree.tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) else t,
-                                                           rounded))
+    return own_rounding(model, torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)))
 
 
 def _training_loss(output: Any) -> Any:
@@ -164,6 +163,15 @@ def _training_loss(output: Any) -> Any:
     if not leaves:
         raise ValueError(f"the model's training output has no floating tensor ({type(output).__name__})")
     return sum((t.float().square().mean() for t in leaves), torch.zeros(()))
+
+
+def _conv_or_pool_modules(model: Any) -> int:
+    """How many conv and pool modules (of any stride) ``model`` has."""
+    from torch import nn
+
+    kinds = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+             nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._LPPoolNd)
+    return sum(isinstance(m, kinds) for m in model.modules())
 
 
 def check_family(family: str, name: Optional[str] = None) -> Dict[str, Any]:
@@ -193,6 +201,9 @@ def check_family(family: str, name: Optional[str] = None) -> Dict[str, Any]:
             except graph_passes.TraceError as e:
                 row.update(traces=False, trace_error=str(e)[:200])
 
+            # A model without any conv or pool module (a Linear patch embedding on patchified
+            # pixels) has no downsampling site: convert refuses it ("nothing to convert").
+            row["conv_or_pool_modules"] = _conv_or_pool_modules(model)
             gm, report = convert_with_report(model, placement="paper", seed=0, image_size=size[0])
             row.update(converts=True, parts=report.parts, kept_whole=sum(u["reason"].startswith("kept whole")
                                                                          for u in report.untraced),
@@ -262,10 +273,13 @@ def render(rows: List[Dict[str, Any]]) -> str:
         exact = _mark(r.get("exact"))
         if r.get("exact_error") is not None:
             exact += f" ({r['exact_error']:.1g}{', float64' if r.get('exact_dtype') == 'float64' else ''}"
-            exact += f"; {len(r.get('exact_inputs', []))} sizes)"
+            n = len(r.get("exact_inputs", []))
+            exact += f"; {n} size{'s' if n != 1 else ''})"
         notes = []
         if r.get("error"):
             notes.append(r["error"][:160])
+        if r.get("conv_or_pool_modules") == 0:
+            notes.append("no conv or pool module in the model: no downsampling site")
         if r.get("patch_embed_only"):
             notes.append("only a patch embedding")
         if r.get("converts") and r.get("parts") != [""]:

@@ -11,7 +11,7 @@ from torch import nn
 
 import graph_passes as gp
 from gfgp_cli import zoo
-from gfgp_cli.layout import cast_example, detections_error, layout_check, output_error
+from gfgp_cli.layout import cast_example, detections_error, layout_check, output_error, own_rounding
 from graph_passes.testing import randomize_norms
 
 
@@ -102,3 +102,49 @@ def test_detections_clipped_to_one_box_with_near_equal_scores_pair_one_to_one():
     perm = torch.tensor([5, 2, 0, 4, 1, 3])
     actual = {k: v[perm] for k, v in expected.items()}
     assert detections_error(expected, actual) == 0.0
+
+
+# --- float32 that cannot decide: the check falls back to float64 ----------------------------------
+
+
+class _Cancelling(nn.Module):
+    """Its float32 output is rounded to multiples of 8 (the spacing of float32 at 1e8) on values
+    of about 1e4: float32 is ~5e-4 of the output scale from float64, above the tolerance."""
+
+    def __init__(self, big: float = 1e8):
+        super().__init__()
+        self.big = big
+        self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+        self.head = nn.Conv2d(8, 4, 3, 1, 1)
+
+    def forward(self, x):
+        return (self.head(torch.relu(self.conv(x))) * 1e4 + self.big) - self.big
+
+
+def test_own_rounding_is_the_models_float32_error_against_float64():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    assert own_rounding(_Cancelling().eval(), x) > 1e-4
+    assert own_rounding(_Cancelling(big=0.0).eval(), x) < 1e-6
+
+
+@pytest.mark.parametrize("big, expect_dtype, expect_exact", [(1e8, "float64", True), (0.0, "float32", False)])
+def test_conversion_check_decides_in_float64_only_where_float32_cannot(monkeypatch, big, expect_dtype, expect_exact):
+    """A float32 layout check that differs by 1e-3 (as halonet's does from its own rounding) is
+    redone in float64 when the original's own float32 error exceeds the tolerance (and is exact
+    there); a model whose float32 is accurate keeps the float32 verdict, so a real difference
+    still fails."""
+    import gfgp_cli.conversion as conversion
+
+    real = conversion.layout_check
+
+    def rounding_in_float32(original, converted, examples, parts):
+        check = real(original, converted, examples, parts)
+        if next(original.parameters()).dtype == torch.float32:
+            check.max_error += 1e-3
+        return check
+
+    monkeypatch.setattr(conversion, "layout_check", rounding_in_float32)
+    torch.manual_seed(0)
+    _, report = conversion.convert_with_report(_Cancelling(big), measure=True, image_size=16, placement="exact", seed=0)
+    assert (report.exact_dtype, report.exact) == (expect_dtype, expect_exact)

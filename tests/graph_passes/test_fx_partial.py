@@ -543,3 +543,42 @@ def test_blocks_kept_whole_are_found_one_by_one():
     plan = gp.find_parts(Two())
     assert [p.qualname for p in plan.parts] == [""]
     assert [u.qualname for u in plan.untraced] == ["a", "b"]
+
+
+class GridEmbed(Encoder):
+    """An Encoder with a plain attribute that the Python around it reads (timm's ``grid_size``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.grid_size = (4, 4)
+        self.scale = 0.5
+
+
+class ReadsItsPartsAttributes(nn.Module):
+    """An untraceable forward (``if`` on a tensor) that reads a converted part's attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = GridEmbed()
+
+    def forward(self, x):
+        f = self.embed(x)
+        if f.sum() > 0:
+            f = f * self.embed.scale
+        return f.flatten(2)[..., : self.embed.grid_size[0] * self.embed.grid_size[1]]
+
+
+def test_converted_parts_keep_the_attributes_the_model_around_them_reads():
+    model = randomize_norms(ReadsItsPartsAttributes()).eval()
+    out, report = gp.pipeline(model, torch.randn(1, 3, 16, 16), "exact", None, partial=True)
+    assert report.parts == ["embed"]
+    assert isinstance(out.embed, GraphModule) and out.embed.get_submodule("conv").stride == (1, 1)
+    assert (out.embed.grid_size, out.embed.scale) == ((4, 4), 0.5)
+    assert not hasattr(torch.fx.symbolic_trace(model.embed), "grid_size")  # a plain trace loses them
+    _assert_same(model, out, _inputs((16, 16), (17, 15)))
+    # A GraphModule's deepcopy is rebuilt from its graph: the attributes survive it.
+    again = copy.deepcopy(out)
+    assert (again.embed.grid_size, again.embed.scale) == ((4, 4), 0.5)
+    _assert_same(model, again, _inputs((16, 16)))
+    # What the GraphModule has of its own (its forward, its training flag) is its own.
+    assert out.embed.forward.__func__ is not GridEmbed.forward and out.embed.training is False

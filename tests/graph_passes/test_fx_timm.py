@@ -3,8 +3,9 @@
 Each covers one way a timm model differed from a torchvision one: a block torch.fx cannot trace
 (kept whole, the model around it converted: mobilevit), a strided conv computed by a Conv2d
 subclass, untraceable (TensorFlow "SAME" padding: efficientnet with ``pad_type="same"``) or
-traced through (weight standardization in nfnet's ``ScaledStdConv2d``), and a ``.view()`` of a
-decomposed patch embedding (eva). The oracle is the timm model itself in eval mode, with random
+traced through (weight standardization in nfnet's ``ScaledStdConv2d``), a ``.view()`` of a
+decomposed patch embedding (eva), and a root that does not trace reading an attribute of its
+converted part (``test_vit``'s ``patch_embed.grid_size``). The oracle is the timm model itself in eval mode, with random
 BatchNorm statistics, at two input sizes.
 """
 
@@ -81,3 +82,14 @@ def test_eva_views_its_decomposed_patch_embedding():
                                partial=True)
     assert [(s.qualname, s.convert) for s in report.sites] == [("patch_embed.proj", True)]
     _assert_same(model, skip, [(64, 64)])
+
+
+def test_vit_with_dynamic_size_reads_its_converted_patch_embeddings_grid_size():
+    model = _model("test_vit", img_size=64)  # dynamic_img_size=True: the root does not trace
+    skip, report = gp.pipeline(model, torch.randn(2, 3, 64, 64), placement="exact", include_patch_embed=True,
+                               partial=True)
+    assert report.parts == ["patch_embed"]
+    assert [(s.qualname, s.convert) for s in report.sites] == [("patch_embed.proj", True)]
+    assert isinstance(skip.patch_embed, torch.fx.GraphModule)
+    assert skip.patch_embed.grid_size == model.patch_embed.grid_size == (4, 4)
+    _assert_same(model, skip, [(64, 64), (96, 80)])
