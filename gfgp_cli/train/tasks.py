@@ -387,6 +387,17 @@ def _xywh(boxes: torch.Tensor) -> List[List[float]]:
     return torch.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], dim=1).tolist() if len(b) else []
 
 
+def _dataset_order(parts: List[List[Any]]) -> List[Any]:
+    """Every rank's items in the validation set's order: rank r held items r, r + W, r + 2W, ...
+    (the evaluation's ShardSampler), so the COCO evaluation numbers the images as one process does
+    (pycocotools breaks score ties by image order). Shards of other sizes (images left out by
+    --skip-bad-images) are joined rank after rank."""
+    world, total = len(parts), sum(len(p) for p in parts)
+    if any(len(p) != len(range(r, total, world)) for r, p in enumerate(parts)):
+        return [item for part in parts for item in part]
+    return [parts[i % world][i // world] for i in range(total)]
+
+
 class Detection(Task):
     name = "detection"
     primary = "map"
@@ -440,8 +451,8 @@ class Detection(Task):
                 predictions.append(pred)
                 targets.append({k: t[k].cpu() for k in ("boxes", "labels")})
         gathered = all_gather_object((predictions, targets, nonfinite), info)
-        predictions = [p for part in gathered for p in part[0]]
-        targets = [t for part in gathered for t in part[1]]
+        predictions = _dataset_order([part[0] for part in gathered])
+        targets = _dataset_order([part[1] for part in gathered])
         bad = sum(part[2] for part in gathered)
         scores = coco_map(predictions, targets, self.num_classes) if not bad else {"map": math.nan, "map50": math.nan}
         return {**scores, "images": len(targets), "nonfinite": bad}

@@ -7,12 +7,17 @@ As a module (the tests load it by path: ``--import-mode=importlib`` puts no test
 - :func:`converted`: a torchvision model converted by ``gfgp_cli.convert`` on one thread, saved;
 - :func:`scored`: ``gfgp_cli.train.evaluate`` of a model on a scenes validation set;
 - :func:`same_run`: two runs' final weights equal and their histories equal (timings aside);
-- :func:`run_script`: this file as a script in a process of its own, under torchrun with ``ddp``.
+- :class:`PerfectDetector`: a "detector" that returns the true boxes (shifted by its weight);
+- :func:`run_script`: this file as a script in a process of its own, under torchrun with ``ddp``;
+  :func:`score_in_two_processes`: its scoring form under torchrun.
 
 As a script, ``python task_run.py CHECKPOINT DATA OUT FLAGS_JSON [--kill-at N]``:
 gfgp_cli.train.train of a converted checkpoint (any task), in a process of its own; with
 --kill-at the process SIGKILLs itself in its N-th training forward (a forward hook on the model:
-the state_dict is unchanged). Prints the result as JSON.
+the state_dict is unchanged). Prints the result as JSON. ``python task_run.py --score-detector
+DATA SIZE SHIFT``: gfgp_cli.train.evaluate of a :class:`PerfectDetector` with every box moved by
+SHIFT pixels, on this process's shard of DATA's validation scenes (all ranks' predictions
+gathered); rank 0 prints the metrics as JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -99,6 +107,23 @@ def validation(data: str, size: int, task: str):
     return load_data(data, size, task=task).val
 
 
+class PerfectDetector(nn.Module):
+    """Returns every image's true boxes and labels (looked up by the image) with score 1, the
+    boxes moved by ``weight`` pixels right and down."""
+
+    def __init__(self, dataset, shift: float = 0.0) -> None:
+        super().__init__()
+        self.targets = {dataset[i][0].numpy().tobytes(): dataset[i][1] for i in range(len(dataset))}
+        self.weight = nn.Parameter(torch.tensor(float(shift)))
+
+    def forward(self, images):
+        out = []
+        for image in images:
+            t = self.targets[image.numpy().tobytes()]
+            out.append({"boxes": t["boxes"] + self.weight, "labels": t["labels"], "scores": torch.ones(len(t["labels"]))})
+        return out
+
+
 def same_run(a_dir, b_dir) -> None:
     """Two runs ended with equal weights (bit for bit) and equal histories (timings aside)."""
     import torch
@@ -122,7 +147,37 @@ def run_script(checkpoint, data: str, out, flags, env, *, ddp: bool = False, kil
                            *kill], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-if __name__ == "__main__":
+def score_in_two_processes(data: str, size: int, shift: float, env, timeout: float = 600):
+    """The metrics two gloo processes (torchrun) compute for a :class:`PerfectDetector` moved by
+    ``shift`` on the validation scenes of ``data``, each scoring its shard."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(HERE / "task_run.py"), "--score-detector", data, str(size), str(shift)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _score_detector(data: str, size: int, shift: float) -> None:
+    from gfgp_cli.train.data import load_data
+    from gfgp_cli.train.distributed import cleanup_distributed, init_distributed
+    from gfgp_cli.train.evaluation import eval_loader, evaluate
+    from gfgp_cli.train.tasks import task_for
+
+    info = init_distributed(False)
+    try:
+        val = load_data(data, size, task="detection").val
+        task = task_for("detection", 11)
+        loader = eval_loader(val, 3, 0, torch.device("cpu"), info, collate=task.collate)
+        metrics = evaluate(PerfectDetector(val, shift), None, loader, torch.device("cpu"), info=info, task=task)
+        if info.is_main:
+            print(json.dumps(metrics))
+    finally:
+        cleanup_distributed(info)
+
+
+if __name__ == "__main__" and sys.argv[1] == "--score-detector":
+    _score_detector(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+elif __name__ == "__main__":
     from gfgp_cli import load as load_model
     from gfgp_cli.spec import spec_of
     from gfgp_cli.train import train

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 # The tests' shared helpers, loaded by path (--import-mode=importlib: no test folder on sys.path).
 _spec = importlib.util.spec_from_file_location("gfgp_tests_task_run", Path(__file__).parent / "task_run.py")
@@ -65,25 +64,9 @@ def test_gfgp_eval_reproduces_the_last_validation(det_run):
     assert "mAP@[.5:.95] (%)" in table and "mAP@.5 (%)" in table
 
 
-class PerfectDetector(nn.Module):
-    """Returns every image's true boxes and labels (looked up by the image) with score 1."""
-
-    def __init__(self, dataset) -> None:
-        super().__init__()
-        self.targets = {dataset[i][0].numpy().tobytes(): dataset[i][1] for i in range(len(dataset))}
-        self.weight = nn.Parameter(torch.zeros(()))
-
-    def forward(self, images):
-        out = []
-        for image in images:
-            t = self.targets[image.numpy().tobytes()]
-            out.append({"boxes": t["boxes"] + self.weight, "labels": t["labels"], "scores": torch.ones(len(t["labels"]))})
-        return out
-
-
 def test_the_evaluation_scores_a_perfect_detector_100_and_a_shifted_one_less():
     data = "scenes:0:train=8:val=20"
-    model = PerfectDetector(task_run.validation(data, SIZE, "detection"))
+    model = task_run.PerfectDetector(task_run.validation(data, SIZE, "detection"))
     metrics = task_run.scored(model, data, SIZE, "detection")
     assert (metrics["map"], metrics["map50"], metrics["images"], metrics["nonfinite"]) == (100.0, 100.0, 20, 0)
     with torch.no_grad():

@@ -160,3 +160,13 @@ def test_task_for_names_the_tasks_it_has():
     assert (task_for("segmentation").primary, task_for("detection").primary) == ("miou", "map")
     with pytest.raises(BadInputError, match="optical flow model's losses"):
         task_for("optical_flow")
+
+
+def test_gathered_detections_go_back_to_the_validation_order():
+    from gfgp_cli.train.data import ShardSampler
+    from gfgp_cli.train.tasks import _dataset_order
+
+    for total, world in ((9, 2), (10, 3), (1, 2)):
+        parts = [list(ShardSampler(total, world, rank)) for rank in range(world)]  # each rank's indices
+        assert _dataset_order(parts) == list(range(total))
+    assert _dataset_order([[0, 2], [1, 3, 5, 7]]) == [0, 2, 1, 3, 5, 7]  # shards of other sizes: rank after rank
