@@ -38,7 +38,33 @@ given pool does not take (OpenVINO and onnxsim failed on such branches of an ear
    ``y = sum(e x) / sum(e)``, transposed back to Tensor[N, C, out_...].
 
 Because lam multiplies the gathered windows, every lam shape, including one lam per output window,
-gets its own per-window shift. With static input shapes every index above is a constant that
+gets its own per-window shift.
+
+**A lam per map: the shared-shift form.** With one lam per map (LAM Tensor[N|1, C|1, 1, 1], as
+GFGPPool2d and MaxEntPool2d give) a shift that is the same for every window reading a position
+factors out of both window sums, so that y = AveragePool(e x) / AveragePool(e) with
+e = exp(lam x - M) and M the map's largest lam x (one per (n, c)), with the node's geometry as
+AveragePool's attributes (count_include_pad = 0: a padded tap adds 0 to both sums; the same
+divisor cancels). That is about 7 full-size passes over the map (Mul, ReduceMax, Sub, Exp, Mul,
+2 AveragePool) instead of the windowed form's unfold, two Transposes and ~8 passes over the
+windows (2.25 x the map for 3x3/2). Its risk is underflow: a window whose largest lam x is far
+below M gets weights exp(-d) that vanish (0/0) or turn subnormal (precision lost) where the eager
+op, shifting each window by its own maximum, loses nothing. So the maps in which some window's mean
+weight is below :data:`SHARED_SHIFT_MIN_WEIGHT` (1e-20, d > ~46) are recomputed by the windowed
+form (``NonZero`` picks them, ``Gather`` feeds them, ``ScatterND`` writes them back); in a
+trained network they are rare, the recompute then costs what it saves, and for every other map
+the result is the eager op's to float32 rounding (the weights stay normal floats; M is one of
+the map's own lam x, so lam x - M rounds as lam x - m does). The AveragePools run on X's own
+[N, C, H, W] layout, which onnxruntime computes channel-blocked (it reorders their inputs, and
+that measured faster than pooling each map as a 1-channel image: resnet18 at 224, batch 8,
+2 threads, 324 vs 361 ms, both without the recompute, which adds about 16 ms). The exporter writes
+this form when every pool of the rank is float32 (onnxruntime's CPU AveragePool is float32
+only), has one lam per map and a fixed size whose padded sides hold the kernel (OpenVINO refuses
+an AveragePool whose kernel exceeds the padded map, which PyTorch's ceil mode pools: a 1x1 map by
+2x2; with ``--dynamic-size`` the sizes are not known); otherwise the windowed form, which takes
+every case. Both are one ``gfgp::MaxEntPool2d`` node per pool with the same attributes.
+
+In the windowed form, with static input shapes every index above is a constant that
 onnxruntime folds when it loads the model. Why this layout: a ``Gather`` of single values from X
 as Tensor[N, C, H W] measured about 2x slower in onnxruntime than the ``SpaceToDepth`` of 2x2/2
 pools that an earlier body took behind an ``If``; blocks of N C values after one ``Transpose`` are
@@ -99,6 +125,14 @@ MIN_OPSET = 18
 # the converted graphs are tested through.
 OLDEST_OPSET = 17
 
+# The function's geometry attributes, as AveragePool takes them.
+_GEOMETRY = (("kernel_shape", AttributeProto.INTS), ("strides", AttributeProto.INTS), ("pads", AttributeProto.INTS),
+             ("ceil_mode", AttributeProto.INT))
+# The shared-shift form recomputes a map by windows when a window mean of its weights is below
+# this: above it, every weight that counts in a window (>= 2^-24 of its largest, which is >= this)
+# is a normal float32 (>= 1.2e-38).
+SHARED_SHIFT_MIN_WEIGHT = 1e-20
+
 _LAYOUTS = {2: ("[N,C,H,W]", "[N,C,out_h,out_w]", "avg_pool2d"), 3: ("[N,C,T,H,W]", "[N,C,out_t,out_h,out_w]", "avg_pool3d")}
 
 
@@ -109,12 +143,13 @@ def op_type(dims: int) -> str:
     return OP_TYPES[dims]
 
 
-def _doc(dims: int) -> str:
+def _doc(dims: int, shared_lam: bool = False) -> str:
     x, lam, avg = _LAYOUTS[dims]
+    lam_shapes = f"broadcastable to {lam}" if not shared_lam else f"one per map, [N|1, C|1{', 1' * dims}]; float32"
     return (
         "Max-entropy pooling (Kobayashi, ICCV 2019): y = sum_i x_i exp(lam x_i) / sum_j exp(lam x_j) over the "
         "valid (non-padded) positions of each window, shifted by the window maximum of lam*x. "
-        f"Inputs X{x}, LAM broadcastable to {lam} ({dims + 2}-D). Output size as PyTorch's {avg}."
+        f"Inputs X{x}, LAM {lam_shapes} ({dims + 2}-D). Output size as PyTorch's {avg}."
     )
 
 
@@ -153,6 +188,22 @@ class _Body:
         # inference and onnx.version_converter know no value_int(s) / value_float(s)).
         return self("Constant", value=helper.make_tensor("value", data_type, list(dims), list(values)))
 
+    def pool(self, value: str) -> str:
+        """``AveragePool`` of ``value`` with the function's geometry (attribute references)."""
+        self._count += 1
+        out = f"averagepool_{self._count}"
+        node = helper.make_node("AveragePool", [value], [out], name=out)  # count_include_pad = 0
+        for attr, attr_type in _GEOMETRY:
+            node.attribute.append(helper.make_attribute_ref(attr, attr_type))
+        self.nodes.append(node)
+        return out
+
+    def output(self, value: str, name: str) -> None:
+        """Rename ``value``, the output of the last node, to ``name`` (a function output)."""
+        node = self.nodes[-1]
+        assert list(node.output) == [value], (list(node.output), value)
+        node.output[0], node.name = name, f"{node.op_type.lower()}_{name.lower()}"
+
     def ref(self, name: str, ref_name: str, attr_type: "AttributeProto.AttributeType") -> str:
         """A Constant whose value is the function attribute ``ref_name``."""
         self._count += 1
@@ -163,15 +214,40 @@ class _Body:
         return out
 
 
-def maxent_pool_function(opset: int, dims: int = 2) -> FunctionProto:
+def maxent_pool_function(opset: int, dims: int = 2, shared_lam: bool = False) -> FunctionProto:
     """The model-local FunctionProto ``gfgp::MaxEntPool{dims}d`` built from standard ops at ``opset``.
 
     ``dims`` is the number of spatial dims: 2 (X Tensor[N, C, H, W]) or 3 (Tensor[N, C, T, H, W]).
+    ``shared_lam``: the body for a float32 model whose every pool has one lam per map (LAM
+    Tensor[N|1, C|1, 1, 1(, 1)], GFGP and MaxEnt layers): pooling by ``AveragePool`` (float32
+    only in onnxruntime's CPU provider), with the window unfold kept for the maps that need it
+    (see the module docstring); without it the body takes every lam shape, including one lam per
+    output window, and every float type.
     """
     name = op_type(dims)
     if opset < OLDEST_OPSET:
         raise ValueError(f"the {name} function needs opset >= {OLDEST_OPSET}, got {opset}")
     b = _Body()
+    if shared_lam:
+        _shared_shift_body(b, dims, opset)
+    else:
+        b.output(_windowed(b, dims, opset, "X", "LAM"), "Y")
+    return helper.make_function(
+        DOMAIN,
+        name,
+        inputs=["X", "LAM"],
+        outputs=["Y"],
+        nodes=b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["kernel_shape", "strides"],
+        attribute_protos=[helper.make_attribute("pads", [0] * (2 * dims)), helper.make_attribute("ceil_mode", 0)],
+        doc_string=_doc(dims, shared_lam),
+    )
+
+
+def _windowed(b: _Body, dims: int, opset: int, x: str, lam: str) -> str:
+    """The windowed form (module docstring, steps 1-3) of the pool of ``x`` by ``lam``; returns
+    the output's name."""
     # --- the attributes as int64 tensors (the only Constants that are not plain tensors)
     k = b.ref("value_ints", "kernel_shape", AttributeProto.INTS)  # [k_0, ..., k_{D-1}]
     s = b.ref("value_ints", "strides", AttributeProto.INTS)  # [s_0, ..., s_{D-1}]
@@ -180,7 +256,7 @@ def maxent_pool_function(opset: int, dims: int = 2) -> FunctionProto:
     zero, one = b.int_scalar(0), b.int_scalar(1)
     p_begin = b("Slice", pads, b.ints(0), b.ints(dims))
     p_end = b("Slice", pads, b.ints(dims), b.ints(2 * dims))
-    size = b("Shape", "X", start=2)  # [n_0, ..., n_{D-1}]: [H, W] or [T, H, W]
+    size = b("Shape", x, start=2)  # [n_0, ..., n_{D-1}]: [H, W] or [T, H, W]
 
     # --- 1. window starts: in padded coordinates they run 0, s, 2 s, ... while a window fits in
     # the padded input (ceil mode: with up to s - 1 more at the end) and, both modes, while it
@@ -219,12 +295,14 @@ def maxent_pool_function(opset: int, dims: int = 2) -> FunctionProto:
     flat = b("Reshape", flat, window_shape)  # Tensor[out_0, ..., K]
     valid = b("Reshape", valid, window_shape)
     # X as Tensor[n_0 n_1 ..., N, C]: each index gathers a block of N C contiguous values.
-    x_t = b("Transpose", b("Reshape", "X", b.ints(0, 0, -1)), perm=[2, 0, 1])
+    # (No -1 in the Reshape: the shared-shift form passes maps with N = 0, whose -1 is undefined.)
+    positions = b("ReduceProd", size, keepdims=1)
+    x_t = b("Transpose", b("Reshape", x, b("Concat", b("Shape", x, end=2), positions, axis=0)), perm=[2, 0, 1])
     xw = b("Gather", x_t, flat, axis=0)  # Tensor[out_0, ..., K, N, C]
 
     # --- 3. lam x, with lam x = -inf at the padded taps; softmax(lam x)-weighted mean over the taps
     taps_axis = b.ints(dims)
-    lam = b("Unsqueeze", b("Transpose", "LAM", perm=[*range(2, dims + 2), 0, 1]), taps_axis)  # [out_..., 1, N, C]
+    lam_w = b("Unsqueeze", b("Transpose", lam, perm=[*range(2, dims + 2), 0, 1]), taps_axis)  # [out_..., 1, N, C]
     mask_bias = b("Where", valid, b.float_scalar(0.0), b.float_scalar(float("-inf")))  # 0 or -inf
     # Without a padded tap (no padding, no partial window: GFGP's 2x2/2 pools, mostly) the bias is
     # all 0; it is then one 0 of shape [1, ...] instead, which onnxruntime folds and whose Add it
@@ -234,26 +312,49 @@ def maxent_pool_function(opset: int, dims: int = 2) -> FunctionProto:
     bias_shape = b("Where", padded, bias_shape, b("Expand", b.ints(1), b("Shape", bias_shape)))  # or [1, ...]
     mask_bias = b("Reshape", b("Slice", b("Reshape", mask_bias, b.ints(-1)), b.ints(0),
                                b("ReduceProd", bias_shape, keepdims=1)), bias_shape)
-    z = b("Add", b("Mul", xw, lam), b("Unsqueeze", mask_bias, b.ints(dims + 1, dims + 2)))
+    z = b("Add", b("Mul", xw, lam_w), b("Unsqueeze", mask_bias, b.ints(dims + 1, dims + 2)))
     # each window has a valid tap: m is finite
-    m = b("ReduceMax", z, taps_axis, keepdims=1) if opset >= 18 else b("ReduceMax", z, axes=[dims], keepdims=1)
+    m = _reduce(b, "ReduceMax", z, [dims], opset, 1)
     e = b("Exp", b("Sub", z, m))  # padded taps: exp(-inf) = 0
     num = b("ReduceSum", b("Mul", e, xw), taps_axis, keepdims=0)
     den = b("ReduceSum", e, taps_axis, keepdims=0)  # >= 1
     y = b("Div", num, den)  # Tensor[out_0, ..., N, C]
-    b.nodes.append(helper.make_node("Transpose", [y], ["Y"], name="transpose_y", perm=[dims, dims + 1, *range(dims)]))
+    return b("Transpose", y, perm=[dims, dims + 1, *range(dims)])
 
-    return helper.make_function(
-        DOMAIN,
-        name,
-        inputs=["X", "LAM"],
-        outputs=["Y"],
-        nodes=b.nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=["kernel_shape", "strides"],
-        attribute_protos=[helper.make_attribute("pads", [0] * (2 * dims)), helper.make_attribute("ceil_mode", 0)],
-        doc_string=_doc(dims),
-    )
+
+def _reduce(b: _Body, op: str, value: str, axes: Sequence[int], opset: int, keepdims: int) -> str:
+    """``ReduceMax``/``ReduceMin`` over ``axes``: an input from opset 18 on, an attribute before
+    (``ReduceSum``'s axes are an input from opset 13 on)."""
+    if opset >= 18:
+        return b(op, value, b.ints(*axes), keepdims=keepdims)
+    return b(op, value, axes=list(axes), keepdims=keepdims)
+
+
+def _shared_shift_body(b: _Body, dims: int, opset: int) -> None:
+    """The shared-shift form (module docstring, "A lam per map"): writes ``Y``."""
+    spatial = list(range(2, dims + 2))
+    z = b("Mul", "X", "LAM")
+    e = b("Exp", b("Sub", z, _reduce(b, "ReduceMax", z, spatial, opset, 1)))  # <= 1; the map's maximum gets 1
+    num, den = b.pool(b("Mul", e, "X")), b.pool(e)  # the window means of e x and of e over valid taps
+    y = b("Div", num, den)  # [N, C, out_0, ...]
+    # The maps where some window's weights all fell below the threshold (den underflows: 0/0, or
+    # loses precision): computed again by the windowed form, each window by its own maximum. The
+    # maps are rows of [N C, 1, n_0, ...] (a 1-channel image each) to gather them.
+    shape = b("Shape", "X")  # [N, C, n_0, ...]
+    batch_channels = b("Slice", shape, b.ints(0), b.ints(2))
+    maps = b("ReduceProd", batch_channels, keepdims=1)  # [N C]
+    ones = b.ints(*[1] * dims)
+    x_maps = b("Reshape", "X", b("Concat", maps, b.ints(1), b("Slice", shape, b.ints(2), b.ints(2 + dims)), axis=0))
+    lam_maps = b("Reshape", b("Expand", "LAM", b("Concat", batch_channels, ones, axis=0)),
+                 b("Concat", maps, b.ints(1), ones, axis=0))  # [N C, 1, 1, ...]
+    threshold = b.float_scalar(SHARED_SHIFT_MIN_WEIGHT)
+    low = b("Less", b("Reshape", _reduce(b, "ReduceMin", den, spatial, opset, 0), b.ints(-1)), threshold)  # [N C]
+    redo = b("Squeeze", b("NonZero", low), b.ints(0))  # [K]: usually K = 0
+    y_redo = _windowed(b, dims, opset, b("Gather", x_maps, redo, axis=0), b("Gather", lam_maps, redo, axis=0))
+    rows = b("Reshape", y, b("Concat", maps, b.ints(-1), axis=0))  # [N C, P]
+    per_map = b("Shape", rows, start=1, end=2)  # [P]
+    fixed = b("ScatterND", rows, b("Unsqueeze", redo, b.ints(1)), b("Reshape", y_redo, b("Concat", b("Shape", redo), per_map, axis=0)))
+    b.output(b("Reshape", fixed, b("Shape", y)), "Y")
 
 
 def maxent_pool2d_function(opset: int) -> FunctionProto:

@@ -22,7 +22,10 @@ Metadata (every value a string; lists and dicts as JSON):
 ``mean``, ``std``  per-channel normalisation of the training data's images (input = (x - mean) / std, x in [0, 1])
 =================  ============================================================================
 
-A data set that names no classes (``fake``), or one no longer at its path (an ImageFolder or CIFAR
+A checkpoint converted with torchvision weights and never trained (no ``--data``) takes
+``class_names`` from the weights' ``meta["categories"]`` and ``mean``/``std`` from their
+transforms (``weights_metadata``: torchvision's enum, local; nothing is downloaded), and records
+them under ``weights``. A data set that names no classes (``fake``), or one no longer at its path (an ImageFolder or CIFAR
 folder moved away), leaves ``class_names`` out; so does a model whose output count differs.
 """
 
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
     from ..spec import ConversionSpec
 
 __all__ = ["input_names", "output_names", "base_metadata", "spec_metadata", "data_metadata", "class_count",
-           "set_metadata"]
+           "set_metadata", "weights_metadata"]
 
 
 def input_names(count: int, video: bool) -> List[str]:
@@ -100,6 +103,32 @@ def data_metadata(data_spec: str, classes: Optional[int]) -> Dict[str, str]:
         meta["class_names"] = json.dumps(names)
     if normalisation is not None:
         meta["mean"], meta["std"] = (json.dumps([round(v, 6) for v in values]) for values in normalisation)
+    return meta
+
+
+def weights_metadata(spec: "ConversionSpec") -> Dict[str, str]:
+    """``weights``, ``class_names`` and ``mean``/``std`` of the torchvision weights a checkpoint was
+    converted with (``convert --weights IMAGENET1K_V1``), from torchvision's weights enum: its meta's
+    ``categories`` and its transforms' ``mean``/``std`` (local values; the weights file is not
+    read). Empty for a spec without torchvision weights (none, a file, timm's own)."""
+    from ..spec import TorchvisionSource
+
+    if not isinstance(spec.source, TorchvisionSource) or not spec.weights or Path(spec.weights).suffix:
+        return {}
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(spec.source.name)[spec.weights.split(".")[-1]]
+    except (KeyError, ValueError):  # not a weights name of this model (a file path without a suffix)
+        return {}
+    meta = {"weights": f"{type(weights).__name__}.{weights.name}"}
+    categories = weights.meta.get("categories")
+    if isinstance(categories, list) and all(isinstance(c, str) for c in categories):
+        meta["class_names"] = json.dumps(categories)
+    transform = weights.transforms()
+    mean, std = getattr(transform, "mean", None), getattr(transform, "std", None)
+    if mean is not None and std is not None:
+        meta["mean"], meta["std"] = (json.dumps([round(float(v), 6) for v in values]) for values in (mean, std))
     return meta
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from ..errors import BadInputError, WorkFailedError
 from . import runtime as ort_runtime
@@ -238,13 +238,14 @@ def export_onnx(
         program = _export(traced, example, opset, dynamic_batch, names_in, names_out, dynamic_size)
         del traced
         pools = _count_maxent_calls(program.exported_program)
+        shared = _shared_lam_dims(program.exported_program)
         layers = sum(pools.values())
         # 3. post-process
         proto = program.model_proto
         del program  # the exporter's copies of the weights
         if opset is not None and opset < MIN_OPSET:
             proto = downgrade(proto, opset)
-        proto = complete(proto)
+        proto = complete(proto, shared)
         set_metadata(proto, meta)
         if dynamic_size:
             _name_size_dims(proto)
@@ -337,7 +338,7 @@ def export_checkpoint(checkpoint: Union[str, os.PathLike], path: Union[str, os.P
     """
     from ..checkpoint import load, read_checkpoint
     from ..spec import spec_of
-    from .metadata import data_metadata
+    from .metadata import data_metadata, weights_metadata
 
     out_path = check_output_path(path, options.get("force", False))
     check_opset(options.get("opset"), supported_opsets)
@@ -347,7 +348,7 @@ def export_checkpoint(checkpoint: Union[str, os.PathLike], path: Union[str, os.P
     model = load(data)
     config = data.get("config")
     trained_on = config.get("data") if isinstance(config, dict) else None
-    metadata = data_metadata(trained_on, None) if isinstance(trained_on, str) else {}
+    metadata = data_metadata(trained_on, None) if isinstance(trained_on, str) else weights_metadata(data["spec"])
     if part is None:
         return export_onnx(model, path, metadata=metadata, **options)
     spec = spec_of(model)
@@ -552,17 +553,50 @@ def _name_size_dims(proto: Any) -> None:
 def _count_maxent_calls(exported_program: Any) -> Dict[str, int]:
     """Max-entropy pool calls in the traced program by the node type they become (what the ONNX
     graph must have as nodes): ``{"gfgp::MaxEntPool2d": 3}``; types with no call left out."""
+    found = [dims for dims, _ in _pool_calls(exported_program)]
+    return {f"{DOMAIN}::{op}": found.count(dims) for dims, op in OP_TYPES.items() if dims in found}
+
+
+def _pool_calls(exported_program: Any) -> List[Tuple[int, Any]]:
+    """``(spatial dims, FX node)`` of every max-entropy pool call in the traced program."""
     from .translation import pool_targets
 
     targets = pool_targets()
-    found = [
-        targets[node.target]
+    return [
+        (targets[node.target], node)
         for module in exported_program.graph_module.modules()
         if hasattr(module, "graph")
         for node in module.graph.nodes
         if node.op == "call_function" and node.target in targets
     ]
-    return {f"{DOMAIN}::{op}": found.count(dims) for dims, op in OP_TYPES.items() if dims in found}
+
+
+def _shared_lam_dims(exported_program: Any) -> Set[int]:
+    """The numbers of spatial dims (2, 3) whose every pool call can take the shared-shift body
+    (:func:`.maxent_pool_function`): float32, one lam per map (lam's spatial dims all 1) and a
+    fixed input size whose padded sides each hold the kernel, as the traced fake tensors say.
+    OpenVINO refuses an ``AveragePool`` whose kernel exceeds the padded map (PyTorch's ceil mode
+    pools a 1x1 map by 2x2), and with ``--dynamic-size`` the sizes are not known. Any other call,
+    or one whose shapes or type the trace does not know, keeps the windowed body, which takes
+    every lam shape, size and float type."""
+    import torch
+
+    def value(arg: Any) -> Any:
+        return arg.meta.get("val") if hasattr(arg, "meta") else None
+
+    def fits(dims: int, node: Any) -> bool:
+        x, lam = (value(a) for a in node.args[:2])
+        if not all(getattr(t, "dtype", None) == torch.float32 for t in (x, lam)):
+            return False
+        if len(lam.shape) != dims + 2 or not all(isinstance(d, int) and d == 1 for d in lam.shape[2:]):
+            return False
+        kernel, padding = node.args[2], node.args[4]
+        return all(isinstance(n, int) and n + 2 * p >= k for n, k, p in zip(x.shape[2:], kernel, padding))
+
+    per_map: Dict[int, bool] = {}
+    for dims, node in _pool_calls(exported_program):
+        per_map[dims] = per_map.get(dims, True) and len(node.args) >= 5 and fits(dims, node)
+    return {dims for dims, yes in per_map.items() if yes}
 
 
 def _count_custom_nodes(proto: Any) -> Dict[str, int]:

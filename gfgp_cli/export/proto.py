@@ -16,7 +16,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, Iterator, Optional
 
 from .._io import atomic_open, check_free_space
 from ..errors import BadInputError, DiskFullError, WorkFailedError
@@ -88,9 +88,11 @@ def min_ir_version(opset: int) -> int:
 # completing the exporter's proto
 
 
-def complete(proto: "onnx.ModelProto") -> "onnx.ModelProto":
+def complete(proto: "onnx.ModelProto", shared_lam: Collection[int] = ()) -> "onnx.ModelProto":
     """Attach the body of each gfgp op the graph uses (MaxEntPool2d, MaxEntPool3d) at the model's
-    opset and set an IR version onnxruntime loads."""
+    opset and set an IR version onnxruntime loads. ``shared_lam``: the numbers of spatial dims
+    whose every pool has one lam per map (their op gets the shared-shift body,
+    :func:`.maxent_pool_function`)."""
     import onnx
 
     from .runtime import ort_limits
@@ -101,7 +103,7 @@ def complete(proto: "onnx.ModelProto") -> "onnx.ModelProto":
     if used:
         for dims, op_type in OP_TYPES.items():
             if op_type in used:
-                proto.functions.append(maxent_pool_function(opset, dims))
+                proto.functions.append(maxent_pool_function(opset, dims, shared_lam=dims in shared_lam))
         if not any(o.domain == DOMAIN for o in proto.opset_import):
             proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     # The exporter writes IR 10 for every opset; newer opsets need newer IR versions.

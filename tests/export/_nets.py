@@ -1,4 +1,5 @@
-"""Small networks shared by the export tests (test_export_sizes.py, test_consumers.py, test_verify.py).
+"""Small networks shared by the export tests (test_export_sizes.py, test_consumers.py, test_verify.py,
+test_metadata.py, test_precision.py).
 
 Test modules load this file by its path, as ``_one_node.py`` (pytest's importlib mode puts no
 test directory on ``sys.path``).
@@ -11,7 +12,23 @@ from torch import nn
 
 from gfgp_cli import GFGPPool2d, MaxEntPool2d
 
-__all__ = ["ToOnePixel", "LargeActivations"]
+__all__ = ["ToOnePixel", "LargeActivations", "ConvPool"]
+
+
+class ConvPool(nn.Module):
+    """A 3x3 conv (3 -> 4 channels) and a GFGP 2x2/2 pool: :meth:`features`; subclasses give
+    ``forward`` the output form a test needs (a dict, an output that changes in export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = GFGPPool2d(4, 2, 2)
+
+    def features(self, x):
+        return self.pool(self.conv(x))
+
+    def forward(self, x):
+        return self.features(x)
 
 
 class ToOnePixel(nn.Module):

@@ -22,9 +22,10 @@ _AXES = {2: ["h", "w"], 3: ["t", "h", "w"]}
 
 
 def one_node_model(kernel, stride, padding, ceil_mode, opset=20, dtype=torch.float32, x_shape=None,
-                   lam_shape=None) -> onnx.ModelProto:
+                   lam_shape=None, shared_lam=False) -> onnx.ModelProto:
     """One gfgp::MaxEntPool2d node (3-element kernel: gfgp::MaxEntPool3d); dynamic shapes unless
-    ``x_shape``/``lam_shape`` fix them (as ``gfgp export --static`` does)."""
+    ``x_shape``/``lam_shape`` fix them (as ``gfgp export --static`` does); ``shared_lam``: the
+    shared-shift body (lam one per map) instead of the windowed one."""
     dims = len(kernel)
     t = _DTYPES[dtype]
     node = make_maxent_node("x", "lam", "y", kernel, stride, padding, ceil_mode)
@@ -39,7 +40,7 @@ def one_node_model(kernel, stride, padding, ceil_mode, opset=20, dtype=torch.flo
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-        functions=[maxent_pool_function(opset, dims)],
+        functions=[maxent_pool_function(opset, dims, shared_lam=shared_lam)],
         ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", opset)]),
     )
     onnx.checker.check_model(model, full_check=True)
@@ -49,10 +50,10 @@ def one_node_model(kernel, stride, padding, ceil_mode, opset=20, dtype=torch.flo
 _SESSIONS: dict = {}
 
 
-def run_onnx(x, lam, kernel, stride, padding, ceil_mode, opset=20):
+def run_onnx(x, lam, kernel, stride, padding, ceil_mode, opset=20, shared_lam=False):
     """The node's output for numpy-convertible ``x`` and ``lam`` (sessions cached per geometry)."""
-    key = (tuple(kernel), tuple(stride), tuple(padding), ceil_mode, opset, x.dtype)
+    key = (tuple(kernel), tuple(stride), tuple(padding), ceil_mode, opset, x.dtype, shared_lam)
     if key not in _SESSIONS:
-        model = one_node_model(kernel, stride, padding, ceil_mode, opset, x.dtype)
+        model = one_node_model(kernel, stride, padding, ceil_mode, opset, x.dtype, shared_lam=shared_lam)
         _SESSIONS[key] = make_session(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return run_session(_SESSIONS[key], [x.numpy(), lam.numpy()])[0]

@@ -249,3 +249,44 @@ def test_a_file_onnxruntime_cannot_load_fails_the_export_in_one_line(tmp_path, m
     message = str(info.value)
     assert "onnxruntime cannot load the exported model" in message and str(path) in message
     assert "Invalid position of 0" in message and "\n" not in message
+
+
+class _TwoGFGP(nn.Module):
+    """conv -> GFGP 2x2/2 ceil -> GFGP 3x3/2 pad 1 -> GAP -> fc: every lam one per map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool1 = GFGPPool2d(8, 2, 2, ceil_mode=True)
+        self.pool2 = GFGPPool2d(8, 3, 2, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.pool2(self.pool1(torch.relu(self.conv(x))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _body_ops(path) -> set:
+    (function,) = onnx.load(str(path)).functions
+    return {n.op_type for n in function.node}
+
+
+@pytest.mark.parametrize("case, shared", [
+    ("one lam per map", True),
+    ("a lam per window", False),  # TinyNet's direct call with lam Tensor[N, C, oh, ow]
+    ("a map smaller than the kernel", False),  # a 2x2 ceil-mode pool of a 1 px map: OpenVINO refuses its AveragePool
+    ("dynamic size", False),
+    ("float16", False),  # AveragePool is float32 only in onnxruntime's CPU provider
+])
+def test_the_body_is_the_shared_shift_one_exactly_where_it_applies(tiny_model, tmp_path, case, shared):
+    """The exporter picks the shared-shift body (AveragePool) for a float32 model whose every pool
+    has one lam per map and a fixed map holding the kernel, and the windowed body otherwise;
+    both verify against PyTorch."""
+    model = tiny_model if case == "a lam per window" else _TwoGFGP().eval()
+    options = {"image_size": {"a map smaller than the kernel": 1}.get(case, 20), "dynamic_size": case == "dynamic size",
+               "fp16": case == "float16"}
+    report = export_onnx(model, tmp_path / "m.onnx", **options)
+    assert report.passed
+    ops = _body_ops(tmp_path / "m.onnx")
+    assert ("AveragePool" in ops) is shared and ("Gather" in ops)  # the shared body keeps the windowed form for redos

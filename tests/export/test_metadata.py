@@ -4,7 +4,9 @@ data, class names and mean/std, read back with onnx and onnxruntime."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -17,6 +19,10 @@ from gfgp_cli.export.metadata import output_names
 from gfgp_cli.export.runtime import make_session
 from gfgp_cli.spec import ConversionSpec, spec_of
 from gfgp_cli.train.data import IMAGENET_MEAN, IMAGENET_STD
+
+_nets_spec = importlib.util.spec_from_file_location("_nets", Path(__file__).with_name("_nets.py"))
+_nets = importlib.util.module_from_spec(_nets_spec)
+_nets_spec.loader.exec_module(_nets)
 
 SIZE = 48
 
@@ -100,16 +106,11 @@ def test_a_model_without_a_spec_gets_the_version_and_input_size_only(tmp_path):
     assert report.output_names == ["logits"] and report.passed
 
 
-class _Segmenter(nn.Module):
+class _Segmenter(_nets.ConvPool):
     """Returns a dict like torchvision's segmentation models."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.pool = GFGPPool2d(4, 2, 2)
-
     def forward(self, x):
-        y = self.pool(self.conv(x))
+        y = self.features(x)
         return {"out": y, "aux": y.mean(1, keepdim=True)}
 
 
@@ -141,3 +142,33 @@ def test_output_names_of_the_task_outputs():
     fpn = {"0": t, "1": t, "pool": t}  # a detection backbone's FPN levels
     assert output_names(fpn, "detection") == ["features_0", "features_1", "pool"]
     assert output_names(t, "segmentation") == ["output"] and output_names(t, None) == ["logits"]
+
+
+@pytest.mark.parametrize("num_classes", [1000, 10])
+def test_a_checkpoint_converted_with_torchvision_weights_and_never_trained_takes_their_names_and_norm(
+        tmp_path, num_classes):
+    """The weights' categories (ImageNet: 1000, "tench" first) and transforms' mean/std, known to
+    torchvision without a download. The spec is edited to record the weights (converting with them
+    would download the file); a model with another class count keeps mean/std only."""
+    from gfgp_cli.spec import attach_spec
+
+    model = convert("squeezenet1_1", num_classes=num_classes, image_size=64)
+    attach_spec(model, spec_of(model).replace(weights="IMAGENET1K_V1"))
+    save(model, tmp_path / "m.pt")
+    report = export_checkpoint(tmp_path / "m.pt", tmp_path / "m.onnx")
+    meta = {p.key: p.value for p in onnx.load(report.path).metadata_props}
+    assert meta["weights"] == "SqueezeNet1_1_Weights.IMAGENET1K_V1" and "training_data" not in meta
+    assert json.loads(meta["mean"]) == pytest.approx(IMAGENET_MEAN) and json.loads(meta["std"]) == pytest.approx(IMAGENET_STD)
+    if num_classes == 1000:
+        names = json.loads(meta["class_names"])
+        assert len(names) == 1000 and names[0] == "tench" and names[-1] == "toilet tissue"
+    else:
+        assert "class_names" not in meta
+
+
+def test_a_checkpoint_without_torchvision_weights_has_no_weights_metadata(tmp_path):
+    from gfgp_cli.export.metadata import weights_metadata
+
+    assert weights_metadata(spec_of(convert("squeezenet1_1", num_classes=10, image_size=64))) == {}
+    file_spec = spec_of(convert("squeezenet1_1", num_classes=10, image_size=64)).replace(weights=str(tmp_path / "w.pt"))
+    assert weights_metadata(file_spec) == {}
