@@ -18,7 +18,7 @@ from typing import IO, Callable, Iterable, Iterator, List, Optional, Tuple, Unio
 
 from .errors import BadInputError, DiskFullError
 
-__all__ = ["atomic_open", "atomic_write_text", "ensure_writable_dir", "check_output_file", "check_free_space",
+__all__ = ["atomic_open", "default_file_mode", "atomic_write_text", "ensure_writable_dir", "check_output_file", "check_free_space",
            "free_bytes", "remove_stale_temp_files", "temp_file_pattern", "DiskFullError", "format_bytes"]
 
 PathLike = Union[str, os.PathLike]
@@ -36,6 +36,12 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError  # pragma: no cover
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file here (0o666 less the umask); files staged in a private
+    temporary place (0600, a 0700 folder) get it before they are moved to where users read them."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:
@@ -88,7 +94,7 @@ def atomic_open(path: PathLike, mode: str = "wb", *,
             raise error from e
         if check is not None:
             check(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

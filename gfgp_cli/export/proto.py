@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Collection, Iterable, Iterator, Optional
 
-from .._io import atomic_open, check_free_space
+from .._io import atomic_open, check_free_space, default_file_mode
 from ..errors import BadInputError, DiskFullError, WorkFailedError
 from .checks import first_line
 from .maxent_function import DOMAIN, DOMAIN_VERSION, OP_TYPES, maxent_pool_function
@@ -219,6 +219,7 @@ def write(proto: "onnx.ModelProto", out: Path, inline: bool,
             raise DiskFullError(f"no space left on device writing {data}; {left}; free some space and run again",
                                 path=data) from e
         checked(staged)  # by path, beside its data file: external tensors are checked too
+        os.chmod(os.path.join(folder, data.name), default_file_mode())  # onnx writes it 0600
         os.replace(os.path.join(folder, data.name), data)
         with atomic_open(out, "wb") as f:  # the checked bytes; only references to the data file
             f.write(payload)

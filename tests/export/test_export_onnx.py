@@ -229,6 +229,9 @@ def test_weights_over_the_single_file_limit_go_to_a_data_file(tiny_model, tmp_pa
         assert report.file_bytes == path.stat().st_size + (tmp_path / f"big-{inline}.onnx.data").stat().st_size
         assert report.custom_nodes == (0 if inline else 3)
         onnx.checker.check_model(str(path), full_check=True)
+        # The data file is as readable as the .onnx beside it (the umask's mode, not a temp file's 0600).
+        mode = path.stat().st_mode & 0o777
+        assert (tmp_path / f"big-{inline}.onnx.data").stat().st_mode & 0o777 == mode
 
 
 def test_a_file_onnxruntime_cannot_load_fails_the_export_in_one_line(tmp_path, monkeypatch):
