@@ -121,7 +121,7 @@ CASES = [
     ("comparison_unknown", _set(("comparison",))("zz"), "unknown comparison 'zz'"),
     ("task_int", _set(("task",))(1), "unknown task 1"),
     ("task_unknown", _set(("task",))("audio"), "unknown task 'audio'"),
-    ("task_other", _set(("task",))("detection"), "it records a detection model"),
+    ("task_other", _set(("task",))("detection"), "resnet18 is a classification model, not detection"),
     ("parts_str", _set(("parts",))("backbone"), "parts must be a non-empty list"),
     ("parts_empty", _set(("parts",))([]), "parts must be a non-empty list"),
     ("parts_other", _set(("parts",))(["layer1"]), "converted in parts ['layer1']"),
