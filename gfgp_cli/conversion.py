@@ -76,29 +76,41 @@ def _by_rank(site: graph_passes.Site, layer_2d, layer_3d):
     return layer_2d if len(site.stride) == 2 else layer_3d
 
 
+def _padding(site: graph_passes.Site):
+    """The site's padding, or ``"same"`` for a pool whose padding is computed from each input's size."""
+    return "same" if site.same_padding else site.padding
+
+
 @register_pool("gfgp")
 def _gfgp(activation: str = "sigmoid") -> PoolFactory:
-    return lambda site: _by_rank(site, GFGPPool2d, GFGPPool3d)(site.channels, site.kernel, site.stride, site.padding,
+    return lambda site: _by_rank(site, GFGPPool2d, GFGPPool3d)(site.channels, site.kernel, site.stride, _padding(site),
                                                               site.ceil_mode, activation)
 
 
 @register_pool("maxent")
 def _maxent(activation: str = "sigmoid") -> PoolFactory:
     return lambda site: _by_rank(site, MaxEntPool2d, MaxEntPool3d)(site.channels, site.kernel, site.stride,
-                                                                  site.padding, site.ceil_mode, activation)
+                                                                  _padding(site), site.ceil_mode, activation)
 
 
 @register_pool("max")
 def _max(activation: str = "sigmoid") -> PoolFactory:
-    return lambda site: _by_rank(site, nn.MaxPool2d, nn.MaxPool3d)(site.kernel, site.stride, site.padding,
-                                                                  ceil_mode=site.ceil_mode)
+    def factory(site: graph_passes.Site) -> nn.Module:
+        if site.same_padding:
+            return graph_passes.SamePool("max", site.kernel, site.stride)
+        return _by_rank(site, nn.MaxPool2d, nn.MaxPool3d)(site.kernel, site.stride, site.padding, ceil_mode=site.ceil_mode)
+    return factory
 
 
 @register_pool("avg")
 def _avg(activation: str = "sigmoid") -> PoolFactory:
     # Padded positions are excluded, as in max-entropy pooling (lam = 0 is this pool).
-    return lambda site: _by_rank(site, nn.AvgPool2d, nn.AvgPool3d)(site.kernel, site.stride, site.padding,
-                                                                  site.ceil_mode, count_include_pad=False)
+    def factory(site: graph_passes.Site) -> nn.Module:
+        if site.same_padding:
+            return graph_passes.SamePool("avg", site.kernel, site.stride, count_include_pad=False)
+        return _by_rank(site, nn.AvgPool2d, nn.AvgPool3d)(site.kernel, site.stride, site.padding,
+                                                          site.ceil_mode, count_include_pad=False)
+    return factory
 
 
 @register_pool("skip")

@@ -22,12 +22,14 @@ def human(n: Optional[float], unit: str = "") -> str:
 
 def _geometry(site: Dict[str, Any]) -> str:
     """``3x3/2 pad 1`` (kernel / stride, a stride or padding equal in every dim written once);
-    3-D sites read ``3x3x3/1x2x2 pad 1``."""
+    3-D sites read ``3x3x3/1x2x2 pad 1``; a "SAME" pool (padding from each input's size) ``3x3/2 same``."""
     def once(values) -> str:
         return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
 
     k, s, p = site["kernel"], site["stride"], site["padding"]
     text = f"{'x'.join(map(str, k))}/{once(s)}"
+    if site.get("same_padding"):
+        return text + " same"
     if any(p):
         text += f" pad {once(p)}"
     if site.get("ceil_mode"):

@@ -508,7 +508,7 @@ def _check_plain(value: Any, where: str, depth: int = 0) -> None:
 
 _SITE_KINDS = ("conv", "max_pool", "avg_pool", "skip")
 _SITE_TEXT = ("node", "qualname", "kind", "reason")
-_SITE_FLAGS = ("ceil_mode", "convert", "count_include_pad")
+_SITE_FLAGS = ("ceil_mode", "convert", "count_include_pad", "same_padding")
 _SITE_GEOMETRY = ("kernel", "stride", "padding", "dilation")  # (h, w) or (t, h, w), one length
 _SITE_SHAPES = ("in_shape", "out_shape")
 

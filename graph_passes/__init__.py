@@ -26,6 +26,7 @@ from .move import PLACEMENTS, Moved, PlacedPool, move_pools
 from .partial import Converted, Part, Plan, Untraced, capture_inputs, convert_parts, find_parts
 from .pipeline import Report, pipeline
 from .replace import PoolFactory, Replaced, replace_pools
+from .same_pool import SamePool, as_same_pool, same_geometry, same_padding
 from .sites import Site, find_sites, is_strided_conv, is_strided_functional_conv, pool_kind
 from .skip_pool import SkipPool, SkipPool2d, SkipPool3d, skip_pool
 from .stride1 import AtStride1, at_stride1, conv_at_own_stride
@@ -49,6 +50,10 @@ __all__ = [
     "SkipPool2d",
     "SkipPool3d",
     "skip_pool",
+    "SamePool",
+    "same_padding",
+    "same_geometry",
+    "as_same_pool",
     "decompose",
     "stride1_conv",
     "at_stride1",

@@ -13,6 +13,7 @@ from torch.fx import GraphModule, Node
 from torch.nn.modules.utils import _ntuple, _pair, _triple
 
 from ._util import ExampleInput, free_name, owner_of, propagate_shapes
+from .same_pool import as_same_pool, same_geometry
 from .skip_pool import SkipPool
 from .stride1 import conv_at_own_stride, effective_stride
 
@@ -45,6 +46,10 @@ class Site:
         convert: whether the passes convert this site.
         reason: why not, when ``convert`` is False.
         in_shape, out_shape: shapes seen by ShapeProp for the example input.
+        same_padding: a pool module with TensorFlow's "SAME" padding (its forward pads from the
+            input size; :mod:`~graph_passes.same_pool`): its replacement must compute
+            ``padding`` and ``ceil_mode`` per input (:func:`~graph_passes.same_geometry`);
+            ``padding`` and ``ceil_mode`` here are those of the example input.
     """
 
     node: str
@@ -61,6 +66,7 @@ class Site:
     count_include_pad: bool = True
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
+    same_padding: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values only (for JSON and checkpoints)."""
@@ -171,7 +177,9 @@ def find_sites(
     a conv module whose class overrides the conv's forward, unless that forward makes one conv
     call at the module's stride and returns its output (:func:`~graph_passes.stride1.conv_at_own_stride`:
     e.g. a conv with input-dependent "SAME" padding, kept whole as a leaf); pool modules whose
-    class overrides the pool's forward; functional pools with non-constant geometry.
+    class overrides the pool's forward, unless that forward computes TensorFlow's "SAME" pool
+    (:func:`~graph_passes.same_pool.as_same_pool`: converted, ``same_padding=True``);
+    functional pools with non-constant geometry.
 
     Channels and shapes come from ``torch.fx`` ShapeProp run once on ``example_input``
     (``node.meta['tensor_meta']``); with ``example_input=None`` the metadata already on the
@@ -233,9 +241,18 @@ def _module_site(node: Node, m: nn.Module, include_patch_embed: bool) -> Site | 
         kind = "max_pool" if isinstance(m, _MAX_POOLS) else "avg_pool"
         site = _pool_site(node, qualname, kind, kernel, stride, ntuple(m.padding), bool(m.ceil_mode), **geometry)
         if site.convert and not _has_plain_pool_forward(m):
-            # Its geometry attributes do not describe what it computes (a padding made from the input size).
-            base = next(b for b in _MAX_POOLS + _AVG_POOLS if isinstance(m, b)).__name__
-            site = dataclasses.replace(site, convert=False, reason=f"{type(m).__name__} overrides {base}.forward")
+            # Its geometry attributes do not describe what it computes: converted only when it is
+            # a "SAME" pool, whose padding the replacement computes per input (same_pool.py).
+            same = as_same_pool(m, site.in_shape)
+            try:
+                padding, ceil_mode = same_geometry(site.in_shape[2:], kernel, stride)
+            except ValueError as e:
+                same = same if isinstance(same, str) else str(e)
+            if isinstance(same, str):
+                site = dataclasses.replace(site, convert=False, reason=same)
+            else:
+                site = dataclasses.replace(site, padding=padding, ceil_mode=ceil_mode, same_padding=True,
+                                           count_include_pad=same.count_include_pad)
         return site
     return None
 

@@ -73,7 +73,13 @@ def test_v1_run_resumes_to_the_same_weights_as_the_old_release(tmp_path, io):
     resumed = read_checkpoint(run / "last.pt")
     assert resumed["version"] == VERSION and resumed["epoch"] == 3
     with torch.no_grad():
-        assert torch.equal(gfgp_cli.load(resumed)(io["input"]), io["output_resumed_to_epoch_3"])
+        actual = gfgp_cli.load(resumed)(io["input"])
+    # Bit-identical on the CPU that wrote the fixture; on another (AMD EPYC with AVX2 here, the
+    # kernels built with -march=native), an epoch of float32 training rounds differently: 3e-4
+    # of these outputs, against 0.045 that the epoch itself changes them by (io["output"]). A
+    # resume that lost state (optimizer, schedule, epoch) moves them by about that much.
+    expected = io["output_resumed_to_epoch_3"]
+    assert (actual - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
 def test_v1_checkpoint_evaluates(tmp_path):

@@ -226,6 +226,8 @@ def export_onnx(
         example = random_inputs(inputs, trace_batch, channels, size, seed, device, frames)
         traced = _float16(model, inputs) if fp16 else model
         output = check_model_takes(traced, example)
+        if dynamic_size:
+            _check_fixed_paddings(model)
         other_size = _second_size(model, size, lambda s: random_inputs(inputs, 1, channels, s, seed, device, frames)) \
             if dynamic_size else None
         spec = model_spec(model)
@@ -458,6 +460,21 @@ def _file_metadata(spec: Any, input_shape: List[int], output: Any, extra: Option
     if bad:
         raise BadInputError(f"metadata keys and values must be strings; {bad[0]!r} is not")
     return meta
+
+
+def _check_fixed_paddings(model: "nn.Module") -> None:
+    """``--dynamic-size`` refuses a pool with "SAME" padding: the ONNX node's ``pads`` is a constant."""
+    from graph_passes import SamePool
+
+    from ..nn.pooling import _MaxEntPoolBase
+
+    same = [q for q, m in model.named_modules()
+            if isinstance(m, SamePool) or (isinstance(m, _MaxEntPoolBase) and m.padding == "same")]
+    if same:
+        more = f" and {len(same) - 1} more" if len(same) > 1 else ""
+        raise BadInputError(f"--dynamic-size: the pool {same[0]}{more} has 'same' padding, computed from the "
+                            "input size, which the ONNX node's pads cannot follow; export at a fixed size "
+                            "(without --dynamic-size)")
 
 
 def _second_size(model: "nn.Module", size: int, example: Any) -> int:

@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from graph_passes import same_geometry
+
 from ..ops import check_pool_geometry, maxent_pool2d, maxent_pool3d
 
 __all__ = ["GFGPPool2d", "MaxEntPool2d", "GFGPPool3d", "MaxEntPool3d", "global_avg_pool"]
@@ -42,6 +44,9 @@ class _MaxEntPoolBase(nn.Module):
     """Geometry shared by the max-entropy pooling layers; subclasses define ``lam(x)``.
 
     ``dims`` (class attribute): 2 for ``Tensor[N, C, H, W]`` input, 3 for ``Tensor[N, C, T, H, W]``.
+    ``padding="same"``: TensorFlow's "SAME" padding, computed from each input's size
+    (``graph_passes.same_geometry``: ``pad // 2`` per side and the ceil mode; ``ceil_mode`` is
+    then ignored), ``ceil(H / stride)`` outputs; the padding is left out of every window.
     """
 
     dims = 2
@@ -53,8 +58,14 @@ class _MaxEntPoolBase(nn.Module):
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         # config (normalised once; stride=None means stride=kernel_size)
         self.num_features = num_features
-        self.kernel_size, self.stride, self.padding = check_pool_geometry(kernel_size, stride, padding, dims=self.dims)
-        self.ceil_mode = bool(ceil_mode)
+        same = isinstance(padding, str)
+        if same and padding != "same":
+            raise ValueError(f"padding must be an int, a tuple of ints or 'same', got {padding!r}")
+        self.kernel_size, self.stride, self.padding = check_pool_geometry(
+            kernel_size, stride, 0 if same else padding, dims=self.dims)
+        if same:
+            self.padding = "same"
+        self.ceil_mode = bool(ceil_mode) or same
         self.activation = activation
         _activation(activation)  # validate early; subclasses build it after their own layers
 
@@ -68,11 +79,19 @@ class _MaxEntPoolBase(nn.Module):
                 f"{type(self).__name__} expects input [N, {self.num_features}, {layout}], got {tuple(x.shape)}"
             )
         pool = maxent_pool2d if self.dims == 2 else maxent_pool3d
+        padding, ceil_mode = self.padding, self.ceil_mode
+        if padding == "same":
+            if isinstance(x, torch.fx.Proxy):
+                raise TypeError(f"{type(self).__name__}(padding='same') computes its padding from the input's "
+                                "size: trace it as a leaf module (graph_passes.register_leaf_module)")
+            padding, ceil_mode = same_geometry(x.shape[2:], self.kernel_size, self.stride)
         # lam is cast to the input's dtype (under autocast the estimator's BN runs in float32).
-        return pool(x, self.lam(x).to(x.dtype), self.kernel_size, self.stride, self.padding, self.ceil_mode)
+        return pool(x, self.lam(x).to(x.dtype), self.kernel_size, self.stride, padding, ceil_mode)
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding == "same":
+            return s + ", padding='same'" + (f", activation={self.activation!r}" if self.activation != "sigmoid" else "")
         if any(self.padding):
             s += f", padding={self.padding}"
         if self.ceil_mode:

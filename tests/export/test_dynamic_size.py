@@ -57,3 +57,14 @@ def test_cli_dynamic_size_with_openvino(tmp_path):
     assert report["input_shape"] == ["batch", 3, "height", "width"]
     assert [(c["runtime"], sorted(c["max_abs_diffs"]), c["passed"]) for c in report["checks"]] == [
         ("onnxruntime", ["1@16", "3@24"], True), ("openvino", ["1@16", "3@24"], True)]
+
+
+def test_same_padded_pools_export_at_a_fixed_size_and_refuse_dynamic_size(tmp_path):
+    # A "SAME" pool's GFGP layer computes its padding from the input size; the file fixes it.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), GFGPPool2d(4, 3, 2, padding="same"), nn.Flatten(), nn.LazyLinear(5))
+    model(torch.randn(2, 3, 15, 15))
+    converted = convert(model.eval(), pool="skip", image_size=15)
+    report = export_onnx(converted, tmp_path / "s.onnx", image_size=15)
+    assert report.passed and report.pool_nodes == {"gfgp::MaxEntPool2d": 1}
+    with pytest.raises(BadInputError, match=r"--dynamic-size: the pool 1 has 'same' padding.*without --dynamic-size"):
+        export_onnx(converted, tmp_path / "d.onnx", image_size=15, dynamic_size=True)

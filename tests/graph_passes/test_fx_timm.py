@@ -93,3 +93,38 @@ def test_vit_with_dynamic_size_reads_its_converted_patch_embeddings_grid_size():
     assert isinstance(skip.patch_embed, torch.fx.GraphModule)
     assert skip.patch_embed.grid_size == model.patch_embed.grid_size == (4, 4)
     _assert_same(model, skip, [(64, 64), (96, 80)])
+
+
+def test_same_pools_of_timm_convert_with_their_padding_per_input():
+    # timm's MaxPool2dSame / AvgPool2dSame (as in nasnet, pnasnet and the hybrid ViTs' stems) pad in
+    # their forward; the "max"/"avg"-style replacement computes the same pool at every size.
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), MaxPool2dSame(3, 2), torch.nn.ReLU(),
+                                AvgPool2dSame(3, 2), torch.nn.Conv2d(8, 4, 1)).eval()
+    sites = {}
+
+    def factory(site):
+        sites[site.qualname] = site
+        return gp.SamePool(site.kind.split("_")[0], site.kernel, site.stride, site.count_include_pad)
+
+    converted, report = gp.pipeline(model, torch.randn(1, 3, 33, 33), placement="exact", factory=factory, partial=True)
+    assert [(s.qualname, s.same_padding) for s in report.replaced] == [("1", True), ("3", True)]
+    assert sites["3"].count_include_pad  # timm's AvgPool2dSame pads zeros explicitly: they count
+    _assert_same(model, converted, [(33, 33), (34, 31), (8, 9), (20, 16)], rtol=1e-6)
+
+
+def test_hybrid_vit_stem_pool_becomes_a_same_padded_gfgp_layer():
+    import gfgp_cli
+    from gfgp_cli.nn import GFGPPool2d
+
+    model = _model("vit_tiny_r_s16_p8_224")
+    skip, report = gp.pipeline(model, torch.randn(1, 3, 224, 224), placement="exact", partial=True)
+    [pool] = [s for s in report.sites if s.kind == "max_pool"]
+    assert pool.convert and pool.same_padding and type(model.get_submodule(pool.qualname)).__name__ == "MaxPool2dSame"
+    _assert_same(model, skip, [(224, 224)])
+    gfgp = gfgp_cli.convert(model, image_size=224)
+    layer = gfgp.get_submodule(pool.qualname)
+    assert isinstance(layer, GFGPPool2d) and layer.padding == "same"
+    with torch.no_grad():
+        assert gfgp.eval()(torch.randn(1, 3, 224, 224)).shape == (1, model.num_classes)

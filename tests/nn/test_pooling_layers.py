@@ -146,3 +146,19 @@ def test_layers_are_traceable_by_plain_fx():
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"].count(maxent_pool2d) == 2
     x = torch.randn(2, 3, 13, 13)
     torch.testing.assert_close(gm(x), model(x))
+
+
+def test_same_padding_is_computed_per_input_and_leaves_the_padding_out():
+    # padding="same": TensorFlow's ceil(H / s) outputs at every size; lam -> 0 is the mean of each
+    # window's valid positions (the "SAME" average that leaves the padding out).
+    from graph_passes import SamePool
+
+    layer = MaxEntPool2d(3, 3, 2, padding="same", activation="softplus", init=-60.0).double()
+    for h, w in [(1, 1), (6, 7), (11, 11), (16, 13)]:
+        x = torch.randn(2, 3, h, w, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), SamePool("avg", (3, 3), (2, 2), count_include_pad=False)(x))
+    gfgp = GFGPPool2d(4, 3, 2, padding="same").eval()
+    assert gfgp(torch.randn(2, 4, 9, 12)).shape == (2, 4, 5, 6)
+    assert "padding='same'" in repr(gfgp) and "ceil_mode" not in repr(gfgp)
+    with pytest.raises(ValueError, match="padding must be an int, a tuple of ints or 'same', got 'valid'"):
+        GFGPPool2d(4, 3, 2, padding="valid")
