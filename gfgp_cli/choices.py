@@ -67,7 +67,7 @@ DATA_SPEC_HELP = (f"an ImageFolder DIR (train/ and val/), {', '.join(DATA_SPEC_F
                   f"segmentation and detection models), or {DATA_SPEC_FORMS[-1]} (video clips, for video models)")
 
 #: The runtimes `gfgp export --verify-with` can run the file in.
-EXPORT_RUNTIMES = ("onnxruntime", "openvino")
+EXPORT_RUNTIMES = ("onnxruntime", "onnxruntime-kernel", "openvino")
 #: What `gfgp export --target` may name: the runtime the file is written for (onnxruntime: the
 #: default form, one gfgp node per pool; openvino: the inline form, as OpenVINO reads no
 #: model-local functions).

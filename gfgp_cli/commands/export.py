@@ -22,7 +22,7 @@ __all__ = ["COMMANDS", "export_cmd", "bench_export_command"]
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare onnxruntime with PyTorch at two batch sizes; exit 1 on a mismatch.")
 @click.option("--verify-with", "verify_with", default=None, metavar="RUNTIMES",
-              help="Comma-separated runtimes to verify in, each reported: onnxruntime, openvino "
+              help="Comma-separated runtimes to verify in, each reported: onnxruntime, onnxruntime-kernel, openvino "
                    "[default: onnxruntime; with --target openvino: onnxruntime,openvino].")
 @click.option("--target", type=click.Choice(choices.EXPORT_TARGETS), default="onnxruntime", show_default=True,
               help="The runtime the file is for: openvino writes the inline form (OpenVINO reads no model-local functions).")
@@ -33,12 +33,15 @@ __all__ = ["COMMANDS", "export_cmd", "bench_export_command"]
                    "needs --calibration.")
 @click.option("--calibration", default=None, metavar="SPEC",
               help="--data SPEC whose training images calibrate --int8 and whose validation images compare top-1.")
+@click.option("--ort-kernel", "ort_kernel", is_flag=True,
+              help="Also verify with gfgp's onnxruntime kernel library registered (each gfgp node as one fused "
+                   "kernel) and copy the library, built for this CPU, beside the file as libgfgp_ort.so.")
 @click.option("--part", default=None,
               help="Export this converted submodule (e.g. a detection model's backbone) instead of the whole model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing ONNX file.")
 def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, dynamic_size, verify, verify_with, target, fp16,
-               int8, calibration, part, as_json, force):
+               int8, calibration, ort_kernel, part, as_json, force):
     """Export CHECKPOINT (made by gfgp convert or train) to ONNX and verify it.
 
     Every max-entropy pool becomes one gfgp::MaxEntPool2d (3-D: MaxEntPool3d) node whose body, made of standard ONNX
@@ -56,6 +59,7 @@ def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, dynamic
       gfgp export m.pt --onnx m-ov.onnx --target openvino
       gfgp export m.pt --onnx m.onnx --inline --verify-with onnxruntime,openvino
       gfgp export m.pt --onnx m-any-size.onnx --dynamic-size
+      gfgp export m.pt --onnx m.onnx --ort-kernel
     """
     from ..errors import BadInputError
     from ..export import export_checkpoint
@@ -67,7 +71,7 @@ def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, dynamic
     report = export_checkpoint(checkpoint, onnx_path, part=part, int8=calibration, image_size=image_size, opset=opset,
                                dynamic_batch=not static, inline=inline, verify=verify, force=force,
                                verify_with=verify_with.split(",") if verify_with is not None else None,
-                               target=target, dynamic_size=dynamic_size, fp16=fp16)
+                               target=target, dynamic_size=dynamic_size, fp16=fp16, ort_kernel=ort_kernel)
     render_export(report, as_json)
 
 
@@ -79,12 +83,15 @@ def export_cmd(checkpoint, onnx_path, opset, inline, static, image_size, dynamic
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for both runtimes [default: torch.get_num_threads()].")
 @click.option("--original/--no-original", default=True, show_default=True,
               help="Also time onnxruntime on the original model the checkpoint's spec rebuilds (its MACs next to it).")
+@click.option("--ort-kernel/--no-ort-kernel", "ort_kernel", default=True, show_default=True,
+              help="Also time onnxruntime with gfgp's kernel library registered (each gfgp node as one fused kernel).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def bench_export_command(checkpoint, batch, image_size, repeats, threads, original, as_json):
+def bench_export_command(checkpoint, batch, image_size, repeats, threads, original, ort_kernel, as_json):
     """Time onnxruntime (CPU) on the exported CHECKPOINT next to PyTorch eager, same process.
 
-    Also times onnxruntime on the original, unconverted model the checkpoint's spec rebuilds
-    (torchvision, timm or factory models), exported the same way, all interleaved. Prints the
+    Also times onnxruntime with gfgp's kernel library registered (where it builds), and
+    onnxruntime on the original, unconverted model the checkpoint's spec rebuilds (torchvision,
+    timm or factory models), exported the same way, all interleaved. Prints the
     median latency of one batch for each, onnxruntime over eager (below 1: onnxruntime is
     faster), and converted over original: the time ratio next to the MACs ratio.
 
@@ -96,7 +103,8 @@ def bench_export_command(checkpoint, batch, image_size, repeats, threads, origin
     from ..export import bench_export
     from ..export.render import render_bench_export
 
-    result = bench_export(checkpoint, batch=batch, image_size=image_size, repeats=repeats, threads=threads, original=original)
+    result = bench_export(checkpoint, batch=batch, image_size=image_size, repeats=repeats, threads=threads, original=original,
+                          ort_kernel=ort_kernel)
     render_bench_export(result, as_json)
 
 

@@ -53,6 +53,11 @@ class BenchExportResult:
     original_macs: Optional[int] = None
     original_onnx_bytes: Optional[int] = None
     original_note: Optional[str] = None  # why there is no original row
+    # onnxruntime with gfgp's kernel library registered (.ort_kernel), on the same file; None: not timed
+    kernel_ort_ms: Optional[float] = None
+    kernel_ort_times_ms: Optional[List[float]] = None
+    kernel_max_abs_diff: Optional[float] = None  # its output against eager's on the benchmark input
+    kernel_note: Optional[str] = None  # why it was not timed (not asked for, the library does not build)
 
     @property
     def ratio(self) -> float:
@@ -129,6 +134,7 @@ def bench_export(
     opset: Optional[int] = None,
     frames: Optional[int] = None,
     original: Union[bool, "object"] = True,
+    ort_kernel: bool = True,
 ) -> BenchExportResult:
     """Export ``checkpoint_or_model`` (a gfgp checkpoint path or an nn.Module) to a temporary ONNX
     file and time PyTorch eager and onnxruntime (CPU provider) on the same Tensor[batch, C, S, S]
@@ -137,7 +143,9 @@ def bench_export(
 
     ``threads`` defaults to ``torch.get_num_threads()`` and is used by all. ``original``: True
     (default) rebuilds the original from the model's conversion spec (:func:`original_model`), an
-    nn.Module is the original to compare with, False times no original.
+    nn.Module is the original to compare with, False times no original. ``ort_kernel`` also times
+    onnxruntime on the same file with gfgp's kernel library registered (:mod:`.ort_kernel`; left
+    out, with ``kernel_note`` saying why, where the library cannot be built).
     """
     import numpy as np
     import torch
@@ -183,6 +191,14 @@ def bench_export(
             path = Path(folder) / f"{key}.onnx"
             reports[key] = export_onnx(m, path, image_size=image_size, opset=opset, verify=False, frames=frames)
             sessions[key] = make_session(str(path), providers=["CPUExecutionProvider"], threads=threads)
+        kernel_note = None if ort_kernel else "not asked for (--no-ort-kernel)"
+        if ort_kernel:
+            from . import ort_kernel as kernel_library
+
+            kernel_note = kernel_library.build_error()
+        if kernel_note is None:
+            sessions["kernel"] = make_session(str(Path(folder) / "converted.onnx"), providers=["CPUExecutionProvider"],
+                                              threads=threads, kernel=True)
 
     modes = {key: m.training for key, m in models.items()}
     previous_threads = torch.get_num_threads()
@@ -207,12 +223,16 @@ def bench_export(
             return run
 
         contenders = {"torch": run_torch, "ort": run_ort("converted")}
+        if "kernel" in sessions:
+            contenders["kernel"] = run_ort("kernel")
         if "original" in sessions:
             contenders["original"] = run_ort("original")
         times = _interleaved_times(contenders, repeats, warmup)
         expected = outputs["torch"]
         expected_np = (expected if isinstance(expected, torch.Tensor) else expected[0]).numpy()
         diff = float(np.abs(outputs["converted"][0].astype(np.float64) - expected_np).max())
+        kernel_diff = (float(np.abs(outputs["kernel"][0].astype(np.float64) - expected_np).max())
+                       if "kernel" in outputs else None)
     finally:
         torch.set_num_threads(previous_threads)
         for key, m in models.items():
@@ -238,4 +258,8 @@ def bench_export(
         original_macs=macs.get("original"),
         original_onnx_bytes=reports["original"].file_bytes if has_original else None,
         original_note=None if has_original else original_label,
+        kernel_ort_ms=statistics.median(times["kernel"]) if "kernel" in times else None,
+        kernel_ort_times_ms=[round(t, 3) for t in times["kernel"]] if "kernel" in times else None,
+        kernel_max_abs_diff=kernel_diff,
+        kernel_note=kernel_note,
     )

@@ -96,6 +96,7 @@ class ExportReport:
     dynamic_size: bool = False  # H and W dynamic (input_shape names them "height", "width")
     precision: str = "float32"  # of the weights and the computation ("float16": --fp16; input and outputs float32)
     int8: Optional[Dict[str, Any]] = None  # --int8: .quantize.Int8Report.to_dict() (top-1 float vs int8, latencies)
+    kernel_library: Optional[str] = None  # --ort-kernel: gfgp's onnxruntime kernel library, copied beside the file
 
     def __post_init__(self) -> None:
         if not self.pool_nodes and self.maxent_layers:
@@ -145,6 +146,7 @@ def export_onnx(
     target: Optional[str] = None,
     dynamic_size: bool = False,
     fp16: bool = False,
+    ort_kernel: bool = False,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it against PyTorch.
 
@@ -187,6 +189,10 @@ def export_onnx(
         fp16 (bool): weights and computation in float16, the input and outputs float32 (the
             model traced in half precision behind casts); verified with the fixed part of the
             tolerance at :data:`.verify.FP16_RTOL` (1e-2) of the output scale instead of 1e-4.
+        ort_kernel (bool): also verify in onnxruntime with gfgp's kernel library registered
+            (runtime ``"onnxruntime-kernel"``: every gfgp node runs as the fused kernel,
+            :mod:`.ort_kernel`), and copy the library beside the file as :data:`KERNEL_LIBRARY`
+            (built for this machine's CPU); the file itself is the same.
 
     Returns:
         ExportReport.
@@ -209,8 +215,10 @@ def export_onnx(
     size = resolve_image_size(model, image_size)
     check_batch_size(batch_size)
     inline, form_note = _form_for(target, inline)
-    runtimes = check_runtimes(verify_with or (("onnxruntime", "openvino") if target == "openvino" else ("onnxruntime",)),
-                              inline) if verify else []
+    runtimes = list(verify_with or (("onnxruntime", "openvino") if target == "openvino" else ("onnxruntime",)))
+    if ort_kernel:
+        runtimes.append("onnxruntime-kernel")
+    runtimes = check_runtimes(runtimes, inline) if verify or ort_kernel else []
     frames = resolve_frames(model, frames)
     channels = resolve_in_channels(model, frames)
     inputs = resolve_inputs(model)
@@ -278,6 +286,10 @@ def export_onnx(
                 if runtime == "onnxruntime":
                     comparisons.append(judge(reference, lambda xs: ort_runtime.run_session(session, xs), runtime,
                                              session.get_providers()[0], rtol))
+                elif runtime == "onnxruntime-kernel":  # the gfgp nodes as gfgp's kernel (CPU provider only)
+                    fused = open_session(written, providers=["CPUExecutionProvider"], kernel=True)
+                    comparisons.append(judge(reference, lambda xs, s=fused: ort_runtime.run_session(s, xs), runtime,
+                                             "CPUExecutionProvider + gfgp kernel", rtol))
                 else:
                     run, where = _openvino(written)
                     comparisons.append(judge(reference, run, runtime, where, rtol))
@@ -285,6 +297,7 @@ def export_onnx(
         data_path = write(proto, out_path, inline, check=load_and_compare)
         if inline:
             custom = 0
+        library = _copy_kernel_library(out_path) if ort_kernel else None
         failed = [c for c in comparisons if not c.passed]
         if failed:
             raise WorkFailedError(f"{'; '.join(str(c.failure) for c in failed)}; the file was kept at {out_path} "
@@ -318,6 +331,7 @@ def export_onnx(
             checks=[c.to_dict() for c in comparisons],
             target=target or "onnxruntime",
             form_note=form_note,
+            kernel_library=str(library) if library else None,
             **verified,
         )
     finally:
@@ -376,6 +390,9 @@ def _export_int8(checkpoint: Any, out_path: Any, part: Optional[str], calibratio
     check_calibration(calibration)
     if options.get("fp16"):
         raise BadInputError("--int8 and --fp16 exclude each other: choose one precision")
+    if options.get("ort_kernel"):
+        raise BadInputError("--int8 and --ort-kernel are not combined: the INT8 file is verified and timed in a stock "
+                            "onnxruntime; drop one of them")
     if "openvino" in (options.get("verify_with") or []):
         raise BadInputError("--int8 is verified by top-1 against the float file in onnxruntime; drop openvino from "
                             "--verify-with")
@@ -460,6 +477,30 @@ def _file_metadata(spec: Any, input_shape: List[int], output: Any, extra: Option
     if bad:
         raise BadInputError(f"metadata keys and values must be strings; {bad[0]!r} is not")
     return meta
+
+
+#: The name of gfgp's onnxruntime kernel library beside a file exported with ``ort_kernel``.
+KERNEL_LIBRARY = "libgfgp_ort.so"
+
+
+def _copy_kernel_library(onnx_path: Any) -> Any:
+    """Copy the kernel library (built for this CPU) beside ``onnx_path``, atomically."""
+    import shutil
+
+    from . import ort_kernel
+
+    target = onnx_path.with_name(KERNEL_LIBRARY)
+    tmp = target.with_name(f".{KERNEL_LIBRARY}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(ort_kernel.library_path(), tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise BadInputError(f"cannot write the kernel library beside the file, {target}: {e.strerror or e}") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
 
 
 def _check_fixed_paddings(model: "nn.Module") -> None:

@@ -44,6 +44,9 @@ def render_export(report: ExportReport, as_json: bool = False) -> None:
         ("parameter bytes", f"{_mb(report.param_bytes)} (file / params = {report.size_ratio:.3f})"),
         ("buffer bytes", _mb(report.buffer_bytes)),
     ]
+    if report.kernel_library:
+        rows.append(("kernel library", f"{report.kernel_library} (this CPU; onnxruntime "
+                                       "SessionOptions.register_custom_ops_library)"))
     if report.passed is None:
         rows.append(("verification", "skipped (--no-verify)"))
     else:
@@ -90,6 +93,9 @@ def render_bench_export(result: BenchExportResult, as_json: bool = False) -> Non
         ("PyTorch eager", "converted", f"{result.torch_ms:.1f}", "1.00", gmacs(result.macs)),
         ("onnxruntime (CPU)", "converted", f"{result.ort_ms:.1f}", f"{result.ratio:.2f}", gmacs(result.macs)),
     ]
+    if result.kernel_ort_ms is not None:
+        rows.append(("onnxruntime + gfgp kernel", "converted", f"{result.kernel_ort_ms:.1f}",
+                     f"{result.kernel_ort_ms / result.torch_ms:.2f}", gmacs(result.macs)))
     if result.original_ort_ms is not None:
         rows.append(("onnxruntime (CPU)", "original", f"{result.original_ort_ms:.1f}",
                      f"{result.original_ort_ms / result.torch_ms:.2f}", gmacs(result.original_macs)))
@@ -99,3 +105,5 @@ def render_bench_export(result: BenchExportResult, as_json: bool = False) -> Non
                   f"{result.macs_ratio:.2f}, time / MACs ratio {result.time_per_macs_ratio:.2f}")
     elif result.original_note:
         out.print(f"no original model timed: {result.original_note}")
+    if result.kernel_note:
+        out.print(f"no kernel library timed: {result.kernel_note}")

@@ -64,8 +64,13 @@ def verification_providers() -> List:
     return ["CPUExecutionProvider"]
 
 
-def make_session(model_or_path, providers: Optional[Sequence] = None, threads: Optional[int] = None):
-    """An onnxruntime InferenceSession from a path or serialised bytes (all graph optimisations on)."""
+def make_session(model_or_path, providers: Optional[Sequence] = None, threads: Optional[int] = None,
+                 kernel: bool = False):
+    """An onnxruntime InferenceSession from a path or serialised bytes (all graph optimisations on).
+
+    ``kernel``: register gfgp's onnxruntime kernel library (:mod:`.ort_kernel`), so that every
+    gfgp node runs as the fused kernel on the CPU provider instead of its function body
+    (RuntimeError, one line, when the library cannot be built)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -75,6 +80,10 @@ def make_session(model_or_path, providers: Optional[Sequence] = None, threads: O
     # Idle worker threads sleep instead of spinning, so they do not steal the CPU from PyTorch
     # when the two run alternately in one process (benchmarks, verification).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if kernel:
+        from . import ort_kernel
+
+        ort_kernel.register(options)
     source = model_or_path if isinstance(model_or_path, (bytes, str)) else str(model_or_path)
     return ort.InferenceSession(source, options, providers=list(providers or verification_providers()))
 
@@ -90,7 +99,9 @@ def check_runtimes(names: Sequence[str], inline: bool) -> List[str]:
     work: each known and installed, and able to read the form being written.
 
     Raises:
-        BadInputError: an unknown name, OpenVINO not installed, or OpenVINO asked to check the
+        BadInputError: an unknown name; ``onnxruntime-kernel`` (gfgp's kernel library registered)
+            on the inline form (no gfgp node to run) or where the library cannot be built; OpenVINO
+            not installed, or OpenVINO asked to check the
             default form (it reads no model-local functions: ``--target openvino`` writes the
             inline form it reads).
     """
@@ -105,6 +116,16 @@ def check_runtimes(names: Sequence[str], inline: bool) -> List[str]:
     if unknown:
         raise BadInputError(f"--verify-with {unknown[0]!r} is not a runtime gfgp verifies with; choose from "
                             f"{', '.join(RUNTIMES)} (comma-separated)")
+    if "onnxruntime-kernel" in chosen:
+        if inline:
+            raise BadInputError("--verify-with onnxruntime-kernel (--ort-kernel) runs the gfgp nodes as gfgp's kernel, and "
+                                "the inline form has none: drop --inline / --target openvino, or that runtime")
+        from . import ort_kernel
+
+        error = ort_kernel.build_error()
+        if error:
+            raise BadInputError(f"--verify-with onnxruntime-kernel (--ort-kernel): {error}; install a C++ compiler "
+                                "(g++, or set CXX)")
     if "openvino" in chosen:
         if not inline:  # judged first: the form is wrong whether or not OpenVINO is installed
             raise BadInputError("OpenVINO cannot read the default file (it reads no model-local functions, and each pool "

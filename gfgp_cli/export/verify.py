@@ -122,10 +122,11 @@ def random_inputs(count: int, batch: int, channels: int, size: int, seed: int, d
     return tuple(random_input(batch, channels, size, seed + 7919 * i, device, frames) for i in range(count))
 
 
-def open_session(path: Path, providers: Optional[Sequence] = None) -> Any:
+def open_session(path: Path, providers: Optional[Sequence] = None, kernel: bool = False) -> Any:
     """An onnxruntime session of the file at ``path`` with every graph optimisation on, as a user
     loads it (constant folding is what exposes some invalid graphs); ``providers`` default to
-    :func:`.runtime.verification_providers`.
+    :func:`.runtime.verification_providers`; ``kernel`` registers gfgp's kernel library
+    (:mod:`.ort_kernel`).
 
     Raises:
         WorkFailedError: onnxruntime cannot load the file (one line with onnxruntime's reason).
@@ -133,7 +134,7 @@ def open_session(path: Path, providers: Optional[Sequence] = None) -> Any:
     from .runtime import make_session
 
     try:
-        return make_session(str(path), providers=providers)
+        return make_session(str(path), providers=providers, kernel=kernel)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/...; all mean "cannot load"
         raise WorkFailedError(f"onnxruntime cannot load the exported model ({detail(e)})") from e
 

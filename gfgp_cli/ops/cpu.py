@@ -38,7 +38,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -90,7 +90,11 @@ def library_path() -> Path:
     return _cache_dir() / f"maxent_pool_cpu-{key.hexdigest()[:16]}.so"
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, sources: Sequence[Path] = (_SOURCE,), extra_flags: Sequence[str] = (),
+           openmp: bool = True) -> None:
+    """Compile ``sources`` into the shared library ``target`` (atomically: built beside it, then
+    renamed), with :func:`_compiler_flags` plus ``extra_flags``; ``openmp``: with ``-fopenmp`` when
+    the compiler has it, else a serial build."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler ({cxx!r} not found; set CXX)")
@@ -100,9 +104,9 @@ def _build(target: Path) -> None:
     os.close(fd)
     try:
         # With OpenMP if the compiler has it; else a serial build (every call on the calling thread).
-        for extra in (["-fopenmp"], []):
-            proc = subprocess.run([cxx, *_compiler_flags(), *extra, str(_SOURCE), "-o", tmp], capture_output=True,
-                                  text=True)
+        for extra in (["-fopenmp"], []) if openmp else ([],):
+            proc = subprocess.run([cxx, *_compiler_flags(), *extra_flags, *extra, *map(str, sources), "-o", tmp],
+                                  capture_output=True, text=True)
             if proc.returncode == 0:
                 break
         if proc.returncode != 0:

@@ -863,4 +863,26 @@ int gfgp_maxent_has_openmp() {
 GFGP_DEFINE(float, f32)
 GFGP_DEFINE(double, f64)
 
+// For callers that run the tasks on their own thread pool (gfgp_cli/export/csrc/ort_maxent_op.cpp,
+// on onnxruntime's intra-op pool): the number of tasks of a forward call, the output count below
+// which one thread should do the whole call, and the forward pass over the tasks [t0, t1) only.
+// Calling the task entry over [0, gfgp_maxent_num_tasks) in any split computes exactly what
+// gfgp_maxent_forward_* computes (the tasks write disjoint outputs).
+int64_t gfgp_maxent_num_tasks(const int64_t* geo, int nhwc) { return num_tasks(Geo(geo), nhwc); }
+
+int64_t gfgp_maxent_parallel_min_outputs() { return kParallelMinOutputs; }
+
+#define GFGP_DEFINE_TASKS(T, SUFFIX)                                                                      \
+  void gfgp_maxent_forward_tasks_##SUFFIX(const T* x, const T* lam, T* y, const int64_t* geo,             \
+                                          const int64_t* ls, int nhwc, int64_t t0, int64_t t1) {          \
+    const Geo g(geo);                                                                                     \
+    if (nhwc)                                                                                             \
+      forward_nhwc<T>(x, lam, y, g, ls, t0, t1);                                                          \
+    else                                                                                                  \
+      forward_nchw<T>(x, lam, y, g, ls, t0, t1);                                                          \
+  }
+
+GFGP_DEFINE_TASKS(float, f32)
+GFGP_DEFINE_TASKS(double, f64)
+
 }  // extern "C"
