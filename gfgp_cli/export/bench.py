@@ -80,9 +80,15 @@ class BenchExportResult:
         time_ratio, macs_ratio = self.time_ratio, self.macs_ratio
         return None if time_ratio is None or not macs_ratio else time_ratio / macs_ratio
 
+    @property
+    def kernel_time_ratio(self) -> Optional[float]:
+        """onnxruntime with the kernel library on the converted model / onnxruntime on the original."""
+        return None if self.original_ort_ms is None or self.kernel_ort_ms is None else self.kernel_ort_ms / self.original_ort_ms
+
     def to_dict(self) -> Dict[str, Any]:
         return {**dataclasses.asdict(self), "ratio": self.ratio, "time_ratio": self.time_ratio,
-                "macs_ratio": self.macs_ratio, "time_per_macs_ratio": self.time_per_macs_ratio}
+                "macs_ratio": self.macs_ratio, "time_per_macs_ratio": self.time_per_macs_ratio,
+                "kernel_time_ratio": self.kernel_time_ratio}
 
 
 def original_model(model: "object") -> Tuple[Optional["object"], str]:

@@ -103,6 +103,9 @@ def render_bench_export(result: BenchExportResult, as_json: bool = False) -> Non
     if result.time_ratio is not None and result.macs_ratio is not None and result.time_per_macs_ratio is not None:
         out.print(f"onnxruntime, converted / original: time ratio {result.time_ratio:.2f}, MACs ratio "
                   f"{result.macs_ratio:.2f}, time / MACs ratio {result.time_per_macs_ratio:.2f}")
+        if result.kernel_time_ratio is not None:
+            out.print(f"with the gfgp kernel: time ratio {result.kernel_time_ratio:.2f}, time / MACs ratio "
+                      f"{result.kernel_time_ratio / result.macs_ratio:.2f}")
     elif result.original_note:
         out.print(f"no original model timed: {result.original_note}")
     if result.kernel_note:

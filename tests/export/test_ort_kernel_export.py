@@ -86,6 +86,12 @@ def test_bench_times_the_kernel_on_the_same_file_and_says_why_when_it_cannot(tin
     result = bench_export(tiny_model, batch=2, image_size=SIZE, repeats=2, warmup=0, original=False)
     assert result.kernel_note is None and len(result.kernel_ort_times_ms) == 2 and len(registered) == 1
     assert result.kernel_max_abs_diff <= 1e-5 and result.max_abs_diff <= 1e-5
+    from gfgp_cli.console import out
+    from gfgp_cli.export.render import render_bench_export
+
+    with out.capture() as captured:
+        render_bench_export(result)
+    assert "onnxruntime + gfgp kernel" in captured.get() and f"{result.kernel_ort_ms:.1f}" in captured.get()
     off = bench_export(tiny_model, batch=1, image_size=SIZE, repeats=1, warmup=0, original=False, ort_kernel=False)
     assert off.kernel_ort_ms is None and off.kernel_note == "not asked for (--no-ort-kernel)"
     monkeypatch.setattr(ort_kernel, "build_error", lambda: "the library could not be built: g++ failed: boom")
