@@ -126,17 +126,23 @@ def exported(request, tmp_path_factory) -> Exported:
 FORMS = ["function", "inline"]
 
 
-def _ort(model, level: str = "ORT_ENABLE_ALL"):
+def _ort(model, level: str = "ORT_ENABLE_ALL", kernel: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    if kernel:  # gfgp's kernel library: every gfgp node runs as the fused kernel (gfgp_cli/export/ort_kernel.py)
+        from gfgp_cli.export import ort_kernel
+
+        if ort_kernel.build_error():
+            pytest.skip(f"the kernel library cannot be built here: {ort_kernel.build_error()}")
+        ort_kernel.register(options)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _run_ort(model, x: np.ndarray, level: str = "ORT_ENABLE_ALL") -> np.ndarray:
-    session = _ort(model, level)
+def _run_ort(model, x: np.ndarray, level: str = "ORT_ENABLE_ALL", kernel: bool = False) -> np.ndarray:
+    session = _ort(model, level, kernel)
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
@@ -148,6 +154,11 @@ def _run_ort(model, x: np.ndarray, level: str = "ORT_ENABLE_ALL") -> np.ndarray:
 @pytest.mark.parametrize("level", ["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"])
 def test_onnxruntime_at_every_optimisation_level(exported, form, level):
     exported.matches(_run_ort(exported.path[form], exported.x, level))
+
+
+@pytest.mark.parametrize("level", ["ORT_DISABLE_ALL", "ORT_ENABLE_ALL"])
+def test_onnxruntime_with_the_gfgp_kernel_library(exported, level):
+    exported.matches(_run_ort(exported.path["function"], exported.x, level, kernel=True))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The consumer matrix of issue 18 over torchvision models (``make test-zoo``, marker ``zoo``):
 model x runtime x form. Each model is converted at a small size (to fit a 24 GiB machine and a
 reasonable time), exported once (the default function form, verified by the export itself) and
-inlined; each form then runs in onnxruntime with no and with all graph optimisations, in OpenVINO
+inlined; each form then runs in onnxruntime with no and with all graph optimisations (the function
+form also with gfgp's kernel library registered), in OpenVINO
 (the inline form: it reads no model-local functions, tests/export/test_consumers.py), and after
 onnxsim and onnxslim, each output judged against PyTorch by the export's own rule (max |diff| <=
 RTOL x output scale). The fast subset is tests/export/test_consumers.py in ``make test``.
@@ -69,6 +70,11 @@ def exported(request, tmp_path_factory) -> Exported:
 @pytest.mark.parametrize("level", ["ORT_DISABLE_ALL", "ORT_ENABLE_ALL"])
 def test_onnxruntime(exported, form, level):
     exported.matches(run_ort(exported.path[form], exported.x, level))
+
+
+@pytest.mark.parametrize("level", ["ORT_DISABLE_ALL", "ORT_ENABLE_ALL"])
+def test_onnxruntime_with_the_gfgp_kernel_library(exported, level):
+    exported.matches(run_ort(exported.path["function"], exported.x, level, kernel=True))
 
 
 def test_openvino_inline_form(exported):
