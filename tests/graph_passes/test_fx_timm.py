@@ -5,8 +5,9 @@ Each covers one way a timm model differed from a torchvision one: a block torch.
 subclass, untraceable (TensorFlow "SAME" padding: efficientnet with ``pad_type="same"``) or
 traced through (weight standardization in nfnet's ``ScaledStdConv2d``), a ``.view()`` of a
 decomposed patch embedding (eva), and a root that does not trace reading an attribute of its
-converted part (``test_vit``'s ``patch_embed.grid_size``). The oracle is the timm model itself in eval mode, with random
-BatchNorm statistics, at two input sizes.
+converted part (``test_vit``'s ``patch_embed.grid_size``), and pools with "SAME" padding (timm's
+``MaxPool2dSame`` / ``AvgPool2dSame``, the hybrid ViT's stem). The oracle is the timm model itself
+in eval mode, with random BatchNorm statistics, at two input sizes where it takes them.
 """
 
 import pytest
