@@ -205,10 +205,10 @@ def test_half_types_are_computed_in_float32_as_the_eager_op(dtype, kernel, strid
 @pytest.mark.parametrize("attrs, message", [
     ({"kernel_shape": [3], "strides": [2, 2]}, "kernel_shape must have 2 ints"),
     ({"strides": [2, 2]}, "kernel_shape attribute (2 ints) is missing"),
-    ({"kernel_shape": [2, 2], "strides": [0, 2]}, "strides must be >= 1"),
+    ({"kernel_shape": [2, 2], "strides": [0, 2]}, "strides must be between 1 and 1048576"),
     ({"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1]}, "pads must have 4 ints"),
     ({"kernel_shape": [2, 2], "strides": [2, 2], "pads": [2, 0, 2, 0]}, "must be below kernel_shape"),
-    ({"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, -1, 0]}, "pads must be >= 0"),
+    ({"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, -1, 0]}, "pads must be between 0 and 1048576"),
     ({"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 2}, "ceil_mode must be 0 or 1"),
 ], ids=["kernel-length", "no-kernel", "stride-0", "pads-length", "pads-too-large", "negative-pad", "ceil-2"])
 def test_bad_attributes_fail_the_session_with_a_clear_message(attrs, message):

@@ -97,3 +97,59 @@ def test_bench_times_the_kernel_on_the_same_file_and_says_why_when_it_cannot(tin
     monkeypatch.setattr(ort_kernel, "build_error", lambda: "the library could not be built: g++ failed: boom")
     broken = bench_export(tiny_model, batch=1, image_size=SIZE, repeats=1, warmup=0, original=False)
     assert broken.kernel_ort_ms is None and broken.kernel_note.endswith("g++ failed: boom")
+
+
+def _raw_node_model(**attributes):
+    """One gfgp::MaxEntPool2d node with the given attributes and no function body (the library's schema)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("MaxEntPool2d", ["x", "lam"], ["y"], domain="gfgp", **attributes)
+    graph = helper.make_graph([node], "raw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+                                              helper.make_tensor_value_info("lam", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("gfgp", 1)])
+    model.ir_version = 10
+    return model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+
+
+def _kernel_session(model, library=None):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.register_custom_ops_library(str(library or ort_kernel.library_path()))
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def test_crafted_geometry_is_an_error_not_a_crash():
+    # A kernel of 2^32 x 2^32 once wrapped the window size to 0 and wrote past its buffer.
+    with pytest.raises(Exception, match="kernel_shape must be between 1 and 1048576"):
+        _kernel_session(_raw_node_model(kernel_shape=[2**32, 2**32], strides=[1, 1], pads=[0, 0, 2**32, 2**32]))
+    with pytest.raises(Exception, match="more than 1048576 positions per window"):
+        _kernel_session(_raw_node_model(kernel_shape=[2048, 2048], strides=[1, 1], pads=[0, 0, 0, 0]))
+    session = _kernel_session(_raw_node_model(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    lam = np.ones((1, 1, 1, 1), np.float32)
+    with pytest.raises(Exception, match="has an empty spatial dim"):  # the eager op refuses it too
+        session.run(None, {"x": np.zeros((1, 1, 0, 4), np.float32), "lam": lam})
+    out = session.run(None, {"x": np.ones((1, 1, 5, 5), np.float32), "lam": lam})[0]
+    assert out.shape == (1, 1, 3, 3) and np.allclose(out, 1)  # the session still works after the errors
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.skipif("avx512_fp16" in _cpu_flags() or not _cpu_flags(), reason="needs an x86-64 CPU without AVX512-FP16")
+def test_a_library_built_for_another_cpu_refuses_to_register_instead_of_crashing(tmp_path):
+    # Built as for a CPU with AVX512-FP16 (which this one lacks): registration reports it in one line.
+    from gfgp_cli.ops import cpu
+
+    library = tmp_path / "other_cpu.so"
+    cpu._build(library, sources=ort_kernel._sources(),
+               extra_flags=["-fvisibility=hidden", '-DGFGP_TEST_REQUIRE_CPU_FEATURE="avx512fp16"'], openmp=False)
+    options = ort.SessionOptions()
+    with pytest.raises(Exception, match=r"built \(-march=native\) for a CPU with avx512fp16, which this CPU lacks"):
+        options.register_custom_ops_library(str(library))

@@ -28,6 +28,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <new>
@@ -173,14 +174,24 @@ struct Error {
   std::string message;
 };
 
-OrtStatus* to_status(const std::string& op_name, const std::string& message, OrtErrorCode code) {
-  return g_api->CreateStatus(code, ("gfgp::" + op_name + ": " + message).c_str());
+OrtStatus* to_status(const std::string& op_name, const std::string& message, OrtErrorCode code) noexcept {
+  try {
+    return g_api->CreateStatus(code, ("gfgp::" + op_name + ": " + message).c_str());
+  } catch (...) {  // no memory even for the message: a literal one
+    return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, "gfgp: out of memory");
+  }
 }
 
-// Throws Error when an onnxruntime call failed (its own message kept).
+// Throws Error when an onnxruntime call failed (its own message kept); the status is released.
 void check(OrtStatus* status, const char* what) {
   if (status == nullptr) return;
-  const std::string message = std::string(what) + " failed: " + g_api->GetErrorMessage(status);
+  std::string message;
+  try {
+    message = std::string(what) + " failed: " + g_api->GetErrorMessage(status);
+  } catch (...) {
+    g_api->ReleaseStatus(status);
+    throw;
+  }
   g_api->ReleaseStatus(status);
   throw Error{message};
 }
@@ -223,6 +234,12 @@ struct Kernel {
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 };
 
+// Bounds of the geometry: each attribute value, and the positions of one window (the kernel keeps
+// (2 K + 4) values per output column of a block of rows per thread).
+constexpr int64_t kMaxAttribute = int64_t(1) << 20;
+constexpr int64_t kMaxWindow = int64_t(1) << 20;
+constexpr int64_t kMaxBufferValues = int64_t(1) << 28;
+
 void read_attributes(const OrtKernelInfo* info, Kernel& k) {
   const size_t D = static_cast<size_t>(k.dims);
   if (!attribute_ints(info, "kernel_shape", k.kernel))
@@ -239,10 +256,18 @@ void read_attributes(const OrtKernelInfo* info, Kernel& k) {
   if (attribute_int(info, "ceil_mode", ceil) && ceil != 0 && ceil != 1)
     throw Error{"ceil_mode must be 0 or 1, got " + std::to_string(ceil)};
   k.ceil_mode = ceil == 1;
+  int64_t window = 1;  // positions per window, bounded so that sizes below never overflow
   for (size_t d = 0; d < D; ++d) {
-    if (k.kernel[d] < 1) throw Error{"kernel_shape must be >= 1, got " + ints(k.kernel)};
-    if (k.strides[d] < 1) throw Error{"strides must be >= 1, got " + ints(k.strides)};
-    if (k.pads[d] < 0 || k.pads[D + d] < 0) throw Error{"pads must be >= 0, got " + ints(k.pads)};
+    if (k.kernel[d] < 1 || k.kernel[d] > kMaxAttribute)
+      throw Error{"kernel_shape must be between 1 and " + std::to_string(kMaxAttribute) + ", got " + ints(k.kernel)};
+    if (k.strides[d] < 1 || k.strides[d] > kMaxAttribute)
+      throw Error{"strides must be between 1 and " + std::to_string(kMaxAttribute) + ", got " + ints(k.strides)};
+    if (k.pads[d] < 0 || k.pads[D + d] < 0 || k.pads[d] > kMaxAttribute || k.pads[D + d] > kMaxAttribute)
+      throw Error{"pads must be between 0 and " + std::to_string(kMaxAttribute) + ", got " + ints(k.pads)};
+    window *= k.kernel[d];
+    if (window > kMaxWindow)
+      throw Error{"kernel_shape " + ints(k.kernel) + " has more than " + std::to_string(kMaxWindow) +
+                  " positions per window"};
     // A window that starts this far in the begin padding would hold no input position.
     if (k.pads[d] >= k.kernel[d])
       throw Error{"pads " + ints(k.pads) + " must be below kernel_shape " + ints(k.kernel) +
@@ -401,6 +426,8 @@ void compute(const Kernel& k, OrtKernelContext* context) {
                 ints(xs.dims)};
   std::vector<int64_t> out_dims(xs.dims.begin(), xs.dims.begin() + 2);
   for (size_t d = 0; d < D; ++d) {
+    if (xs.dims[2 + d] < 1)  // an empty dim: no window has an input position (the eager op refuses it too)
+      throw Error{"X of shape " + ints(xs.dims) + " has an empty spatial dim: no window fits"};
     const int64_t o = output_length(xs.dims[2 + d], k.kernel[d], k.strides[d], k.pads[d], k.pads[D + d], k.ceil_mode);
     if (o < 1)
       throw Error{"X of shape " + ints(xs.dims) + " is too small for kernel_shape " + ints(k.kernel) + " with pads " +
@@ -437,6 +464,10 @@ void compute(const Kernel& k, OrtKernelContext* context) {
                            ST, k.strides[D - 2], k.strides[D - 1], PT, k.pads[D - 2], k.pads[D - 1], C};
   const int64_t ls[5] = {lam_strides[0], lam_strides[1], is3 ? lam_strides[2] : 0, lam_strides[rank - 2],
                          lam_strides[rank - 1]};
+  // The kernel's per-thread buffer: (2 K + 4) values per column of a block of at least 64 windows.
+  if ((2 * count(k.kernel) + 4) * (OW + 64) > kMaxBufferValues)
+    throw Error{"kernel_shape " + ints(k.kernel) + " on an output " + std::to_string(OW) +
+                " wide needs a buffer over " + std::to_string(kMaxBufferValues) + " values per thread"};
 
   const bool half = k.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 || k.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
   const bool bf16 = k.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
@@ -462,7 +493,7 @@ void compute(const Kernel& k, OrtKernelContext* context) {
     check(g_api->KernelContext_ParallelFor(context, run_chunk, static_cast<size_t>(job.chunks), 0, &job),
           "KernelContext_ParallelFor");
   }
-  if (job.failed) throw Error{"out of memory"};
+  if (job.failed) throw std::bad_alloc();
   if (half) narrow(yf, y, bf16);
 }
 
@@ -561,42 +592,113 @@ Op make_op(const char* name, int dims, ONNXTensorElementDataType type) {
 
 // One op per (op type, element type): onnxruntime merges them into one schema per op type, whose
 // type constraint is these four types. A registered library replaces the model-local function's
-// schema, so every type a gfgp file may hold must be here (float16: gfgp export --fp16).
-Op g_ops[] = {
-    make_op("MaxEntPool2d", 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
-    make_op("MaxEntPool2d", 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE),
-    make_op("MaxEntPool2d", 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
-    make_op("MaxEntPool2d", 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16),
-    make_op("MaxEntPool3d", 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
-    make_op("MaxEntPool3d", 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE),
-    make_op("MaxEntPool3d", 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
-    make_op("MaxEntPool3d", 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16),
-};
+// schema, so every type a gfgp file may hold must be here (float16: gfgp export --fp16). Made on
+// first registration, not when the library is loaded: nothing of this build's instruction set runs
+// before the CPU check below.
+Op* ops(size_t* n) {
+  static Op table[] = {
+      make_op("MaxEntPool2d", 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+      make_op("MaxEntPool2d", 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE),
+      make_op("MaxEntPool2d", 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+      make_op("MaxEntPool2d", 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16),
+      make_op("MaxEntPool3d", 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+      make_op("MaxEntPool3d", 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE),
+      make_op("MaxEntPool3d", 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+      make_op("MaxEntPool3d", 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16),
+  };
+  *n = sizeof(table) / sizeof(table[0]);
+  return table;
+}
 
 std::mutex g_mutex;
 OrtCustomOpDomain* g_domain = nullptr;  // one for every session, alive until the process ends
 
+OrtStatus* register_ops(OrtSessionOptions* options, const OrtApi* api) noexcept {
+  try {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    if (g_api == nullptr) g_api = api;  // written once, before any session of ours exists
+    if (g_domain == nullptr) {
+      OrtCustomOpDomain* domain = nullptr;
+      if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
+      size_t n = 0;
+      Op* table = ops(&n);
+      for (size_t i = 0; i < n; ++i)
+        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &table[i].base)) return st;  // domain leaked: rare, tiny
+      g_domain = domain;
+    }
+    return api->AddCustomOpDomain(options, g_domain);
+  } catch (...) {  // std::system_error from the mutex
+    return api->CreateStatus(ORT_RUNTIME_EXCEPTION, "gfgp: cannot register the kernels (mutex)");
+  }
+}
+
+// The baseline x86-64 instruction set only: it runs on any x86-64 CPU, and says (instead of the
+// process dying of an illegal instruction) when this library was built with -march=native for a
+// CPU with features this one lacks. The features a compiler uses for its vector code are checked.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GFGP_BASELINE __attribute__((target("arch=x86-64")))
+GFGP_BASELINE const char* missing_cpu_feature() {
+#define GFGP_NEEDS(macro_defined, name) \
+  if (macro_defined && !__builtin_cpu_supports(name)) return name;
+#ifdef __AVX512F__
+  GFGP_NEEDS(1, "avx512f")
+#endif
+#ifdef __AVX512BW__
+  GFGP_NEEDS(1, "avx512bw")
+#endif
+#ifdef __AVX512DQ__
+  GFGP_NEEDS(1, "avx512dq")
+#endif
+#ifdef __AVX512VL__
+  GFGP_NEEDS(1, "avx512vl")
+#endif
+#ifdef __AVX2__
+  GFGP_NEEDS(1, "avx2")
+#endif
+#ifdef __FMA__
+  GFGP_NEEDS(1, "fma")
+#endif
+#ifdef __AVX__
+  GFGP_NEEDS(1, "avx")
+#endif
+#ifdef __BMI2__
+  GFGP_NEEDS(1, "bmi2")
+#endif
+#ifdef __SSE4_2__
+  GFGP_NEEDS(1, "sse4.2")
+#endif
+#ifdef GFGP_TEST_REQUIRE_CPU_FEATURE  // tests: a feature this CPU lacks, to see the refusal
+  GFGP_NEEDS(1, GFGP_TEST_REQUIRE_CPU_FEATURE)
+#endif
+#undef GFGP_NEEDS
+  return nullptr;
+}
+#else
+#define GFGP_BASELINE
+const char* missing_cpu_feature() { return nullptr; }
+#endif
+
 }  // namespace
 
 // Registers the gfgp domain's kernels on `options`. The domain object is created once and kept for
-// the life of the process (onnxruntime requires it to outlive every session that uses it).
-GFGP_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+// the life of the process (onnxruntime requires it to outlive every session that uses it). Built
+// for the baseline instruction set (GFGP_BASELINE): the CPU check runs before any other code of
+// the library, and everything past it runs in register_ops.
+GFGP_EXPORT GFGP_BASELINE OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   if (api_base == nullptr || options == nullptr) return nullptr;  // nothing to report the error through
   const OrtApi* api = api_base->GetApi(kApiVersion);
   if (api == nullptr) {  // an onnxruntime older than 1.17: report through its first API version
     const OrtApi* v1 = api_base->GetApi(1);
-    const std::string msg = std::string("the gfgp kernel library needs onnxruntime >= 1.17 (C API version 17), got ") +
-                            api_base->GetVersionString();
-    return v1 == nullptr ? nullptr : v1->CreateStatus(ORT_FAIL, msg.c_str());
+    return v1 == nullptr ? nullptr
+                         : v1->CreateStatus(ORT_FAIL, "the gfgp kernel library needs onnxruntime >= 1.17 (C API version 17)");
   }
-  std::lock_guard<std::mutex> lock(g_mutex);
-  if (g_api == nullptr) g_api = api;  // written once, before any session of ours exists
-  if (g_domain == nullptr) {
-    OrtCustomOpDomain* domain = nullptr;
-    if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
-    for (Op& op : g_ops)
-      if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op.base)) return st;  // domain leaked: rare, and tiny
-    g_domain = domain;
+  if (const char* feature = missing_cpu_feature()) {
+    char msg[320];
+    std::snprintf(msg, sizeof(msg),
+                  "gfgp: this kernel library was built (-march=native) for a CPU with %s, which this CPU lacks: "
+                  "build the library on this machine (gfgp_cli.export.ort_kernel.library_path())",
+                  feature);
+    return api->CreateStatus(ORT_FAIL, msg);
   }
-  return api->AddCustomOpDomain(options, g_domain);
+  return register_ops(options, api);
 }
