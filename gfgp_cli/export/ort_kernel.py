@@ -17,7 +17,10 @@ uses itself.
 The library is compiled with the system C++ compiler (``$CXX``, default ``g++``) on first use,
 into the cache directory of :mod:`gfgp_cli.ops.cpu` (``$GFGP_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/gfgp``, else ``~/.cache/gfgp``) under a name that hashes both sources, the
-flags, the compiler and the CPU (``-march=native``: build it on, or for, the CPU that runs it).
+flags, the compiler and the CPU (``-march=native``: build it on, or for, the CPU that runs it; on
+a CPU without the instruction sets it was built for, its registration fails with one line naming
+the missing one, checked by code built for the baseline x86-64 set, instead of an illegal
+instruction).
 
 Python, with gfgp installed::
 
