@@ -45,8 +45,7 @@ def render_export(report: ExportReport, as_json: bool = False) -> None:
         ("buffer bytes", _mb(report.buffer_bytes)),
     ]
     if report.kernel_library:
-        rows.append(("kernel library", f"{report.kernel_library} (this CPU; onnxruntime "
-                                       "SessionOptions.register_custom_ops_library)"))
+        rows.append(("kernel library", f"{report.kernel_library} (built for this CPU)"))
     if report.passed is None:
         rows.append(("verification", "skipped (--no-verify)"))
     else:
