@@ -124,6 +124,10 @@ def test_crafted_geometry_is_an_error_not_a_crash():
     # A kernel of 2^32 x 2^32 once wrapped the window size to 0 and wrote past its buffer.
     with pytest.raises(Exception, match="kernel_shape must be between 1 and 1048576"):
         _kernel_session(_raw_node_model(kernel_shape=[2**32, 2**32], strides=[1, 1], pads=[0, 0, 2**32, 2**32]))
+    with pytest.raises(Exception, match="the ceil_mode attribute must be an int"):  # not read as absent (0)
+        _kernel_session(_raw_node_model(kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 0, 0], ceil_mode=1.0))
+    with pytest.raises(Exception, match="strides must have 2 ints"):  # a float list reads as an empty one
+        _kernel_session(_raw_node_model(kernel_shape=[2, 2], strides=[2.0, 2.0]))
     with pytest.raises(Exception, match="more than 1048576 positions per window"):
         _kernel_session(_raw_node_model(kernel_shape=[2048, 2048], strides=[1, 1], pads=[0, 0, 0, 0]))
     session = _kernel_session(_raw_node_model(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))

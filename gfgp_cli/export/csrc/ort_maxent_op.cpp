@@ -216,13 +216,22 @@ bool attribute_ints(const OrtKernelInfo* info, const char* name, std::vector<int
   return true;
 }
 
+// Optional int64 attribute: false when the node does not have it; Error when it has another type
+// (onnxruntime does not type-check a custom domain's attributes: a float ceil_mode would otherwise
+// silently read as absent). onnxruntime says "No attribute ..." for an absent one.
 bool attribute_int(const OrtKernelInfo* info, const char* name, int64_t& out) {
   OrtStatus* status = g_api->KernelInfoGetAttribute_int64(info, name, &out);
-  if (status != nullptr) {
+  if (status == nullptr) return true;
+  std::string message;
+  try {
+    message = g_api->GetErrorMessage(status);
+  } catch (...) {
     g_api->ReleaseStatus(status);
-    return false;
+    throw;
   }
-  return true;
+  g_api->ReleaseStatus(status);
+  if (message.find("No attribute") != std::string::npos) return false;
+  throw Error{std::string("the ") + name + " attribute must be an int: " + message};
 }
 
 // The node's geometry, checked: D = 2 (MaxEntPool2d) or 3 (MaxEntPool3d) spatial dims.
