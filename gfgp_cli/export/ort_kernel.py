@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import threading
 from pathlib import Path
 from typing import Optional
@@ -82,14 +81,10 @@ def _ensure_built() -> Optional[Path]:
     global _built, _error
     with _lock:
         if _built is None and _error is None:
-            try:
-                path = _target()
-                if not path.exists():
-                    # Without OpenMP: the tasks run on onnxruntime's thread pool.
-                    cpu._build(path, sources=_sources(), extra_flags=_EXTRA_FLAGS, openmp=False)
-                _built = path
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                _error = " ".join(str(e).split()) or type(e).__name__
+            try:  # without OpenMP: the tasks run on onnxruntime's thread pool
+                _built = cpu.build_if_missing(_target(), _sources(), _EXTRA_FLAGS, openmp=False)
+            except cpu.BUILD_ERRORS as e:
+                _error = cpu.one_line(e)
         return _built
 
 

@@ -45,7 +45,8 @@ from torch import Tensor
 
 from .geometry import pool_output_size
 
-__all__ = ["forward", "backward", "unsupported", "build_error", "library_path", "has_openmp"]
+__all__ = ["forward", "backward", "unsupported", "build_error", "library_path", "has_openmp", "build_if_missing",
+           "BUILD_ERRORS", "one_line"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "maxent_pool_cpu.cpp"
 # -ffp-contract=off: lam * x is rounded before the window maximum is subtracted, so the maximum
@@ -118,6 +119,24 @@ def _build(target: Path, sources: Sequence[Path] = (_SOURCE,), extra_flags: Sequ
             os.unlink(tmp)
 
 
+def build_if_missing(target: Path, sources: Sequence[Path] = (_SOURCE,), extra_flags: Sequence[str] = (),
+                     openmp: bool = True) -> Path:
+    """``target``, compiled by :func:`_build` first unless a cached copy exists (its name hashes
+    what it is built from); raises what :func:`_build` raises."""
+    if not target.exists():
+        _build(target, sources, extra_flags, openmp)
+    return target
+
+
+#: What building or loading a library raises when it cannot be done here.
+BUILD_ERRORS = (OSError, RuntimeError, subprocess.SubprocessError)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type name when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     p, c_int = ctypes.c_void_p, ctypes.c_int
     lib.gfgp_maxent_has_openmp.argtypes = []
@@ -139,14 +158,11 @@ def _library() -> Optional[ctypes.CDLL]:
     with _lock:
         if _lib is None and _lib_error is None:
             try:
-                path = library_path()
-                if not path.exists():
-                    _build(path)
-                lib = ctypes.CDLL(str(path))
+                lib = ctypes.CDLL(str(build_if_missing(library_path())))
                 _declare(lib)
                 _lib = lib
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                _lib_error = " ".join(str(e).split()) or type(e).__name__
+            except BUILD_ERRORS as e:
+                _lib_error = one_line(e)
         return _lib
 
 

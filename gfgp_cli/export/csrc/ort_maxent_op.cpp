@@ -516,10 +516,25 @@ struct Op {
 
 const Op& op_of(const OrtCustomOp* op) { return *reinterpret_cast<const Op*>(op); }
 
+// Runs body() and turns what it throws into a status naming the op: nothing crosses the C boundary.
+template <typename F>
+OrtStatus* guarded(const std::string& op_name, F&& body) noexcept {
+  try {
+    body();
+    return nullptr;
+  } catch (const Error& e) {
+    return to_status(op_name, e.message, ORT_INVALID_ARGUMENT);
+  } catch (const std::bad_alloc&) {
+    return to_status(op_name, "out of memory", ORT_RUNTIME_EXCEPTION);
+  } catch (...) {
+    return to_status(op_name, "unexpected error", ORT_RUNTIME_EXCEPTION);
+  }
+}
+
 OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** out) {
   const Op& o = op_of(op);
   *out = nullptr;
-  try {
+  return guarded(o.name, [&] {
     Kernel* k = new Kernel();
     k->op_name = o.name;
     k->dims = o.dims;
@@ -531,28 +546,12 @@ OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi*, const OrtKernelIn
       throw;
     }
     *out = k;
-    return nullptr;
-  } catch (const Error& e) {
-    return to_status(o.name, e.message, ORT_INVALID_ARGUMENT);
-  } catch (const std::bad_alloc&) {
-    return to_status(o.name, "out of memory", ORT_RUNTIME_EXCEPTION);
-  } catch (...) {
-    return to_status(o.name, "unexpected error", ORT_RUNTIME_EXCEPTION);
-  }
+  });
 }
 
 OrtStatus* compute_kernel(void* kernel, OrtKernelContext* context) {
   const Kernel& k = *static_cast<const Kernel*>(kernel);
-  try {
-    compute(k, context);
-    return nullptr;
-  } catch (const Error& e) {
-    return to_status(k.op_name, e.message, ORT_INVALID_ARGUMENT);
-  } catch (const std::bad_alloc&) {
-    return to_status(k.op_name, "out of memory", ORT_RUNTIME_EXCEPTION);
-  } catch (...) {
-    return to_status(k.op_name, "unexpected error", ORT_RUNTIME_EXCEPTION);
-  }
+  return guarded(k.op_name, [&] { compute(k, context); });
 }
 
 void destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
